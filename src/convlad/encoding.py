@@ -1,0 +1,152 @@
+"""Encoding estimators, scikit-learn style: ``fit`` returns self, learned state ends in ``_``,
+``transform`` is pure. State round-trips through plain dicts of numpy arrays (no pickled code)."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+from . import functional as Fn
+
+
+def _as_f32(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+class NotFittedError(RuntimeError):
+    pass
+
+
+class VLAD:
+    """VLAD encoder with a k-means vocabulary (faiss).
+
+    ``fit(X)``: X (n, d) local descriptors (L2-normalised) → ``centroids_`` (k, d).
+    ``transform(X)``: X (B, N, d) (or (N, d) for one image) → (B, k·d) float32.
+    """
+
+    def __init__(self, k: int = 100, power: float | None = None, intra: bool = True,
+                 residual_norm: bool = False, niter: int = 25, max_points_per_centroid: int = 1000,
+                 seed: int = 0):
+        self.k, self.power, self.intra, self.residual_norm = k, power, intra, residual_norm
+        self.niter, self.max_points_per_centroid, self.seed = niter, max_points_per_centroid, seed
+
+    def fit(self, X) -> "VLAD":
+        X = _as_f32(X)
+        if len(X) < self.k:
+            raise ValueError(f"k-means needs at least k={self.k} descriptors, got {len(X)}")
+        km = faiss.Kmeans(X.shape[1], self.k, niter=self.niter, seed=self.seed, spherical=False,
+                          max_points_per_centroid=self.max_points_per_centroid, verbose=False)
+        km.train(X)
+        self.centroids_ = km.centroids.copy()
+        return self
+
+    @property
+    def dim(self) -> int:
+        return self.k * self._centroids().shape[1]
+
+    def _centroids(self) -> np.ndarray:
+        if not hasattr(self, "centroids_"):
+            raise NotFittedError("VLAD is not fitted: call fit() first")
+        return self.centroids_
+
+    def encode(self, X: torch.Tensor) -> torch.Tensor:
+        """Torch in, torch out, on X's device: the batched hot path used by the pipeline."""
+        c = torch.as_tensor(self._centroids(), device=X.device)
+        v = Fn.vlad(X.float(), c, residual_norm=self.residual_norm)
+        return Fn.normalize_vlad(v, power=self.power, intra=self.intra)
+
+    def transform(self, X) -> np.ndarray:
+        X = torch.as_tensor(_as_f32(X))
+        if X.ndim == 2:
+            X = X.unsqueeze(0)
+        return self.encode(X).numpy()
+
+    def get_state(self) -> dict:
+        return {"params": {"k": self.k, "power": self.power, "intra": self.intra,
+                           "residual_norm": self.residual_norm},
+                "arrays": {"centroids": self._centroids()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "VLAD":
+        self = cls(**state["params"])
+        self.centroids_ = _as_f32(state["arrays"]["centroids"])
+        return self
+
+
+class PCAWhitening:
+    """PCA to ``n_components`` then whitening, then L2 (Jégou & Chum 2012).
+
+    ``whiten_power``: each component is divided by variance**whiten_power; 0.5 is full whitening,
+    0 plain PCA. ``shrinkage`` adds a fraction of the mean retained variance to every eigenvalue
+    before whitening, so that the weakest components (poorly estimated from a small training set)
+    are not blown up.
+
+    The PCA is a thin SVD of the centred data: O(n²·D), never a D×D covariance, so that it works for
+    VLADs of 10⁴–10⁵ dimensions where faiss' PCAMatrix would need a D×D matrix.
+    """
+
+    def __init__(self, n_components: int = 128, whiten_power: float = 0.5, shrinkage: float = 0.0):
+        self.n_components, self.whiten_power, self.shrinkage = n_components, whiten_power, shrinkage
+
+    def fit(self, X) -> "PCAWhitening":
+        X = np.asarray(X, dtype=np.float64)
+        n, d = X.shape
+        if n < 2:
+            raise ValueError("PCA-whitening needs at least 2 training vectors")
+        self.mean_ = X.mean(0)
+        Xc = X - self.mean_
+        # the eigenvectors of the n×n Gram matrix give the thin SVD cheaply when n ≪ d
+        if n < d:
+            gram = Xc @ Xc.T
+            evals, evecs = np.linalg.eigh(gram)
+            order = np.argsort(evals)[::-1]
+            evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
+            keep = evals > evals[0] * 1e-10
+            evals, evecs = evals[keep], evecs[:, keep]
+            comps = (Xc.T @ evecs) / np.sqrt(evals)
+            comps = comps.T
+        else:
+            cov = Xc.T @ Xc
+            evals, evecs = np.linalg.eigh(cov)
+            order = np.argsort(evals)[::-1]
+            evals, comps = np.clip(evals[order], 0, None), evecs[:, order].T
+        m = min(self.n_components, len(evals))
+        self.components_ = comps[:m].astype(np.float32)
+        self.explained_variance_ = (evals[:m] / max(n - 1, 1)).astype(np.float32)
+        self.mean_ = self.mean_.astype(np.float32)
+        return self
+
+    @property
+    def n_components_(self) -> int:
+        return len(self.components_)
+
+    def _scale(self) -> np.ndarray:
+        var = self.explained_variance_.astype(np.float64)
+        var = var + self.shrinkage * var.mean()
+        return (var ** -self.whiten_power).astype(np.float32)
+
+    def encode(self, X: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "components_"):
+            raise NotFittedError("PCAWhitening is not fitted: call fit() first")
+        dev = X.device
+        mean = torch.as_tensor(self.mean_, device=dev)
+        comps = torch.as_tensor(self.components_, device=dev)
+        y = (X.float() - mean) @ comps.T * torch.as_tensor(self._scale(), device=dev)
+        return Fn.l2n(y)
+
+    def transform(self, X) -> np.ndarray:
+        return self.encode(torch.as_tensor(_as_f32(X))).numpy()
+
+    def get_state(self) -> dict:
+        return {"params": {"n_components": self.n_components, "whiten_power": self.whiten_power,
+                           "shrinkage": self.shrinkage},
+                "arrays": {"mean": self.mean_, "components": self.components_,
+                           "explained_variance": self.explained_variance_}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PCAWhitening":
+        self = cls(**state["params"])
+        a = state["arrays"]
+        self.mean_, self.components_ = _as_f32(a["mean"]), _as_f32(a["components"])
+        self.explained_variance_ = _as_f32(a["explained_variance"])
+        return self

@@ -1,0 +1,235 @@
+"""The whole method as one estimator: backbone → local features → VLAD per (layer, scale) →
+concatenation → PCA-whitening. ``fit`` on training images, ``transform`` images into descriptors."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import functional as Fn
+from .backbones import DEFAULT_BACKBONE, get_backbone
+from .encoding import PCAWhitening, VLAD
+from .extract import FeatureExtractor, iter_batches
+from .images import ImageError
+from .storage import atomic_savez, load_npz
+
+FORMAT = "convlad-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Config:
+    backbone: str = DEFAULT_BACKBONE
+    layers: list[str] | None = None  # None: the backbone's default layer
+    scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    k: int = 100
+    power: float | None = 0.5  # signed square root of the residual sums, before intra-normalisation
+    intra: bool = True
+    residual_norm: bool = False
+    dim: int | None = 128  # None: no PCA-whitening, the uncompressed VLAD
+    whiten_power: float = 0.5
+    shrinkage: float = 0.0
+    weights: str | None = None  # a weights file for the backbone (VGG16, GoogLeNet, custom)
+    seed: int = 0
+
+
+def _key(layer: str, scale: float) -> str:
+    return f"{layer}@{scale:g}"
+
+
+class ConvVLAD:
+    """The retrieval descriptor of the paper and beyond.
+
+    >>> model = ConvVLAD(layers=["block11"], scales=[1, 2], dim=128).fit(train_paths)
+    >>> ok, X, errors = model.transform(paths)   # X: (len(ok), 128) float32, rows L2-normalised
+    """
+
+    def __init__(self, config: Config | None = None, **kw):
+        self.config = config or Config(**kw)
+        if config is not None and kw:
+            raise TypeError("give either a Config or keyword arguments, not both")
+        self._backbone = None
+        self._extractor = None
+        self.batch_size = 16
+        self.workers = 2
+        self.device = None
+
+    # -- plumbing --------------------------------------------------------------------------------
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = get_backbone(self.config.backbone, self.config.weights)
+            self.config.layers = self._backbone.resolve_layers(self.config.layers)
+        return self._backbone
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.config.layers, device=self.device)
+        return self._extractor
+
+    @property
+    def keys(self) -> list[tuple[str, float]]:
+        _ = self.backbone  # resolves the default layer
+        return [(layer, float(s)) for s in self.config.scales for layer in self.config.layers]
+
+    def _batches(self, paths, desc: str | None, progress: bool):
+        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+        try:
+            yield from iter_batches(self.extractor, paths, self.config.scales, self.batch_size,
+                                    self.workers, progress=bar)
+        finally:
+            bar.close()
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def fit(self, paths: Sequence[str], progress: bool = True, max_descriptors: int = 200_000,
+            memory_budget: float = 4e9) -> "ConvVLAD":
+        """Learn one vocabulary per (layer, scale) and the PCA-whitening from training images.
+
+        One extraction pass keeps a random sample of descriptors for k-means and, while they fit in
+        ``memory_budget`` bytes (float16), every image's descriptors for the VLADs that PCA learns
+        from; beyond it a second pass recomputes them.
+        """
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        per_image = max(1, -(-max_descriptors // max(1, len(paths))))
+        samples = {key: [] for key in self.keys}
+        stored = {key: [] for key in self.keys}
+        kept, used, keep_all = [], 0, True
+        self.errors_ = []
+        for batch in self._batches(paths, "features (train)", progress):
+            self.errors_ += [e for _, e in batch.errors]
+            kept += batch.indices
+            for key, f in batch.features.items():
+                n = f.shape[1]
+                for img in f:
+                    pick = rng.choice(n, size=min(n, per_image), replace=False)
+                    samples[key].append(img[torch.as_tensor(pick, device=img.device)].cpu().numpy())
+                if keep_all:
+                    used += f.numel() * 2
+                    keep_all = used <= memory_budget
+                    stored[key].append(f.to(torch.float16).cpu())
+        if not kept:
+            raise ValueError("no readable training image")
+        self.vlads_ = {}
+        for key in self.keys:
+            X = np.concatenate(samples[key])
+            self.vlads_[_key(*key)] = VLAD(cfg.k, power=cfg.power, intra=cfg.intra,
+                                           residual_norm=cfg.residual_norm, seed=cfg.seed).fit(X)
+        self.pca_ = None
+        if cfg.dim:
+            if keep_all:
+                V = torch.cat([self._concat({key: stored[key][i].float() for key in self.keys})
+                               for i in range(len(stored[self.keys[0]]))]).numpy()
+            else:
+                del stored
+                _, V, _ = self.transform_vlad([paths[i] for i in kept], progress=progress)
+            self.pca_ = PCAWhitening(cfg.dim, cfg.whiten_power, cfg.shrinkage).fit(V)
+        self.n_train_ = len(kept)
+        return self
+
+    # -- encoding --------------------------------------------------------------------------------
+    def _concat(self, features: dict) -> torch.Tensor:
+        parts = [self.vlads_[_key(*key)].encode(features[key]) for key in self.keys]
+        v = torch.cat(parts, dim=1)
+        return Fn.l2n(v) if len(parts) > 1 else v
+
+    def iter_vlad(self, paths, progress=True, desc="VLAD") -> Iterator[tuple[list[int], torch.Tensor, list]]:
+        for batch in self._batches(paths, desc, progress):
+            v = self._concat(batch.features) if batch.indices else None
+            yield batch.indices, v, batch.errors
+
+    def iter_transform(self, paths, progress=True, desc="descriptors"):
+        """Yield ``(indices, descriptors (B, dim) float32 numpy, errors)`` batch by batch."""
+        if not hasattr(self, "vlads_"):
+            raise RuntimeError("model is not fitted: call fit() or ConvVLAD.load()")
+        for idx, v, errors in self.iter_vlad(paths, progress, desc):
+            if v is not None and self.pca_ is not None:
+                v = self.pca_.encode(v)
+            yield idx, (v.cpu().numpy() if v is not None else None), errors
+
+    def _collect(self, it):
+        ok, out, errors = [], [], []
+        for idx, X, errs in it:
+            ok += idx
+            errors += [e for _, e in errs]
+            if X is not None:
+                out.append(np.asarray(X, dtype=np.float32) if not torch.is_tensor(X) else X.cpu().numpy())
+        X = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+        return ok, X, errors
+
+    def transform(self, paths, progress=True) -> tuple[list[int], np.ndarray, list[ImageError]]:
+        """Descriptors of ``paths``: (indices of the readable ones, (n, dim) float32, errors)."""
+        return self._collect(self.iter_transform(paths, progress))
+
+    def transform_vlad(self, paths, progress=True):
+        """Uncompressed (concatenated, L2-normalised) VLADs, before PCA-whitening."""
+        return self._collect(self.iter_vlad(paths, progress))
+
+    @property
+    def dim(self) -> int:
+        if getattr(self, "pca_", None) is not None:
+            return self.pca_.n_components_
+        return sum(v.dim for v in self.vlads_.values())
+
+    # -- persistence -----------------------------------------------------------------------------
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able header, named arrays): everything needed to rebuild the fitted model."""
+        if not hasattr(self, "vlads_"):
+            raise RuntimeError("model is not fitted: nothing to save")
+        arrays, encoders = {}, {}
+        for name, v in self.vlads_.items():
+            st = v.get_state()
+            encoders[name] = st["params"]
+            arrays[f"vlad/{name}/centroids"] = st["arrays"]["centroids"]
+        pca = None
+        if self.pca_ is not None:
+            st = self.pca_.get_state()
+            pca = st["params"]
+            arrays.update({f"pca/{k}": a for k, a in st["arrays"].items()})
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config),
+                "vlad": encoders, "pca": pca, "n_train": self.n_train_}
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "ConvVLAD":
+        self = cls(Config(**meta["config"]))
+        self.vlads_ = {
+            name: VLAD.from_state({"params": params, "arrays": {"centroids": arrays[f"vlad/{name}/centroids"]}})
+            for name, params in meta["vlad"].items()
+        }
+        self.pca_ = None
+        if meta["pca"] is not None:
+            self.pca_ = PCAWhitening.from_state({"params": meta["pca"], "arrays": {
+                k: arrays[f"pca/{k}"] for k in ("mean", "components", "explained_variance")}})
+        self.n_train_ = meta["n_train"]
+        return self
+
+    def fingerprint(self) -> str:
+        """Identity of the fitted state: equal fingerprints give equal descriptors."""
+        meta, arrays = self.state()
+        h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        for k in sorted(arrays):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(arrays[k]).tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, path) -> None:
+        atomic_savez(path, *self.state())
+
+    @classmethod
+    def load(cls, path) -> "ConvVLAD":
+        return cls.from_state(*load_npz(path, FORMAT, FORMAT_VERSION))
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{c.backbone} layers={','.join(c.layers or [])} scales={','.join(f'{s:g}' for s in c.scales)} "
+                f"k={c.k} dim={self.dim}")
+
+    def __repr__(self):
+        return f"ConvVLAD({json.dumps(asdict(self.config))})"

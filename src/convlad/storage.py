@@ -1,0 +1,49 @@
+"""Versioned ``.npz`` files: a JSON header plus named float/str arrays, never pickled objects,
+written atomically (temporary file in the same folder, fsync, rename) so a crash cannot leave a
+half-written model or index behind."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class FileFormatError(ValueError):
+    """A file that is not what it should be; the message is one line naming the file."""
+
+
+def atomic_savez(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_npz(path, fmt: str, max_version: int) -> tuple[dict, dict[str, np.ndarray]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
+        raise FileFormatError(f"{path}: not a convlad file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != fmt:
+        raise FileFormatError(f"{path}: expected a {fmt} file, found {meta.get('format')!r}")
+    if meta.get("version", 0) > max_version:
+        raise FileFormatError(f"{path}: {fmt} version {meta['version']} is newer than this convlad reads "
+                              f"({max_version}); upgrade convlad")
+    return meta, arrays

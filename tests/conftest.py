@@ -1,0 +1,39 @@
+"""Shared fixtures. Real data lives in ../shared (never copied into the repository); tests that need
+it skip with a clear reason only when that folder is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CONVLAD_SHARED", REPO.parent / "shared")).resolve()
+DATA = SHARED / "data"
+MVBENCH_DEV = DATA / "mvbench-dev"
+MVBENCH_TRAIN = DATA / "mvbench-train" / "images"
+SAMPLES = DATA / "samples"
+REFERENCE = SHARED / "reference"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (the shared data folder beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from convlad.backbones import get_backbone
+
+    return get_backbone("efficientnet-lite0")
+
+
+@pytest.fixture(scope="session")
+def train_images() -> list[str]:
+    return sorted(str(p) for p in need(MVBENCH_TRAIN).glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def dev_images() -> list[str]:
+    return sorted(str(p) for p in (need(MVBENCH_DEV) / "images").glob("*.jpg"))

