@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 
 import numpy as np
@@ -25,13 +26,20 @@ from convlad.functional import l2n
 from convlad.images import list_images
 
 
-def extract(ex, paths, scales, max_per_image=None, seed=0):
+def extract(ex, paths, scales, resize="warp"):
+    """{(layer, scale): [(indices, (B, N, d) float16), ...]}: batches of one shape each."""
     feats = {}
-    for b in iter_batches(ex, paths, scales, batch_size=16):
+    for b in iter_batches(ex, paths, scales, batch_size=16, resize=resize):
         assert not b.errors, b.errors
         for key, f in b.features.items():
-            feats.setdefault(key, []).append(f.half())
-    return {k: torch.cat(v) for k, v in feats.items()}
+            feats.setdefault(key, []).append((b.indices, f.half()))
+    return feats
+
+
+def encode_all(v, batches):
+    order = np.concatenate([idx for idx, _ in batches])
+    V = torch.cat([v.encode(f.float()) for _, f in batches])
+    return V[torch.as_tensor(np.argsort(order))]
 
 
 def main():
@@ -42,6 +50,8 @@ def main():
     ap.add_argument("--dim", type=int, default=128); ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--powers", default="1,0.5"); ap.add_argument("--rn", default="0")
     ap.add_argument("--whiten", default="0.5"); ap.add_argument("--json")
+    ap.add_argument("--cache", help="file to keep the extracted features in, reused when present")
+    ap.add_argument("--resize", default="warp", choices=["warp", "keep"])
     a = ap.parse_args()
     scales = [float(s) for s in a.scales.split(",")]
     bb = get_backbone(a.backbone)
@@ -49,20 +59,40 @@ def main():
     bench = load_groups_dataset(a.dataset)
     train = [f"{a.train}/images/{p}" for p in list_images(f"{a.train}/images")]
     t = time.time()
-    Fd, Ft = extract(ex, bench.paths, scales), extract(ex, train, scales)
-    print(f"# extracted in {time.time() - t:.0f}s", flush=True)
+    if a.cache and os.path.exists(a.cache):
+        Fd, Ft = torch.load(a.cache)
+    else:
+        Fd, Ft = extract(ex, bench.paths, scales, a.resize), extract(ex, train, scales, a.resize)
+        if a.cache:
+            torch.save((Fd, Ft), a.cache)
+    print(f"# features ready in {time.time() - t:.0f}s", flush=True)
     rng = np.random.default_rng(0)
     rows = []
-    vl = {}
-    for (layer, s) in Ft:
-        ft = Ft[(layer, s)]
-        n, N, d = ft.shape
+    for layer in dict.fromkeys(l for l, _ in Ft):
+        vl = {}
+        for s in scales:
+            encode_layer(a, rng, Ft, Fd, layer, s, vl)
+        evaluate_layer(a, bench, scales, vl, rows)
+        if a.json:
+            json.dump(rows, open(a.json, "w"), indent=1)
+
+
+def encode_layer(a, rng, Ft, Fd, layer, s, vl):
+    ft = Ft[(layer, s)]
+    n = sum(len(idx) for idx, _ in ft)
+    X = []
+    for _, f in ft:
+        N, d = f.shape[1:]
         pick = torch.as_tensor(rng.choice(N, size=min(N, 200_000 // n + 1), replace=False))
-        X = ft[:, pick].reshape(-1, d).float().numpy()
-        for power, rn in itertools.product([float(p) for p in a.powers.split(",")], [bool(int(r)) for r in a.rn.split(",")]):
-            v = VLAD(a.k, power=power, residual_norm=rn).fit(X)
-            enc = lambda F: torch.cat([v.encode(F[i:i + 64].float()) for i in range(0, len(F), 64)])
-            vl[(layer, s, power, rn)] = (enc(Fd[(layer, s)]), enc(ft))
+        X.append(f[:, pick].reshape(-1, d).float().numpy())
+    X = np.concatenate(X)
+    for power, rn in itertools.product([float(p) for p in a.powers.split(",")],
+                                       [bool(int(r)) for r in a.rn.split(",")]):
+        v = VLAD(a.k, power=power, residual_norm=rn, max_points_per_centroid=256).fit(X)
+        vl[(layer, s, power, rn)] = (encode_all(v, Fd[(layer, s)]), encode_all(v, ft))
+
+
+def evaluate_layer(a, bench, scales, vl, rows):
     for (layer, s, power, rn), (Vd, Vt) in vl.items():
         combos = [((layer, s), Vd, Vt)]
         if s == scales[0] and len(scales) > 1 and (layer, scales[1], power, rn) in vl:
@@ -76,8 +106,6 @@ def main():
                 res[f"pca{a.dim}_w{w:g}"] = evaluate_descriptors(bench, pca.transform(D.numpy())).mAP
             rows.append(res)
             print(json.dumps(res), flush=True)
-    if a.json:
-        json.dump(rows, open(a.json, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,14 @@ def test_local_descriptors_are_unit_rows_in_raster_order():
     np.testing.assert_allclose(d.norm(dim=-1).numpy(), 1.0, rtol=1e-6)
     # position (0, 1) of image 1 is the channel vector fmap[1, :, 0, 1]
     np.testing.assert_allclose(d[1, 1].numpy(), Fn.l2n(fmap[1, :, 0, 1]).numpy(), rtol=1e-6)
+
+
+def test_alpha_query_expansion_hand_computed():
+    q = np.array([[1.0, 0.0]], np.float32)
+    nb = np.array([[[0.6, 0.8], [0.0, 1.0]]], np.float32)  # similarities 0.6 and 0
+    out = Fn.alpha_query_expansion(q, nb, alpha=2.0)
+    # q + 0.6² · (0.6, 0.8) + 0² · (0, 1) = (1.216, 0.288), normalised
+    want = np.array([1.216, 0.288]) / np.hypot(1.216, 0.288)
+    np.testing.assert_allclose(out[0], want, rtol=1e-5)
+    # a neighbour pointing away (negative similarity) gets no weight at all
+    np.testing.assert_allclose(Fn.alpha_query_expansion(q, -nb, alpha=3.0)[0], [1.0, 0.0], atol=1e-7)

@@ -41,12 +41,12 @@ def _layers(text: Optional[str]) -> Optional[list[str]]:
     return [s for s in text.split(",") if s] if text else None
 
 
-def _config(backbone, layer, scales, k, dim, weights, power):
+def _config(backbone, layer, pooled, scales, k, dim, weights, power):
     from .pipeline import Config
 
-    cfg = Config(backbone=backbone, layers=_layers(layer), scales=_scales(scales), k=k,
-                 dim=dim or None, weights=weights, power=power or None)
-    return cfg
+    pooled_layers = [] if pooled in ("none", "") else _layers(pooled)
+    return Config(backbone=backbone, layers=_layers(layer), pooled=pooled_layers, scales=_scales(scales),
+                  k=k, dim=dim or None, weights=weights, power=None if power == 1 else power)
 
 
 def _model(cfg, batch_size: int, device: Optional[str]):
@@ -59,7 +59,8 @@ def _model(cfg, batch_size: int, device: Optional[str]):
 
 
 BackboneOpt = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help="Network: see `convlad backbones`.")
-LayerOpt = typer.Option(None, "--layer", "-l", help="Layer(s) to tap, comma-separated; default: the backbone's.")
+LayerOpt = typer.Option(None, "--layer", "-l", help="Layer(s) to VLAD-encode, comma-separated; default: the backbone's.")
+PooledOpt = typer.Option(None, "--pooled", help="Layer(s) mean-pooled beside the VLAD; 'none' for the paper's pure VLAD; default: the backbone's.")
 ScalesOpt = typer.Option("1,2", "--scales", "-s", help="Scales, comma-separated: s warps to (224·s)².")
 KOpt = typer.Option(100, "--k", help="Vocabulary size (k-means centroids) per layer and scale.")
 DimOpt = typer.Option(128, "--dim", help="PCA-whitened dimension; 0 keeps the uncompressed VLAD.")
@@ -73,15 +74,15 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...; default:
 def train(
     images: Path = typer.Option(..., "--images", help="Folder of training photos (vocabulary and PCA)."),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.npz)."),
-    backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, scales: str = ScalesOpt,
-    k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt, power: float = PowerOpt,
-    batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
+    backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
+    scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
+    power: float = PowerOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
 ):
     """Learn the vocabularies and the PCA-whitening from a folder of photos."""
     paths = [str(images / p) for p in list_images(images)]
     if not paths:
         raise UserError(f"{images}: no image files found")
-    model = _model(_config(backbone, layer, scales, k, dim, weights, power), batch_size, device)
+    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device)
     t = time.time()
     model.fit(paths)
     for err in model.errors_:
@@ -115,6 +116,7 @@ def search(
     images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Query photo(s)."),
     k: int = typer.Option(10, "-k", help="Results per query."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    qe: int = typer.Option(0, "--qe", help="α-query expansion with the top N results (0: off)."),
     device: Optional[str] = DeviceOpt,
 ):
     """Rank the indexed photos by similarity to each query photo (exact L2 search)."""
@@ -122,7 +124,7 @@ def search(
 
     idx = ImageIndex.load(index_file)
     idx.model.device = device
-    results, errors = idx.search_images([str(p) for p in images], k=k)
+    results, errors = idx.search_images([str(p) for p in images], k=k, qe=qe)
     for err in errors:
         typer.echo(f"skipped {err}", err=True)
     if as_json:
@@ -153,8 +155,9 @@ def backbones():
 def eval_mvbench(
     dataset: Path = typer.Argument(..., help="Benchmark folder: images/, groups.json, distractors/."),
     train_dir: Path = typer.Option(..., "--train", help="Training set (folder, or one with images/)."),
-    backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, scales: str = ScalesOpt,
-    k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt, power: float = PowerOpt,
+    backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
+    scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
+    power: float = PowerOpt, qe: int = typer.Option(0, "--qe", help="α-query expansion with the top N (0: off)."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
 ):
     """mAP on a groups benchmark (mvbench protocol: each group image a query, itself excluded)."""
@@ -163,15 +166,16 @@ def eval_mvbench(
     bench = load_groups_dataset(dataset)
     tdir = train_dir / "images" if (train_dir / "images").is_dir() else train_dir
     train_paths = [str(tdir / p) for p in list_images(tdir)]
-    model = _model(_config(backbone, layer, scales, k, dim, weights, power), batch_size, device)
+    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device)
     t = time.time()
     model.fit(train_paths)
     ok, X, errors = model.transform(bench.paths)
     if errors:
         raise UserError(f"benchmark images unreadable: {errors[0]}")
-    res = evaluate_descriptors(bench, X)
+    res = evaluate_descriptors(bench, X, qe=qe)
     typer.echo(f"{bench.name}: {model.describe()}, vocabulary and PCA from {tdir} ({model.n_train_} images)")
-    typer.echo(f"queries: {len(bench.queries)}  database: {len(bench.paths)}  time: {time.time() - t:.0f}s")
+    typer.echo(f"queries: {len(bench.queries)}  database: {len(bench.paths)}  query expansion: {qe or 'off'}  "
+               f"time: {time.time() - t:.0f}s")
     if "mAP_groups_ge3" in res.extra:
         typer.echo(f"mAP (groups with >= 3 images): {res.extra['mAP_groups_ge3']:.3f}")
     typer.echo(f"mAP: {res.mAP:.3f}")

@@ -73,6 +73,25 @@ class VLAD:
         return self
 
 
+EXACT_PCA_MAX = 3000  # above this (in both n and d), PCA goes through a randomized SVD
+
+
+def _exact_pca(Xc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (of Xcᵀ·Xc, descending) and unit principal directions (rows) of centred data,
+    through the smaller of the Gram (n×n) and covariance (d×d) matrices."""
+    n, d = Xc.shape
+    if n < d:
+        evals, evecs = np.linalg.eigh(Xc @ Xc.T)
+        order = np.argsort(evals)[::-1]
+        evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
+        keep = evals > max(evals[0], 1e-30) * 1e-10
+        evals, evecs = evals[keep], evecs[:, keep]
+        return evals, ((Xc.T @ evecs) / np.sqrt(evals)).T
+    evals, evecs = np.linalg.eigh(Xc.T @ Xc)
+    order = np.argsort(evals)[::-1]
+    return np.clip(evals[order], 0, None), evecs[:, order].T
+
+
 class PCAWhitening:
     """PCA to ``n_components`` then whitening, then L2 (Jégou & Chum 2012).
 
@@ -81,39 +100,33 @@ class PCAWhitening:
     before whitening, so that the weakest components (poorly estimated from a small training set)
     are not blown up.
 
-    The PCA is a thin SVD of the centred data: O(n²·D), never a D×D covariance, so that it works for
-    VLADs of 10⁴–10⁵ dimensions where faiss' PCAMatrix would need a D×D matrix.
+    The PCA never forms a D×D covariance when D is large: exact through the n×n Gram matrix when
+    one side is small, a randomized SVD otherwise. It works for VLADs of 10⁴–10⁵ dimensions, where
+    faiss' PCAMatrix would need a D×D matrix.
     """
 
     def __init__(self, n_components: int = 128, whiten_power: float = 0.5, shrinkage: float = 0.0):
         self.n_components, self.whiten_power, self.shrinkage = n_components, whiten_power, shrinkage
 
     def fit(self, X) -> "PCAWhitening":
-        X = np.asarray(X, dtype=np.float64)
+        X = np.asarray(X, dtype=np.float32)
         n, d = X.shape
         if n < 2:
             raise ValueError("PCA-whitening needs at least 2 training vectors")
-        self.mean_ = X.mean(0)
-        Xc = X - self.mean_
-        # the eigenvectors of the n×n Gram matrix give the thin SVD cheaply when n ≪ d
-        if n < d:
-            gram = Xc @ Xc.T
-            evals, evecs = np.linalg.eigh(gram)
-            order = np.argsort(evals)[::-1]
-            evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
-            keep = evals > evals[0] * 1e-10
-            evals, evecs = evals[keep], evecs[:, keep]
-            comps = (Xc.T @ evecs) / np.sqrt(evals)
-            comps = comps.T
+        mean = X.mean(0, dtype=np.float64)
+        m = min(self.n_components, n - 1, d)
+        if min(n, d) <= EXACT_PCA_MAX:
+            evals, comps = _exact_pca(X.astype(np.float64) - mean)
         else:
-            cov = Xc.T @ Xc
-            evals, evecs = np.linalg.eigh(cov)
-            order = np.argsort(evals)[::-1]
-            evals, comps = np.clip(evals[order], 0, None), evecs[:, order].T
-        m = min(self.n_components, len(evals))
-        self.components_ = comps[:m].astype(np.float32)
-        self.explained_variance_ = (evals[:m] / max(n - 1, 1)).astype(np.float32)
-        self.mean_ = self.mean_.astype(np.float32)
+            # randomized SVD (Halko et al. 2011): only the top m directions are needed, and an exact
+            # eigendecomposition of a 10⁴×10⁴ matrix takes minutes
+            A = torch.from_numpy(X)
+            U, S, V = torch.svd_lowrank(A, q=min(m + 64, min(n, d)), niter=6,
+                                        M=torch.from_numpy(mean.astype(np.float32)).expand(1, d))
+            evals, comps = (S.double() ** 2).numpy(), V.T.double().numpy()
+        self.mean_ = mean.astype(np.float32)
+        self.components_ = np.ascontiguousarray(comps[:m], dtype=np.float32)
+        self.explained_variance_ = (evals[:m] / (n - 1)).astype(np.float32)
         return self
 
     @property
@@ -150,3 +163,4 @@ class PCAWhitening:
         self.mean_, self.components_ = _as_f32(a["mean"]), _as_f32(a["components"])
         self.explained_variance_ = _as_f32(a["explained_variance"])
         return self
+

@@ -8,7 +8,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .functional import average_precision
+from .functional import alpha_query_expansion, average_precision
 
 
 @dataclass
@@ -86,9 +86,21 @@ class EvalResult:
     extra: dict = field(default_factory=dict)
 
 
-def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray) -> EvalResult:
-    """mAP of descriptors ``X`` (one row per database image, aligned with ``bench.paths``)."""
-    _, ranking = rank_database(X, X[bench.queries])
+def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, qe: int = 0, alpha: float = 3.0) -> EvalResult:
+    """mAP of descriptors ``X`` (one row per database image, aligned with ``bench.paths``).
+
+    ``qe`` > 0: α-query expansion with that many top neighbours (the query itself and its junk
+    images excluded), then a second ranking.
+    """
+    Q = X[bench.queries]
+    _, ranking = rank_database(X, Q)
+    if qe > 0:
+        tops = []
+        for qi, q in enumerate(bench.queries):
+            skip = bench.junk[qi] | {q}
+            tops.append([r for r in ranking[qi][: qe + len(skip) + 1] if r not in skip][:qe])
+        Q = alpha_query_expansion(Q, X[np.array(tops)], alpha)
+        _, ranking = rank_database(X, Q)
     aps = query_aps(bench, ranking)
     valid = ~np.isnan(aps)
     result = EvalResult(mAP=float(aps[valid].mean()), aps=aps)

@@ -88,9 +88,12 @@ class Batch:
     errors: list[tuple[int, ImageError]] = field(default_factory=list)
 
 
-def _decode(path, sizes):
+def _decode(path, sizes, mode):
+    """``path`` is a file, or (file, seed) for a reproducible random view of it."""
     try:
-        return load_warped(path, sizes)
+        if isinstance(path, tuple):
+            return load_warped(path[0], sizes, mode, view_seed=path[1])
+        return load_warped(path, sizes, mode)
     except ImageError as e:
         return e
 
@@ -102,30 +105,37 @@ def iter_batches(
     batch_size: int = 16,
     workers: int = 2,
     progress=None,
+    resize: str = "warp",
 ) -> Iterator[Batch]:
     """Decode in a thread pool (Pillow releases the GIL) while the network runs on the previous batch.
 
     Unreadable images do not stop the run: they come back in ``Batch.errors`` with their index.
-    ``progress`` (a tqdm-like object) is advanced by one per image.
+    With ``resize="keep"`` images of different shapes are split into one sub-batch per shape, so a
+    Batch's ``indices`` are not always consecutive. ``progress`` (tqdm-like) advances per image.
     """
     sizes = [scale_size(s) for s in scales]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
         # keep up to two chunks of decoding in flight ahead of the forward pass
-        pending = [[pool.submit(_decode, paths[i], sizes) for i in c] for c in chunks[:2]]
+        pending = [[pool.submit(_decode, paths[i], sizes, resize) for i in c] for c in chunks[:2]]
         for ci, chunk in enumerate(chunks):
             futures = pending.pop(0)
             if ci + 2 < len(chunks):
-                pending.append([pool.submit(_decode, paths[i], sizes) for i in chunks[ci + 2]])
+                pending.append([pool.submit(_decode, paths[i], sizes, resize) for i in chunks[ci + 2]])
             decoded = [f.result() for f in futures]
-            ok = [(i, d) for i, d in zip(chunk, decoded) if not isinstance(d, ImageError)]
             errors = [(i, d) for i, d in zip(chunk, decoded) if isinstance(d, ImageError)]
-            features = {}
-            if ok:
-                for si, scale in enumerate(scales):
-                    stacked = np.stack([d[si] for _, d in ok])
-                    for layer, desc in extractor(stacked).items():
-                        features[(layer, scale)] = desc
+            by_shape: dict[tuple, list] = {}
+            for i, d in zip(chunk, decoded):
+                if not isinstance(d, ImageError):
+                    by_shape.setdefault(tuple(a.shape for a in d), []).append((i, d))
             if progress is not None:
                 progress.update(len(chunk))
-            yield Batch(indices=[i for i, _ in ok], features=features, errors=errors)
+            if not by_shape:
+                yield Batch(indices=[], features={}, errors=errors)
+            for gi, group in enumerate(by_shape.values()):
+                features = {}
+                for si, scale in enumerate(scales):
+                    stacked = np.stack([d[si] for _, d in group])
+                    for layer, desc in extractor(stacked).items():
+                        features[(layer, scale)] = desc
+                yield Batch(indices=[i for i, _ in group], features=features, errors=errors if gi == 0 else [])

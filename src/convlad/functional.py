@@ -79,3 +79,16 @@ def ap_of_ranking(ranking, positives, junk=()) -> float:
     kept = [r for r in ranking if r not in junk]
     ranks = [i for i, r in enumerate(kept) if r in positives]
     return average_precision(np.array(ranks), len(positives))
+
+
+def alpha_query_expansion(q: np.ndarray, neighbours: np.ndarray, alpha: float = 3.0) -> np.ndarray:
+    """α-QE (Radenović, Tolias & Chum 2018): each query plus its top neighbours, weighted by their
+    cosine similarity to the query raised to ``alpha``, re-normalised. q (nq, d); neighbours (nq, n, d).
+
+    A second search with the expanded query finds views that resemble the first hits more than the
+    query itself (another side of the same building, the same object in other light).
+    """
+    q = np.asarray(q, dtype=np.float32)
+    sims = np.clip(np.einsum("qd,qnd->qn", q, neighbours), 0, None) ** alpha
+    out = q + np.einsum("qn,qnd->qd", sims, neighbours)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

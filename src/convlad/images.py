@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -75,7 +75,51 @@ def warp(im: Image.Image, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def load_warped(path, sizes: list[int]) -> list[np.ndarray]:
-    """Decode once, warp to each of ``sizes``: one uint8 (n, n, 3) array per size."""
-    im = load_image(path, min_size=max(sizes))
-    return [warp(im, s) for s in sizes]
+def keep_aspect_size(w: int, h: int, size: int, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) with the aspect ratio of w×h, area ≈ size², sides multiples of ``multiple``.
+
+    Same pixel budget as the n×n warp, without distorting the scene: a portrait and a landscape
+    photo of one place then show it with the same proportions. Rounding to a multiple of the
+    network's stride keeps feature-map sizes to a handful, so images still batch together.
+    """
+    r = (w / h) ** 0.5
+    return (max(multiple, int(round(size * r / multiple)) * multiple),
+            max(multiple, int(round(size / r / multiple)) * multiple))
+
+
+def resize(im: Image.Image, size: int, mode: str = "warp") -> np.ndarray:
+    """``warp``: size×size as in the paper; ``keep``: aspect ratio kept, area ≈ size²."""
+    if mode == "warp":
+        return warp(im, size)
+    if mode != "keep":
+        raise ValueError(f"resize mode must be 'warp' or 'keep', not {mode!r}")
+    target = keep_aspect_size(*im.size, size)
+    if im.size != target:
+        im = im.resize(target, Image.BILINEAR, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def random_view(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Another photo of the same thing, simulated: crop and zoom, a mild perspective change,
+    different exposure and colour. Pairs (image, random view) teach the whitening which
+    variation is nuisance (see ``encoding.LearnedWhitening``)."""
+    w, h = im.size
+    area = rng.uniform(0.45, 1.0) * w * h
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))) * w / h
+    cw, ch = min(w, int(round((area * aspect) ** 0.5))), min(h, int(round((area / aspect) ** 0.5)))
+    x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    j = rng.uniform(-0.08, 0.08, 8) * np.array([cw, ch] * 4)
+    quad = np.array([x0, y0, x0, y0 + ch, x0 + cw, y0 + ch, x0 + cw, y0], dtype=np.float64) + j
+    view = im.transform((cw, ch), Image.QUAD, tuple(quad), Image.BILINEAR, fillcolor=(127, 127, 127))
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        view = enhancer(view).enhance(rng.uniform(0.7, 1.3))
+    return view
+
+
+def load_warped(path, sizes: list[int], mode: str = "warp", view_seed: int | None = None) -> list[np.ndarray]:
+    """Decode once, resize to each of ``sizes``: one uint8 (h, w, 3) array per size.
+    ``view_seed``: return a reproducible ``random_view`` of the image instead of the image."""
+    im = load_image(path, min_size=max(sizes) if mode == "warp" else int(max(sizes) * 0.75))
+    if view_seed is not None:
+        im = random_view(im, np.random.default_rng(view_seed))
+    return [resize(im, s, mode) for s in sizes]

@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .functional import alpha_query_expansion
 from .images import ImageError, list_images
 from .pipeline import ConvVLAD
 from .storage import FileFormatError, atomic_savez, load_npz
@@ -117,11 +118,17 @@ class ImageIndex:
             self._faiss.add(np.ascontiguousarray(self.X))
         return self._faiss.search(np.ascontiguousarray(Q, dtype=np.float32), min(k, len(self)))
 
-    def search_images(self, images: list[str], k: int = 10, progress=False):
-        """Rank the index for each query image: list of (query, [(path, distance), ...]) or errors."""
+    def search_images(self, images: list[str], k: int = 10, qe: int = 0, progress=False):
+        """Rank the index for each query image: list of (query, [(path, distance), ...]) or errors.
+
+        ``qe`` > 0: α-query expansion with the top ``qe`` results, then a second search.
+        """
         ok, Q, errors = self.model.transform(images, progress=progress)
         results = []
         if len(ok):
+            if qe > 0 and len(self):
+                _, top = self.search(Q, qe)
+                Q = alpha_query_expansion(Q, self.X[top])
             D, I = self.search(Q, k)
             for row, qi in enumerate(ok):
                 hits = [(os.path.join(self.root, self.paths[j]), float(d)) for d, j in zip(D[row], I[row]) if j >= 0]

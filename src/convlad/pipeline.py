@@ -25,7 +25,8 @@ FORMAT_VERSION = 1
 @dataclass
 class Config:
     backbone: str = DEFAULT_BACKBONE
-    layers: list[str] | None = None  # None: the backbone's default layer
+    layers: list[str] | None = None  # VLAD-encoded layers; None: the backbone's default
+    pooled: list[str] | None = None  # mean-pooled layers (global descriptors); None: the backbone's default
     scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
     k: int = 100
     power: float | None = 0.5  # signed square root of the residual sums, before intra-normalisation
@@ -42,10 +43,20 @@ def _key(layer: str, scale: float) -> str:
     return f"{layer}@{scale:g}"
 
 
+def _mean_pool(f: torch.Tensor) -> torch.Tensor:
+    """(B, N, d) L2-normalised local descriptors → (B, d) L2-normalised mean."""
+    return Fn.l2n(f.float().mean(1))
+
+
 class ConvVLAD:
     """The retrieval descriptor of the paper and beyond.
 
-    >>> model = ConvVLAD(layers=["block11"], scales=[1, 2], dim=128).fit(train_paths)
+    For each scale, the VLAD of every layer in ``layers`` and the mean of the local descriptors of
+    every layer in ``pooled`` (sum-pooling, Babenko & Lempitsky 2015: a global summary from a deep
+    layer, which compresses far better than a VLAD) are L2-normalised, concatenated with equal
+    weight, then PCA-whitened to ``dim``. ``pooled=[]`` gives the paper's pure VLAD.
+
+    >>> model = ConvVLAD(layers=["block6"], pooled=["block15"], scales=[1, 2], dim=128).fit(train_paths)
     >>> ok, X, errors = model.transform(paths)   # X: (len(ok), 128) float32, rows L2-normalised
     """
 
@@ -63,20 +74,30 @@ class ConvVLAD:
     @property
     def backbone(self):
         if self._backbone is None:
-            self._backbone = get_backbone(self.config.backbone, self.config.weights)
-            self.config.layers = self._backbone.resolve_layers(self.config.layers)
+            bb = get_backbone(self.config.backbone, self.config.weights)
+            self.config.layers = bb.resolve_layers(self.config.layers)
+            self.config.pooled = bb.resolve_layers(self.config.pooled, default=bb.default_pooled)
+            self._backbone = bb
         return self._backbone
 
     @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.config.layers, device=self.device)
+            layers = list(dict.fromkeys(self.config.layers + self.config.pooled))
+            self._extractor = FeatureExtractor(self.backbone, layers, device=self.device)
         return self._extractor
 
     @property
     def keys(self) -> list[tuple[str, float]]:
-        _ = self.backbone  # resolves the default layer
+        """(layer, scale) of every VLAD, in concatenation order."""
+        _ = self.backbone  # resolves the default layers
         return [(layer, float(s)) for s in self.config.scales for layer in self.config.layers]
+
+    @property
+    def pooled_keys(self) -> list[tuple[str, float]]:
+        """(layer, scale) of every mean-pooled part, concatenated after the VLADs."""
+        _ = self.backbone
+        return [(layer, float(s)) for s in self.config.scales for layer in self.config.pooled]
 
     def _batches(self, paths, desc: str | None, progress: bool):
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
@@ -92,28 +113,35 @@ class ConvVLAD:
         """Learn one vocabulary per (layer, scale) and the PCA-whitening from training images.
 
         One extraction pass keeps a random sample of descriptors for k-means and, while they fit in
-        ``memory_budget`` bytes (float16), every image's descriptors for the VLADs that PCA learns
-        from; beyond it a second pass recomputes them.
+        ``memory_budget`` bytes, every image's descriptors for the VLADs that PCA learns from;
+        beyond it a second pass recomputes them (same result, twice the extraction time).
         """
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         per_image = max(1, -(-max_descriptors // max(1, len(paths))))
         samples = {key: [] for key in self.keys}
-        stored = {key: [] for key in self.keys}
+        stored = {key: [] for key in self.keys}  # local descriptors, per batch
+        pooled = {key: [] for key in self.pooled_keys}  # mean-pooled vectors, per batch
         kept, used, keep_all = [], 0, True
         self.errors_ = []
         for batch in self._batches(paths, "features (train)", progress):
             self.errors_ += [e for _, e in batch.errors]
             kept += batch.indices
-            for key, f in batch.features.items():
+            for key in self.pooled_keys:
+                if batch.indices:
+                    pooled[key].append(_mean_pool(batch.features[key]).cpu())
+            for key in self.keys:
+                if not batch.indices:
+                    continue
+                f = batch.features[key]
                 n = f.shape[1]
                 for img in f:
                     pick = rng.choice(n, size=min(n, per_image), replace=False)
                     samples[key].append(img[torch.as_tensor(pick, device=img.device)].cpu().numpy())
                 if keep_all:
-                    used += f.numel() * 2
+                    used += f.numel() * 4
                     keep_all = used <= memory_budget
-                    stored[key].append(f.to(torch.float16).cpu())
+                    stored[key].append(f.cpu())
         if not kept:
             raise ValueError("no readable training image")
         self.vlads_ = {}
@@ -121,11 +149,14 @@ class ConvVLAD:
             X = np.concatenate(samples[key])
             self.vlads_[_key(*key)] = VLAD(cfg.k, power=cfg.power, intra=cfg.intra,
                                            residual_norm=cfg.residual_norm, seed=cfg.seed).fit(X)
+        self.pooled_dims_ = {_key(*key): int(pooled[key][0].shape[1]) for key in self.pooled_keys}
         self.pca_ = None
         if cfg.dim:
             if keep_all:
-                V = torch.cat([self._concat({key: stored[key][i].float() for key in self.keys})
-                               for i in range(len(stored[self.keys[0]]))]).numpy()
+                n_batches = len(next(iter(stored.values()), next(iter(pooled.values()), [])))
+                V = torch.cat([self._concat({key: stored[key][i] for key in stored},
+                                            {key: pooled[key][i] for key in pooled})
+                               for i in range(n_batches)]).numpy()
             else:
                 del stored
                 _, V, _ = self.transform_vlad([paths[i] for i in kept], progress=progress)
@@ -134,8 +165,11 @@ class ConvVLAD:
         return self
 
     # -- encoding --------------------------------------------------------------------------------
-    def _concat(self, features: dict) -> torch.Tensor:
+    def _concat(self, features: dict, pooled: dict | None = None) -> torch.Tensor:
+        """Concatenate the L2-normalised parts of a batch. ``features``: (B, N, d) local descriptors
+        per (layer, scale); ``pooled``: the mean-pooled parts when already computed (training)."""
         parts = [self.vlads_[_key(*key)].encode(features[key]) for key in self.keys]
+        parts += [pooled[key] if pooled is not None else _mean_pool(features[key]) for key in self.pooled_keys]
         v = torch.cat(parts, dim=1)
         return Fn.l2n(v) if len(parts) > 1 else v
 
@@ -175,7 +209,7 @@ class ConvVLAD:
     def dim(self) -> int:
         if getattr(self, "pca_", None) is not None:
             return self.pca_.n_components_
-        return sum(v.dim for v in self.vlads_.values())
+        return sum(v.dim for v in self.vlads_.values()) + sum(self.pooled_dims_.values())
 
     # -- persistence -----------------------------------------------------------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
@@ -193,7 +227,7 @@ class ConvVLAD:
             pca = st["params"]
             arrays.update({f"pca/{k}": a for k, a in st["arrays"].items()})
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config),
-                "vlad": encoders, "pca": pca, "n_train": self.n_train_}
+                "vlad": encoders, "pooled_dims": self.pooled_dims_, "pca": pca, "n_train": self.n_train_}
         return meta, arrays
 
     @classmethod
@@ -203,6 +237,7 @@ class ConvVLAD:
             name: VLAD.from_state({"params": params, "arrays": {"centroids": arrays[f"vlad/{name}/centroids"]}})
             for name, params in meta["vlad"].items()
         }
+        self.pooled_dims_ = meta.get("pooled_dims", {})
         self.pca_ = None
         if meta["pca"] is not None:
             self.pca_ = PCAWhitening.from_state({"params": meta["pca"], "arrays": {
@@ -228,8 +263,9 @@ class ConvVLAD:
 
     def describe(self) -> str:
         c = self.config
-        return (f"{c.backbone} layers={','.join(c.layers or [])} scales={','.join(f'{s:g}' for s in c.scales)} "
-                f"k={c.k} dim={self.dim}")
+        pooled = f" pooled={','.join(c.pooled)}" if c.pooled else ""
+        return (f"{c.backbone} layers={','.join(c.layers or [])}{pooled} "
+                f"scales={','.join(f'{s:g}' for s in c.scales)} k={c.k} dim={self.dim}")
 
     def __repr__(self):
         return f"ConvVLAD({json.dumps(asdict(self.config))})"

@@ -29,6 +29,7 @@ class Backbone:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     default_layer: str | None = None
+    default_pooled: list[str] = field(default_factory=list)  # mean-pooled beside the VLAD by default
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -42,10 +43,11 @@ class Backbone:
     def layers(self) -> list[str]:
         return list(self.taps)
 
-    def resolve_layers(self, layers: str | list[str] | None) -> list[str]:
-        """``None`` → the default layer, ``"all"`` → every tap, else names checked against taps."""
+    def resolve_layers(self, layers: str | list[str] | None, default: list[str] | None = None) -> list[str]:
+        """``None`` → ``default`` (the default layer if not given), ``"all"`` → every tap, else
+        names checked against the taps; returned in forward order."""
         if layers is None:
-            layers = [self.default_layer or self.layers[-1]]
+            layers = default if default is not None else [self.default_layer or self.layers[-1]]
         elif isinstance(layers, str):
             layers = self.layers if layers == "all" else [s for s in layers.split(",") if s]
         unknown = [layer for layer in layers if layer not in self.taps]

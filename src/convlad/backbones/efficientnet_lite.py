@@ -135,6 +135,8 @@ def efficientnet_lite0(weights: str | None = None) -> Backbone:
         # TF Lite preprocessing: (x*255 - 127) / 128
         mean=(127.0 / 255,) * 3,
         std=(128.0 / 255,) * 3,
-        default_layer="block11",
+        # measured on mvbench-dev (README): VLAD of block6 + mean of the last block, scales 1 and 2
+        default_layer="block6",
+        default_pooled=["block15"],
         meta={"weights": path},
     )
