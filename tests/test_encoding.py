@@ -65,7 +65,7 @@ def test_pca_whitening_matches_svd(n, d):
 
 
 def test_pipeline_fit_transform_save_load(tmp_path, train_images):
-    model = ConvVLAD(layers=["block11", "block13"], scales=[1, 1.5], k=8, dim=16)
+    model = ConvVLAD(layers=["block11", "block13"], pooled=["block15"], scales=[1, 1.5], k=8, dim=16)
     assert model.fit(train_images[:20], progress=False) is model
     assert sorted(model.vlads_) == ["block11@1", "block11@1.5", "block13@1", "block13@1.5"]
     ok, X, errors = model.transform(train_images[20:26], progress=False)
@@ -78,9 +78,9 @@ def test_pipeline_fit_transform_save_load(tmp_path, train_images):
     assert loaded.fingerprint() == model.fingerprint()
     _, Y, _ = loaded.transform(train_images[20:26], progress=False)
     np.testing.assert_allclose(Y, X, rtol=1e-5, atol=1e-6)
-    # uncompressed: intra-normalised VLADs concatenated, 4 × 8 × 192 dims
+    # uncompressed: 4 intra-normalised VLADs (8 × 192) and 2 means of block15 (320), concatenated
     _, V, _ = model.transform_vlad(train_images[20:22], progress=False)
-    assert V.shape == (2, 4 * 8 * 192)
+    assert V.shape == (2, 4 * 8 * 192 + 2 * 320)
     (tmp_path / "bad.npz").write_text("nope")
     with pytest.raises(FileFormatError, match="bad.npz: not a convlad file"):
         ConvVLAD.load(tmp_path / "bad.npz")
@@ -91,3 +91,20 @@ def test_pipeline_memory_budget_second_pass_gives_same_model(train_images):
     b = ConvVLAD(layers=["block11"], scales=[1], k=8, dim=8).fit(train_images[:12], progress=False, memory_budget=0)
     np.testing.assert_array_equal(a.vlads_["block11@1"].centroids_, b.vlads_["block11@1"].centroids_)
     np.testing.assert_allclose(np.abs(a.pca_.components_), np.abs(b.pca_.components_), atol=2e-3)
+
+
+def test_pure_vlad_and_pooled_parts_are_what_they_say(train_images, lite0):
+    """pooled=[] is the paper's VLAD; the pooled part is the L2-normalised mean of the local
+    descriptors, and each part has equal weight in the concatenation."""
+    paper = ConvVLAD(layers=["block11"], pooled=[], scales=[1], k=8, dim=None).fit(train_images[:10], progress=False)
+    both = ConvVLAD(layers=["block11"], pooled=["block15"], scales=[1], k=8, dim=None)
+    both.vlads_, both.pca_, both.pooled_dims_, both.n_train_ = paper.vlads_, None, {"block15@1": 320}, 10
+    _, V, _ = paper.transform_vlad(train_images[10:13], progress=False)
+    _, W, _ = both.transform_vlad(train_images[10:13], progress=False)
+    ex = FeatureExtractor(lite0, ["block11", "block15"], device="cpu")
+    b = next(iter_batches(ex, train_images[10:13], [1.0], batch_size=8))
+    ex.close()
+    np.testing.assert_allclose(V, paper.vlads_["block11@1"].transform(b.features[("block11", 1.0)].numpy()), atol=1e-6)
+    mean = b.features[("block15", 1.0)].mean(1)
+    mean = (mean / mean.norm(dim=1, keepdim=True)).numpy()
+    np.testing.assert_allclose(W * np.sqrt(2), np.concatenate([V, mean], 1), atol=1e-5)

@@ -27,6 +27,13 @@ class UserError(Exception):
     pass
 
 
+def _warn(msg: str) -> None:
+    """A line on stderr that does not tear through a progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
 def _scales(text: str) -> list[float]:
     try:
         scales = [float(s) for s in text.split(",") if s.strip()]
@@ -38,15 +45,20 @@ def _scales(text: str) -> list[float]:
 
 
 def _layers(text: Optional[str]) -> Optional[list[str]]:
-    return [s for s in text.split(",") if s] if text else None
+    """None → the backbone's default; "none" → no layer; else a comma-separated list."""
+    if text is None:
+        return None
+    return [] if text.strip().lower() == "none" else [s for s in text.split(",") if s]
 
 
 def _config(backbone, layer, pooled, scales, k, dim, weights, power):
     from .pipeline import Config
 
-    pooled_layers = [] if pooled in ("none", "") else _layers(pooled)
-    return Config(backbone=backbone, layers=_layers(layer), pooled=pooled_layers, scales=_scales(scales),
-                  k=k, dim=dim or None, weights=weights, power=None if power == 1 else power)
+    cfg = Config(backbone=backbone, layers=_layers(layer), pooled=_layers(pooled), scales=_scales(scales),
+                 k=k, dim=dim or None, weights=weights, power=None if power == 1 else power)
+    if cfg.layers == [] and cfg.pooled == []:
+        raise UserError("--layer none and --pooled none leave nothing to encode")
+    return cfg
 
 
 def _model(cfg, batch_size: int, device: Optional[str]):
@@ -59,7 +71,7 @@ def _model(cfg, batch_size: int, device: Optional[str]):
 
 
 BackboneOpt = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help="Network: see `convlad backbones`.")
-LayerOpt = typer.Option(None, "--layer", "-l", help="Layer(s) to VLAD-encode, comma-separated; default: the backbone's.")
+LayerOpt = typer.Option(None, "--layer", "-l", help="Layer(s) to VLAD-encode, comma-separated ('none': no VLAD); default: the backbone's.")
 PooledOpt = typer.Option(None, "--pooled", help="Layer(s) mean-pooled beside the VLAD; 'none' for the paper's pure VLAD; default: the backbone's.")
 ScalesOpt = typer.Option("1,2", "--scales", "-s", help="Scales, comma-separated: s warps to (224·s)².")
 KOpt = typer.Option(100, "--k", help="Vocabulary size (k-means centroids) per layer and scale.")
@@ -86,7 +98,7 @@ def train(
     t = time.time()
     model.fit(paths)
     for err in model.errors_:
-        typer.echo(f"skipped {err}", err=True)
+        _warn(f"skipped {err}")
     model.save(out)
     typer.echo(f"trained {model.describe()} on {model.n_train_} images in {time.time() - t:.0f}s → {out}")
 
@@ -105,7 +117,7 @@ def index(
     idx = open_or_create(model, folder, out)
     idx.model.batch_size, idx.model.device = batch_size, device
     t = time.time()
-    s = idx.sync(out, checkpoint_every=checkpoint_every, report=lambda msg: typer.echo(msg, err=True))
+    s = idx.sync(out, checkpoint_every=checkpoint_every, report=_warn)
     typer.echo(f"{out}: {len(idx)} images ({s['added']} added, {s['kept']} unchanged, {s['removed']} removed, "
                f"{s['skipped']} skipped) in {time.time() - t:.0f}s")
 
@@ -126,7 +138,7 @@ def search(
     idx.model.device = device
     results, errors = idx.search_images([str(p) for p in images], k=k, qe=qe)
     for err in errors:
-        typer.echo(f"skipped {err}", err=True)
+        _warn(f"skipped {err}")
     if as_json:
         typer.echo(json.dumps([{"query": q, "results": [{"rank": r + 1, "path": p, "distance": round(d, 6)}
                                                          for r, (p, d) in enumerate(hits)]}

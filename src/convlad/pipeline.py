@@ -100,7 +100,8 @@ class ConvVLAD:
         return [(layer, float(s)) for s in self.config.scales for layer in self.config.pooled]
 
     def _batches(self, paths, desc: str | None, progress: bool):
-        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+        # disable=None: bars only on a terminal, so logs and pipes stay clean
+        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True, leave=False)
         try:
             yield from iter_batches(self.extractor, paths, self.config.scales, self.batch_size,
                                     self.workers, progress=bar)
