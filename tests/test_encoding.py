@@ -108,3 +108,18 @@ def test_pure_vlad_and_pooled_parts_are_what_they_say(train_images, lite0):
     mean = b.features[("block15", 1.0)].mean(1)
     mean = (mean / mean.norm(dim=1, keepdim=True)).numpy()
     np.testing.assert_allclose(W * np.sqrt(2), np.concatenate([V, mean], 1), atol=1e-5)
+
+
+def test_keep_aspect_mixed_orientations_come_back_in_order(train_images):
+    """Portrait and landscape photos go through separate sub-batches; rows still follow the input."""
+    from .conftest import SAMPLES, need
+
+    holidays = sorted(str(p) for p in need(SAMPLES / "holidays").glob("*.jpg"))  # 2 portrait, 1 landscape
+    model = ConvVLAD(layers=["block11"], pooled=["block15"], scales=[1], k=8, dim=None, resize="keep")
+    model.fit(train_images[:8], progress=False)
+    paths = [holidays[0], holidays[2], holidays[1]]
+    ok, X, _ = model.transform(paths, progress=False)
+    assert ok == [0, 1, 2]
+    for i, p in enumerate(paths):
+        _, x, _ = model.transform([p], progress=False)
+        np.testing.assert_allclose(X[i], x[0], rtol=1e-4, atol=1e-5)

@@ -67,3 +67,13 @@ def test_list_images_recursive_sorted_skips_hidden_and_non_images(tmp_path):
     for p in ["a.JPG", "b/c.png", "b/d.txt", ".hidden.jpg", ".cache/e.jpg", "f.jpeg"]:
         (tmp_path / p).write_bytes(b"x")
     assert list_images(tmp_path) == ["a.JPG", "b/c.png", "f.jpeg"]
+
+
+def test_keep_aspect_size_keeps_area_and_proportions():
+    from convlad.images import keep_aspect_size
+
+    for w, h in [(640, 480), (480, 640), (2448, 3264), (1000, 1000), (1600, 400)]:
+        tw, th = keep_aspect_size(w, h, 448)
+        assert tw % 16 == 0 and th % 16 == 0
+        assert abs(tw * th / 448**2 - 1) < 0.1
+        assert abs((tw / th) / (w / h) - 1) < 0.1

@@ -28,6 +28,7 @@ class Config:
     layers: list[str] | None = None  # VLAD-encoded layers; None: the backbone's default
     pooled: list[str] | None = None  # mean-pooled layers (global descriptors); None: the backbone's default
     scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    resize: str = "warp"  # "warp": n×n as in the paper; "keep": aspect ratio kept, area n²
     k: int = 100
     power: float | None = 0.5  # signed square root of the residual sums, before intra-normalisation
     intra: bool = True
@@ -61,9 +62,9 @@ class ConvVLAD:
     """
 
     def __init__(self, config: Config | None = None, **kw):
-        self.config = config or Config(**kw)
         if config is not None and kw:
             raise TypeError("give either a Config or keyword arguments, not both")
+        self.config = config or Config(**kw)
         self._backbone = None
         self._extractor = None
         self.batch_size = 16
@@ -104,7 +105,7 @@ class ConvVLAD:
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True, leave=False)
         try:
             yield from iter_batches(self.extractor, paths, self.config.scales, self.batch_size,
-                                    self.workers, progress=bar)
+                                    self.workers, progress=bar, resize=self.config.resize)
         finally:
             bar.close()
 
@@ -196,7 +197,8 @@ class ConvVLAD:
             if X is not None:
                 out.append(np.asarray(X, dtype=np.float32) if not torch.is_tensor(X) else X.cpu().numpy())
         X = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-        return ok, X, errors
+        order = np.argsort(ok, kind="stable")  # sub-batches by shape may come out of input order
+        return [ok[i] for i in order], X[order], errors
 
     def transform(self, paths, progress=True) -> tuple[list[int], np.ndarray, list[ImageError]]:
         """Descriptors of ``paths``: (indices of the readable ones, (n, dim) float32, errors)."""
