@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 SHARED  ?= ../shared/data
 
-.PHONY: demo test test-fast install clean bench
+.PHONY: demo test test-fast install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,9 +28,6 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m 'not e2e'
-
-bench: install
-	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
