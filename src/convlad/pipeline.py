@@ -124,17 +124,17 @@ class ConvVLAD:
         samples = {key: [] for key in self.keys}
         stored = {key: [] for key in self.keys}  # local descriptors, per batch
         pooled = {key: [] for key in self.pooled_keys}  # mean-pooled vectors, per batch
-        kept, used, keep_all = [], 0, True
+        kept, used, keep_all, n_batches = [], 0, True, 0
         self.errors_ = []
         for batch in self._batches(paths, "features (train)", progress):
             self.errors_ += [e for _, e in batch.errors]
+            if not batch.indices:
+                continue
             kept += batch.indices
+            n_batches += 1
             for key in self.pooled_keys:
-                if batch.indices:
-                    pooled[key].append(_mean_pool(batch.features[key]).cpu())
+                pooled[key].append(_mean_pool(batch.features[key]).cpu())
             for key in self.keys:
-                if not batch.indices:
-                    continue
                 f = batch.features[key]
                 n = f.shape[1]
                 for img in f:
@@ -155,7 +155,6 @@ class ConvVLAD:
         self.pca_ = None
         if cfg.dim:
             if keep_all:
-                n_batches = len(next(iter(stored.values()), next(iter(pooled.values()), [])))
                 V = torch.cat([self._concat({key: stored[key][i] for key in stored},
                                             {key: pooled[key][i] for key in pooled})
                                for i in range(n_batches)]).numpy()
