@@ -17,14 +17,15 @@ from pathlib import Path
 OUT = Path("demo-out")
 
 
-def sh(*args) -> str:
+def sh(*args, echo: bool = True) -> str:
     cmd = ["convlad", *map(str, args)]
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     t = time.time()
     p = subprocess.run([sys.executable, "-m", "convlad", *map(str, args)], text=True, stdout=subprocess.PIPE)
     if p.returncode != 0:
         sys.exit(p.returncode)
-    print(p.stdout.rstrip())
+    if echo:
+        print(p.stdout.rstrip())
     print(f"  ({time.time() - t:.0f}s)")
     return p.stdout
 
@@ -89,8 +90,8 @@ def main():
 
     sh("train", "--images", train, "--out", OUT / "model.npz")
     sh("index", OUT / "model.npz", photos, "--out", OUT / "index.npz")
-    res = json.loads(sh("search", OUT / "index.npz", *[photos / q for q in queries], "-k", "5", "--json"))
-    print("\nsame object or place as the query? (✓ = yes)")
+    res = json.loads(sh("search", OUT / "index.npz", *[photos / q for q in queries], "-k", "5", "--json", echo=False))
+    print("\nranked results (rank 1, the query itself, omitted); ✓ = same object or place as the query")
     for r in res:
         q = Path(r["query"]).name
         print(f"query {q}:")
