@@ -80,15 +80,17 @@ def main():
         groups = json.loads((shared / "mvbench-dev" / "groups.json").read_text())
         queries = [groups[g][0] for g in ("bundler_kermit", "holidays_1000", "ukbench_obj0001") if g in groups]
         queries = queries or [next(iter(groups.values()))[0]]
+        train_args = []
         print(f"convlad demo on real photos: vocabulary/PCA from {train}, searching {photos}")
     else:
         print(f"NOTE: {shared} is absent, so the real photos are not available; "
               f"falling back to a tiny generated set of synthetic scenes in {OUT / 'synthetic'}.")
         train, photos, groups = synthetic_set(OUT / "synthetic")
         queries = [groups["scene0"][0], groups["scene3"][0]]
+        train_args = ["--dim", "0"]  # 30 training images are too few to learn a PCA-whitening
     group_of = {f: g for g, fs in groups.items() for f in fs}
 
-    sh("train", "--images", train, "--out", OUT / "model.npz")
+    sh("train", "--images", train, "--out", OUT / "model.npz", *train_args)
     sh("index", OUT / "model.npz", photos, "--out", OUT / "index.npz")
     res = json.loads(sh("search", OUT / "index.npz", *[photos / q for q in queries], "-k", "5", "--json", echo=False))
     print("\nranked results (rank 1, the query itself, omitted); ✓ = same object or place as the query")

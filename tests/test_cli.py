@@ -131,3 +131,11 @@ def test_user_errors_are_one_line(workdir, tmp_path):
     other.mkdir()
     p = run("index", workdir / "model.npz", other, "--out", workdir / "index.npz", check=False)
     assert p.returncode == 2 and "index of another folder" in p.stderr
+
+
+def test_too_few_training_images_for_the_dimension_is_said(tmp_path, train_images):
+    link_images(tmp_path / "few", [Path(p) for p in train_images[:6]])
+    p = run("train", "--images", tmp_path / "few", "--out", tmp_path / "m.npz", "--layer", "block11",
+            "--pooled", "none", "--scales", "1", "--k", "8", "--dim", "16")
+    assert "warning: PCA-whitening to 16-D needs more than 16 training images; 6 give 5-D" in p.stderr
+    assert "dim=5 on 6 images" in p.stdout

@@ -61,6 +61,12 @@ def _config(backbone, layer, pooled, scales, k, dim, weights, power):
     return cfg
 
 
+def _check_dim(model) -> None:
+    if model.config.dim and model.dim < model.config.dim:
+        _warn(f"warning: PCA-whitening to {model.config.dim}-D needs more than {model.config.dim} training "
+              f"images; {model.n_train_} give {model.dim}-D (train on more images, or --dim 0)")
+
+
 def _model(cfg, batch_size: int, device: Optional[str]):
     from .pipeline import ConvVLAD
 
@@ -99,6 +105,7 @@ def train(
     model.fit(paths)
     for err in model.errors_:
         _warn(f"skipped {err}")
+    _check_dim(model)
     model.save(out)
     typer.echo(f"trained {model.describe()} on {model.n_train_} images in {time.time() - t:.0f}s → {out}")
 
@@ -181,6 +188,7 @@ def eval_mvbench(
     model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device)
     t = time.time()
     model.fit(train_paths)
+    _check_dim(model)
     ok, X, errors = model.transform(bench.paths)
     if errors:
         raise UserError(f"benchmark images unreadable: {errors[0]}")
