@@ -139,3 +139,12 @@ def test_too_few_training_images_for_the_dimension_is_said(tmp_path, train_image
             "--pooled", "none", "--scales", "1", "--k", "8", "--dim", "16")
     assert "warning: PCA-whitening to 16-D needs more than 16 training images; 6 give 5-D" in p.stderr
     assert "dim=5 on 6 images" in p.stdout
+
+
+def test_empty_folder_gives_an_empty_searchable_index(workdir, tmp_path, groups):
+    (tmp_path / "empty").mkdir()
+    p = run("index", workdir / "model.npz", tmp_path / "empty", "--out", tmp_path / "e.npz")
+    assert "0 images (0 added" in p.stdout and (tmp_path / "e.npz").exists()
+    query = next(iter(groups.values()))[0]
+    p = run("search", tmp_path / "e.npz", query, "--json")
+    assert json.loads(p.stdout) == [{"query": str(query), "results": []}]

@@ -77,7 +77,7 @@ class ImageIndex:
         have = set(self.paths)
         todo = [p for p in files if p not in have]
         summary = {"kept": len(self.paths), "removed": removed, "added": 0, "skipped": 0}
-        if removed:
+        if removed or not Path(out).exists():
             self._faiss = None
             self.save(out)
         if not todo:
@@ -125,8 +125,10 @@ class ImageIndex:
         """
         ok, Q, errors = self.model.transform(images, progress=progress)
         results = []
+        if len(ok) and not len(self):
+            return [(images[qi], []) for qi in ok], errors
         if len(ok):
-            if qe > 0 and len(self):
+            if qe > 0:
                 _, top = self.search(Q, qe)
                 Q = alpha_query_expansion(Q, self.X[top])
             D, I = self.search(Q, k)
