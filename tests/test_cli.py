@@ -148,3 +148,10 @@ def test_empty_folder_gives_an_empty_searchable_index(workdir, tmp_path, groups)
     query = next(iter(groups.values()))[0]
     p = run("search", tmp_path / "e.npz", query, "--json")
     assert json.loads(p.stdout) == [{"query": str(query), "results": []}]
+
+
+def test_backbones_lists_every_network_and_its_layers():
+    out = run("backbones").stdout
+    for name, layer in [("efficientnet-lite0", "block15"), ("vgg16", "conv5_3"), ("googlenet", "inception4e")]:
+        block = out.split(name, 1)[1]
+        assert "layers:" in block and layer in block.split("\n")[1]

@@ -162,12 +162,18 @@ def search(
 @app.command()
 def backbones():
     """List the backbones and their tap-able layers."""
-    for name in BACKBONES:
+    import inspect
+
+    for name, factory in BACKBONES.items():
         try:
-            bb = get_backbone(name)
-            typer.echo(f"{name} (default layer {bb.default_layer}): {', '.join(bb.layers)}")
+            bb, status = get_backbone(name), "weights ok"
         except WeightsError as e:
-            typer.echo(f"{name}: unavailable here: {e}")
+            if "pretrained" not in inspect.signature(factory).parameters:
+                typer.echo(f"{name}: unavailable here: {e}")
+                continue
+            bb, status = factory(None, pretrained=False), f"weights missing: {e}"
+        pooled = f", pooled {','.join(bb.default_pooled)}" if bb.default_pooled else ""
+        typer.echo(f"{name} (default layer {bb.default_layer}{pooled}; {status})\n  layers: {', '.join(bb.layers)}")
 
 
 @eval_app.command("mvbench")
