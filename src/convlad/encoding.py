@@ -17,6 +17,16 @@ class NotFittedError(RuntimeError):
     pass
 
 
+def _on_device(owner, name: str, device, make) -> torch.Tensor:
+    """Learned arrays as tensors on ``device``, converted once rather than once per batch (on CUDA
+    each conversion is a host-to-device copy of the whole array)."""
+    cache = owner.__dict__.setdefault("_device_cache", {})
+    key = (name, str(device))
+    if key not in cache:
+        cache[key] = torch.as_tensor(make(), device=device)
+    return cache[key]
+
+
 class VLAD:
     """VLAD encoder with a k-means vocabulary (faiss).
 
@@ -38,6 +48,7 @@ class VLAD:
                           max_points_per_centroid=self.max_points_per_centroid, verbose=False)
         km.train(X)
         self.centroids_ = km.centroids.copy()
+        self.__dict__.pop("_device_cache", None)
         return self
 
     @property
@@ -51,7 +62,7 @@ class VLAD:
 
     def encode(self, X: torch.Tensor) -> torch.Tensor:
         """Torch in, torch out, on X's device: the batched hot path used by the pipeline."""
-        c = torch.as_tensor(self._centroids(), device=X.device)
+        c = _on_device(self, "centroids", X.device, self._centroids)
         v = Fn.vlad(X.float(), c, residual_norm=self.residual_norm)
         return Fn.normalize_vlad(v, power=self.power, intra=self.intra)
 
@@ -127,6 +138,7 @@ class PCAWhitening:
         self.mean_ = mean.astype(np.float32)
         self.components_ = np.ascontiguousarray(comps[:m], dtype=np.float32)
         self.explained_variance_ = (evals[:m] / (n - 1)).astype(np.float32)
+        self.__dict__.pop("_device_cache", None)
         return self
 
     @property
@@ -142,10 +154,10 @@ class PCAWhitening:
         if not hasattr(self, "components_"):
             raise NotFittedError("PCAWhitening is not fitted: call fit() first")
         dev = X.device
-        mean = torch.as_tensor(self.mean_, device=dev)
-        comps = torch.as_tensor(self.components_, device=dev)
-        y = (X.float() - mean) @ comps.T * torch.as_tensor(self._scale(), device=dev)
-        return Fn.l2n(y)
+        mean = _on_device(self, "mean", dev, lambda: self.mean_)
+        comps = _on_device(self, "components", dev, lambda: self.components_)
+        scale = _on_device(self, "scale", dev, self._scale)
+        return Fn.l2n((X.float() - mean) @ comps.T * scale)
 
     def transform(self, X) -> np.ndarray:
         return self.encode(torch.as_tensor(_as_f32(X))).numpy()

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from .functional import alpha_query_expansion
-from .images import ImageError, list_images
+from .images import list_images
 from .pipeline import ConvVLAD
 from .storage import FileFormatError, atomic_savez, load_npz
 
@@ -152,4 +152,4 @@ def open_or_create(model_path, root, out) -> ImageIndex:
     return ImageIndex(model=model, root=root)
 
 
-__all__ = ["ImageIndex", "ImageError", "open_or_create"]
+__all__ = ["ImageIndex", "open_or_create"]
