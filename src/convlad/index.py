@@ -77,10 +77,11 @@ class ImageIndex:
         have = set(self.paths)
         todo = [p for p in files if p not in have]
         summary = {"kept": len(self.paths), "removed": removed, "added": 0, "skipped": 0}
-        if removed or not Path(out).exists():
+        if removed:
             self._faiss = None
-            self.save(out)
         if not todo:
+            if removed or not Path(out).exists():  # an empty folder still gets its (empty) index
+                self.save(out)
             return summary
         new_paths, new_X, last_save, since = [], [], time.monotonic(), 0
         abs_todo = [str(root / p) for p in todo]
