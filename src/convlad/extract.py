@@ -89,10 +89,7 @@ class Batch:
 
 
 def _decode(path, sizes, mode):
-    """``path`` is a file, or (file, seed) for a reproducible random view of it."""
     try:
-        if isinstance(path, tuple):
-            return load_warped(path[0], sizes, mode, view_seed=path[1])
         return load_warped(path, sizes, mode)
     except ImageError as e:
         return e

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -99,27 +99,7 @@ def resize(im: Image.Image, size: int, mode: str = "warp") -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def random_view(im: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Another photo of the same thing, simulated: crop and zoom, a mild perspective change,
-    different exposure and colour. Pairs (image, random view) teach the whitening which
-    variation is nuisance (see ``encoding.LearnedWhitening``)."""
-    w, h = im.size
-    area = rng.uniform(0.45, 1.0) * w * h
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))) * w / h
-    cw, ch = min(w, int(round((area * aspect) ** 0.5))), min(h, int(round((area / aspect) ** 0.5)))
-    x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-    j = rng.uniform(-0.08, 0.08, 8) * np.array([cw, ch] * 4)
-    quad = np.array([x0, y0, x0, y0 + ch, x0 + cw, y0 + ch, x0 + cw, y0], dtype=np.float64) + j
-    view = im.transform((cw, ch), Image.QUAD, tuple(quad), Image.BILINEAR, fillcolor=(127, 127, 127))
-    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        view = enhancer(view).enhance(rng.uniform(0.7, 1.3))
-    return view
-
-
-def load_warped(path, sizes: list[int], mode: str = "warp", view_seed: int | None = None) -> list[np.ndarray]:
-    """Decode once, resize to each of ``sizes``: one uint8 (h, w, 3) array per size.
-    ``view_seed``: return a reproducible ``random_view`` of the image instead of the image."""
+def load_warped(path, sizes: list[int], mode: str = "warp") -> list[np.ndarray]:
+    """Decode once, resize to each of ``sizes``: one uint8 (h, w, 3) array per size."""
     im = load_image(path, min_size=max(sizes) if mode == "warp" else int(max(sizes) * 0.75))
-    if view_seed is not None:
-        im = random_view(im, np.random.default_rng(view_seed))
     return [resize(im, s, mode) for s in sizes]
