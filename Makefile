@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 SHARED  ?= ../shared/data
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast bench results install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m 'not e2e'
+
+# speed and memory against a plain baseline measured in the same run: prints a table, writes JSON
+bench: install
+	$(BIN)/python benchmarks/bench.py
+
+# docs/results.md and its plots: the layer × scale sweep of every backbone with real weights here
+results: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/results.py --dataset $(SHARED)/mvbench-dev --train $(SHARED)/mvbench-train
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

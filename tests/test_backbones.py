@@ -91,6 +91,12 @@ def test_lite0_all_layers_listed(lite0):
     assert [f"block{i}" for i in range(16)] == lite0.layers[1:-1]
     with pytest.raises(ValueError, match="no layer 'conv5_3'"):
         lite0.resolve_layers("conv5_3")
+    # ranges, open at either end, in forward order whatever the order given
+    assert lite0.resolve_layers("block13..") == ["block13", "block14", "block15", "head"]
+    assert lite0.resolve_layers("head,..block1") == ["stem", "block0", "block1", "head"]
+    assert lite0.resolve_layers("block2..block4,block3") == ["block2", "block3", "block4"]
+    with pytest.raises(ValueError, match="no layer 'block99'"):
+        lite0.resolve_layers("block2..block99")
 
 
 def test_custom_module_through_hooks():
@@ -145,6 +151,12 @@ def test_inception_v3_taps_reproduce_the_scripted_network():
     ex = FeatureExtractor(bb, ["mixed5b", "mixed6e"], device="cpu")
     maps = ex.feature_maps(np.zeros((1, 299, 299, 3), np.uint8))
     assert maps["mixed5b"].shape[1:] == (256, 35, 35) and maps["mixed6e"].shape[1:] == (768, 17, 17)
+    # the paper's 224² and 448² warps reach the last layer too (the graph's own pool needs 299²)
+    ex.close()
+    ex = FeatureExtractor(bb, ["mixed7c", "avgpool"], device="cpu")
+    for n, side in ((224, 5), (448, 12)):
+        maps = ex.feature_maps(np.zeros((1, n, n, 3), np.uint8))
+        assert maps["mixed7c"].shape[1:] == (2048, side, side) and maps["avgpool"].shape[1:] == (2048, 1, 1)
 
 
 def test_mobilenet_v2_loads_real_weights():
@@ -154,8 +166,20 @@ def test_mobilenet_v2_loads_real_weights():
     assert bb.layers[0] == "stem" and bb.layers[-1] == "head" and len(bb.layers) == 19
     maps = FeatureExtractor(bb, ["block13", "head"], device="cpu").feature_maps(np.zeros((1, 224, 224, 3), np.uint8))
     assert maps["block13"].shape[1:] == (96, 14, 14) and maps["head"].shape[1:] == (1280, 7, 7)
-    # real BN statistics, not a fresh initialisation
-    assert not torch.allclose(bb.module.features[0][1].running_var, torch.ones(32))
+    # real BN statistics (folded into the convolution's bias), not a fresh initialisation
+    assert isinstance(bb.module.features[0][1], torch.nn.Identity)
+    assert bb.module.features[0][0].bias.abs().max() > 0.01
+
+
+def test_batchnorm_folding_keeps_the_outputs(lite0):
+    from convlad.backbones.efficientnet_lite import EfficientNetLite
+
+    plain = EfficientNetLite().eval()
+    plain.load_state_dict(torch.load(lite0.meta["weights"], map_location="cpu", weights_only=True))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.module.modules())
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(lite0.module(x), plain(x), atol=1e-3, rtol=1e-3)
 
 
 def test_registry_names():

@@ -82,6 +82,14 @@ def test_index_skips_bad_files_and_search_finds_same_object(workdir, groups):
     table = run("search", workdir / "index.npz", query, "-k", "2").stdout
     assert table.splitlines()[0] == f"query: {query}" and query.name in table.splitlines()[1]
 
+    # the same index switched to IVF-PQ: the search structure is rebuilt, nothing re-encoded, and
+    # on a collection this small the shortlist holds everything: the same results, exact distances
+    p = run("index", workdir / "model.npz", photos, "--out", workdir / "index.npz", "--ann", "ivfpq")
+    assert f"(0 added, {n_good} unchanged" in p.stdout and "search: IVF-PQ IVF1,PQ32x" in p.stdout
+    ann = json.loads(run("search", workdir / "index.npz", query, "-k", "4", "--json").stdout)[0]["results"]
+    assert [r["path"] for r in ann] == [r["path"] for r in res]
+    assert [r["distance"] for r in ann] == pytest.approx([r["distance"] for r in res], abs=1e-5)
+
 
 def test_index_grows_incrementally_and_drops_removed(workdir, groups):
     photos = workdir / "grow"

@@ -6,13 +6,14 @@ import sys
 import numpy as np
 import pytest
 
-from convlad.evaluate import evaluate_descriptors, load_groups_dataset, query_aps
+from convlad.datasets import load_groups
+from convlad.evaluate import evaluate_descriptors, query_aps
 
 from .conftest import MVBENCH_DEV, MVBENCH_TRAIN, need
 
 
 def test_groups_loader_follows_the_protocol():
-    bench = load_groups_dataset(need(MVBENCH_DEV))
+    bench = load_groups(need(MVBENCH_DEV))
     assert len(bench.queries) == 191 and len(bench.paths) == 191 + 217  # README counts
     assert all(q not in pos and pos for q, pos in zip(bench.queries, bench.positives))
     assert len(set(bench.groups)) == 53
@@ -26,7 +27,7 @@ def test_groups_loader_follows_the_protocol():
 
 
 def test_random_descriptors_score_near_chance():
-    bench = load_groups_dataset(need(MVBENCH_DEV))
+    bench = load_groups(need(MVBENCH_DEV))
     X = np.random.default_rng(0).normal(size=(len(bench.paths), 64)).astype(np.float32)
     assert evaluate_descriptors(bench, X).mAP < 0.1
 

@@ -1,4 +1,4 @@
-"""Command line: ``convlad train | index | search | eval | backbones``.
+"""Command line: ``convlad train | index | search | eval | sweep | table | datasets | backbones``.
 
 Every user-facing failure (bad file, missing weights, wrong index) ends in one line on stderr and
 exit status 2, never a traceback.
@@ -19,8 +19,8 @@ from .storage import FileFormatError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Instance-level image retrieval with VLAD-encoded local CNN features.")
-eval_app = typer.Typer(no_args_is_help=True, help="Measure mAP on a benchmark.")
-app.add_typer(eval_app, name="eval")
+datasets_app = typer.Typer(no_args_is_help=True, help="Benchmarks: download, check.")
+app.add_typer(datasets_app, name="datasets")
 
 
 class UserError(Exception):
@@ -116,17 +116,22 @@ def index(
     folder: Path = typer.Argument(..., help="Folder of photos to index (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Index file; if it exists, it is updated."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Save progress every N images."),
+    ann: Optional[str] = typer.Option(None, "--ann", help="Search structure: exact, ivfpq, or auto (IVF-PQ from "
+                                      "100 000 images on; the default for a new index)."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
 ):
     """Index a folder; run again on a grown folder to add only the new images."""
     from .index import open_or_create
 
-    idx = open_or_create(model, folder, out)
+    if ann is not None and ann not in ("auto", "exact", "ivfpq"):
+        raise UserError(f"--ann {ann!r}: choose auto, exact or ivfpq")
+    idx = open_or_create(model, folder, out, ann)
     idx.model.batch_size, idx.model.device = batch_size, device
     t = time.time()
     s = idx.sync(out, checkpoint_every=checkpoint_every, report=_warn)
+    search = f"IVF-PQ {idx.ann_index.factory}" if idx.ann_index is not None else "exact"
     typer.echo(f"{out}: {len(idx)} images ({s['added']} added, {s['kept']} unchanged, {s['removed']} removed, "
-               f"{s['skipped']} skipped) in {time.time() - t:.0f}s")
+               f"{s['skipped']} skipped) in {time.time() - t:.0f}s; search: {search}")
 
 
 @app.command()
@@ -176,21 +181,43 @@ def backbones():
         typer.echo(f"{name} (default layer {bb.default_layer}{pooled}; {status})\n  layers: {', '.join(bb.layers)}")
 
 
-@eval_app.command("mvbench")
-def eval_mvbench(
-    dataset: Path = typer.Argument(..., help="Benchmark folder: images/, groups.json, distractors/."),
-    train_dir: Path = typer.Option(..., "--train", help="Training set (folder, or one with images/)."),
+def _load_bench(dataset: Path, kind: Optional[str], full_query: bool):
+    from .datasets import open_dataset
+
+    return open_dataset(dataset, kind, full_query=full_query or None)
+
+
+KindOpt = typer.Option(None, "--kind", help="Dataset layout: groups, holidays, oxford-paris, revisited, ukbench (default: detected).")
+FullQueryOpt = typer.Option(False, "--full-query", help="Oxford/Paris: query with the whole image, not its box (the paper's choice).")
+TrainOpt = typer.Option(..., "--train", help="Training photos (a folder, or one with images/), or a benchmark folder "
+                        "whose database is used (Oxford evaluated with Paris, and vice versa).")
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    for name, value in metrics.items():
+        if name != "mAP":
+            typer.echo(f"{name}: {value:.3f}")
+    typer.echo(f"mAP: {metrics['mAP']:.3f}")
+
+
+@app.command("eval")
+def eval_(
+    args: List[str] = typer.Argument(..., metavar="[KIND] DATASET", help="Benchmark folder, optionally after its kind (mvbench/groups, holidays, oxford-paris, revisited, ukbench)."),
+    train_dir: Path = TrainOpt,
     backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
     scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
     power: float = PowerOpt, qe: int = typer.Option(0, "--qe", help="α-query expansion with the top N (0: off)."),
-    batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
+    full_query: bool = FullQueryOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
 ):
-    """mAP on a groups benchmark (mvbench protocol: each group image a query, itself excluded)."""
-    from .evaluate import evaluate_descriptors, load_groups_dataset
+    """Measure a descriptor on a benchmark with its official protocol (mAP, and E/M/H, mP@k, N-S where defined)."""
+    from .datasets import training_paths
+    from .evaluate import evaluate_descriptors, extra_query_items
 
-    bench = load_groups_dataset(dataset)
-    tdir = train_dir / "images" if (train_dir / "images").is_dir() else train_dir
-    train_paths = [str(tdir / p) for p in list_images(tdir)]
+    if len(args) > 2:
+        raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
+    kind = {"mvbench": "groups"}.get(args[0], args[0]) if len(args) == 2 else None
+    bench = _load_bench(Path(args[-1]), kind, full_query)
+    train_paths, train_label = training_paths(train_dir)
     model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device)
     t = time.time()
     model.fit(train_paths)
@@ -198,13 +225,113 @@ def eval_mvbench(
     ok, X, errors = model.transform(bench.paths)
     if errors:
         raise UserError(f"benchmark images unreadable: {errors[0]}")
-    res = evaluate_descriptors(bench, X, qe=qe)
-    typer.echo(f"{bench.name}: {model.describe()}, vocabulary and PCA from {tdir} ({model.n_train_} images)")
-    typer.echo(f"queries: {len(bench.queries)}  database: {len(bench.paths)}  query expansion: {qe or 'off'}  "
-               f"time: {time.time() - t:.0f}s")
-    if "mAP_groups_ge3" in res.extra:
-        typer.echo(f"mAP (groups with >= 3 images): {res.extra['mAP_groups_ge3']:.3f}")
-    typer.echo(f"mAP: {res.mAP:.3f}")
+    X_q = None
+    if extra_query_items(bench):
+        _, X_q, errors = model.transform(extra_query_items(bench), progress=True)
+        if errors:
+            raise UserError(f"query images unreadable: {errors[0]}")
+    res = evaluate_descriptors(bench, X, X_q, qe=qe)
+    typer.echo(f"{bench.describe()}")
+    typer.echo(f"descriptor: {model.describe()}; vocabulary and PCA from {train_label} ({model.n_train_} images)")
+    typer.echo(f"query expansion: {qe or 'off'}  time: {time.time() - t:.0f}s")
+    _print_metrics(res.metrics)
+
+
+def _default_cache() -> Path:
+    import os
+
+    if os.environ.get("CONVLAD_CACHE"):
+        return Path(os.environ["CONVLAD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convlad" / "features"
+
+
+@app.command()
+def sweep(
+    dataset: Path = typer.Argument(..., help="Benchmark folder (any layout `convlad eval` reads)."),
+    train_dir: Path = TrainOpt,
+    backbone: str = BackboneOpt,
+    layers: str = typer.Option("all", "--layers", help="Layers to study, comma-separated, or 'all'."),
+    scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
+    power: float = typer.Option(1.0, "--power", help="Signed power on residual sums; 1 = the paper's VLAD (default here)."),
+    kind: Optional[str] = KindOpt, full_query: bool = FullQueryOpt,
+    out: Path = typer.Option(Path("sweeps"), "--out", "-o", help="Folder for the CSV and the PNG."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder (default: $CONVLAD_CACHE or ~/.cache/convlad/features)."),
+    batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
+):
+    """The paper's study: mAP of every layer's VLAD at every scale, uncompressed and PCA-whitened → CSV + PNG."""
+    from .cache import FeatureCache
+    from .datasets import training_paths
+    from .study import plot_sweep, sweep as run_sweep, sweep_title, write_csv
+
+    bench = _load_bench(dataset, kind, full_query)
+    train_paths, train_label = training_paths(train_dir)
+    bb = get_backbone(backbone, weights)
+    fc = FeatureCache(cache or _default_cache(), bb)
+    layer_list = bb.resolve_layers(layers)
+    typer.echo(f"{bench.describe()}; {backbone}: {len(layer_list)} layers × scales {scales}; "
+               f"vocabulary (k={k}) and PCA-whitening from {train_label} ({len(train_paths)} images)")
+    t = time.time()
+
+    def show(row):
+        metrics = "  ".join(f"{key}={val:.3f}" for key, val in row.items() if key.startswith("mAP_") and
+                            key.count("_") == 1)
+        _warn(f"{row['layer']:>12s} @ {row['scale']:<4s} {metrics}")
+
+    rows = run_sweep(bench, train_paths, fc, layer_list, _scales(scales), k=k, dim=dim or None,
+                     power=None if power == 1 else power, batch_size=batch_size, device=device,
+                     report=_warn, on_row=show)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{bench.name}-{backbone}"
+    write_csv(rows, stem.with_suffix(".csv"), {"backbone": backbone, "dataset": bench.name, "train": train_label})
+    plot_sweep(rows, stem.with_suffix(".png"), sweep_title(bench.name, backbone, k, train_label), dim=dim or None)
+    typer.echo(f"{len(rows)} rows in {time.time() - t:.0f}s → {stem.with_suffix('.csv')}, {stem.with_suffix('.png')}")
+
+
+@app.command()
+def table(
+    csvs: List[Path] = typer.Argument(..., metavar="CSV...", help="Sweep CSVs from `convlad sweep`."),
+    metric: str = typer.Option("mAP", "--metric", help="Column to compare: mAP, mAP_E, mAP_H, N-S, ..."),
+    dim: int = typer.Option(128, "--dim", help="The compressed dimension the sweeps used."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table to this file."),
+):
+    """Tables 2–3 of the paper from sweeps: best layer per dataset, scale 1 / 2 / both, uncompressed vs compressed."""
+    from .study import markdown_table, read_csv
+
+    tables = []
+    for c in csvs:
+        if not c.is_file():
+            raise UserError(f"{c}: file not found")
+        rows = read_csv(c)
+        if not rows or "layer" not in rows[0] or "backbone" not in rows[0]:
+            raise UserError(f"{c}: not a sweep CSV (no layer/backbone columns)")
+        tables.append(rows)
+    text = markdown_table(tables, metric, dim)
+    typer.echo(text)
+    if out:
+        out.write_text(text + "\n")
+
+
+@datasets_app.command("download")
+def datasets_download(
+    name: str = typer.Argument(..., help="holidays, oxford5k, paris6k, roxford5k, rparis6k, ukbench."),
+    root: Path = typer.Option(Path("data"), "--root", help="Datasets go to ROOT/NAME."),
+):
+    """Fetch a benchmark's official images and ground truth (needs internet)."""
+    from .datasets import download, open_dataset
+
+    out = download(name, root)
+    typer.echo(f"{out}: {open_dataset(out).describe()}")
+
+
+@datasets_app.command("info")
+def datasets_info(
+    dataset: Path = typer.Argument(..., help="Benchmark folder."),
+    kind: Optional[str] = KindOpt, full_query: bool = FullQueryOpt,
+):
+    """Check a benchmark folder: its detected layout, queries and database size."""
+    bench = _load_bench(dataset, kind, full_query)
+    n_pos = [len(p) for p in bench.positives]
+    typer.echo(f"{bench.describe()}; positives per query {min(n_pos)}–{max(n_pos)}")
 
 
 def main(argv=None):

@@ -1,62 +1,16 @@
-"""Evaluation: benchmark layouts, exact ranking, mAP with the Oxford AP interpolation."""
+"""Evaluation: exact ranking of a benchmark's database for its queries, and the benchmark's metrics."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-from .functional import alpha_query_expansion, average_precision
+from .datasets import RetrievalBenchmark, load_groups  # noqa: F401  (load_groups: the mvbench loader)
+from .functional import alpha_query_expansion
+from .metrics import average_precision, ns_score, positive_ranks, precision_at_k
 
-
-@dataclass
-class RetrievalBenchmark:
-    """A database of images, the queries among them, and each query's positives and junk.
-
-    ``queries[q]`` is a database index: that query is removed from its own ranking (Holidays and
-    mvbench protocol). ``positives[q]``/``junk[q]`` are sets of database indices.
-    """
-
-    name: str
-    root: Path
-    paths: list[str]  # database images, absolute
-    queries: list[int]
-    positives: list[set[int]]
-    junk: list[set[int]] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)  # each query's group name, for the reports
-
-    def __post_init__(self):
-        if not self.junk:
-            self.junk = [set() for _ in self.queries]
-
-
-def load_groups_dataset(root) -> RetrievalBenchmark:
-    """The mvbench layout: ``images/`` + ``groups.json`` (+ ``distractors/`` + ``distractors.json``).
-
-    Every group image is a query in turn; positives are the other images of its group.
-    """
-    root = Path(root)
-    groups_file = root / "groups.json"
-    if not groups_file.is_file():
-        raise FileNotFoundError(f"{groups_file}: missing (a groups dataset needs images/ and groups.json)")
-    groups = json.loads(groups_file.read_text())
-    paths, group_of = [], []
-    for g, files in groups.items():
-        for f in files:
-            paths.append(str(root / "images" / f))
-            group_of.append(g)
-    distractors_file = root / "distractors.json"
-    if distractors_file.is_file():
-        paths += [str(root / "distractors" / f) for f in json.loads(distractors_file.read_text())]
-    members: dict[str, set[int]] = {}
-    for i, g in enumerate(group_of):
-        members.setdefault(g, set()).add(i)
-    queries = list(range(len(group_of)))
-    positives = [members[group_of[q]] - {q} for q in queries]
-    return RetrievalBenchmark(name=root.name, root=root, paths=paths, queries=queries,
-                              positives=positives, groups=group_of)
+PRECISION_KS = (1, 5, 10)
 
 
 def rank_database(X_db: np.ndarray, X_q: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -67,46 +21,82 @@ def rank_database(X_db: np.ndarray, X_q: np.ndarray, k: int | None = None) -> tu
     return index.search(np.ascontiguousarray(X_q, dtype=np.float32), k or len(X_db))
 
 
-def query_aps(bench: RetrievalBenchmark, ranking: np.ndarray) -> np.ndarray:
-    """AP of every query, given ``ranking`` (nq, n_db) of database indices, best first."""
-    aps = np.empty(len(bench.queries))
-    for qi, q in enumerate(bench.queries):
-        skip = bench.junk[qi] | {q}
-        kept = [r for r in ranking[qi] if r not in skip and r >= 0]
-        pos = bench.positives[qi]
-        ranks = np.array([i for i, r in enumerate(kept) if r in pos])
-        aps[qi] = average_precision(ranks, len(pos))
-    return aps
+def query_aps(bench: RetrievalBenchmark, ranking: np.ndarray, positives=None, junk=None) -> np.ndarray:
+    """AP of every query, given ``ranking`` (nq, n_db) of database indices, best first; junk skipped."""
+    positives = bench.positives if positives is None else positives
+    junk = bench.junk if junk is None else junk
+    return np.array([average_precision(positive_ranks(ranking[q], positives[q], junk[q]), len(positives[q]))
+                     for q in range(len(positives))])
 
 
 @dataclass
 class EvalResult:
     mAP: float
     aps: np.ndarray
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # further metrics by name (revisited E/M/H, mP@k, N-S, ...)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"mAP": self.mAP, **self.extra}
 
 
-def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, qe: int = 0, alpha: float = 3.0) -> EvalResult:
-    """mAP of descriptors ``X`` (one row per database image, aligned with ``bench.paths``).
+def evaluate_ranking(bench: RetrievalBenchmark, ranking: np.ndarray) -> EvalResult:
+    """The benchmark's metrics for a full ranking (nq, n_db)."""
+    aps = query_aps(bench, ranking)
+    valid = ~np.isnan(aps)
+    result = EvalResult(mAP=float(aps[valid].mean()) if valid.any() else float("nan"), aps=aps)
+    for name, (pos, junk) in bench.protocols.items():
+        ap = query_aps(bench, ranking, pos, junk)
+        result.extra[f"mAP_{name}"] = float(np.nanmean(ap))
+        prs = np.array([precision_at_k(positive_ranks(ranking[q], pos[q], junk[q]), PRECISION_KS)
+                        for q in range(len(pos))])
+        for j, k in enumerate(PRECISION_KS):
+            result.extra[f"mP@{k}_{name}"] = float(np.nanmean(prs[:, j]))
+    if bench.kind == "ukbench":
+        result.extra["N-S"] = float(np.mean([ns_score(ranking[q], bench.positives[q] | {bench.query_db[q]})
+                                             for q in range(bench.n_queries)]))
+    if bench.kind == "groups" and bench.groups:
+        sizes = {g: bench.groups.count(g) for g in set(bench.groups)}
+        big = np.array([sizes[g] >= 3 for g in bench.groups]) & valid
+        if big.any() and not big.all():
+            result.extra["mAP_groups_ge3"] = float(aps[big].mean())
+    return result
 
-    ``qe`` > 0: α-query expansion with that many top neighbours (the query itself and its junk
-    images excluded), then a second ranking.
+
+def query_descriptors(bench: RetrievalBenchmark, X_db: np.ndarray, X_extra: np.ndarray | None = None) -> np.ndarray:
+    """(nq, D): the database row for queries that are database images, else the rows of ``X_extra``
+    (one per query with ``query_db`` None, in query order)."""
+    out = np.empty((bench.n_queries, X_db.shape[1]), np.float32)
+    j = 0
+    for q, d in enumerate(bench.query_db):
+        if d is not None:
+            out[q] = X_db[d]
+        else:
+            out[q] = X_extra[j]
+            j += 1
+    return out
+
+
+def extra_query_items(bench: RetrievalBenchmark) -> list:
+    """What must be extracted for the queries beyond the database: cropped or outside queries."""
+    return [item for item, d in zip(bench.query_items, bench.query_db) if d is None]
+
+
+def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarray | None = None,
+                         qe: int = 0, alpha: float = 3.0) -> EvalResult:
+    """Metrics of descriptors ``X`` (one row per database image, aligned with ``bench.paths``).
+
+    ``X_q``: descriptors of the queries that are not database images (``extra_query_items``).
+    ``qe`` > 0: α-query expansion with that many top neighbours (junk excluded, so never the query
+    itself), then a second ranking.
     """
-    Q = X[bench.queries]
+    Q = query_descriptors(bench, X, X_q)
     _, ranking = rank_database(X, Q)
     if qe > 0:
         tops = []
-        for qi, q in enumerate(bench.queries):
-            skip = bench.junk[qi] | {q}
-            tops.append([r for r in ranking[qi][: qe + len(skip) + 1] if r not in skip][:qe])
+        for q in range(bench.n_queries):
+            skip = bench.junk[q]
+            tops.append([r for r in ranking[q][: qe + len(skip) + 1] if r not in skip][:qe])
         Q = alpha_query_expansion(Q, X[np.array(tops)], alpha)
         _, ranking = rank_database(X, Q)
-    aps = query_aps(bench, ranking)
-    valid = ~np.isnan(aps)
-    result = EvalResult(mAP=float(aps[valid].mean()), aps=aps)
-    if bench.groups:
-        sizes = {g: bench.groups.count(g) for g in set(bench.groups)}
-        big = np.array([sizes[g] >= 3 for g in bench.groups]) & valid
-        if big.any():
-            result.extra["mAP_groups_ge3"] = float(aps[big].mean())
-    return result
+    return evaluate_ranking(bench, ranking)

@@ -1,6 +1,7 @@
 """Extraction: one forward pass per image and scale yields the local descriptors of every layer asked for."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,9 +89,10 @@ class Batch:
     errors: list[tuple[int, ImageError]] = field(default_factory=list)
 
 
-def _decode(path, sizes, mode):
+def _decode(item, sizes, mode):
+    path, box = (item, None) if isinstance(item, (str, os.PathLike)) else item
     try:
-        return load_warped(path, sizes, mode)
+        return load_warped(path, sizes, mode, box)
     except ImageError as e:
         return e
 
@@ -106,7 +108,8 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Decode in a thread pool (Pillow releases the GIL) while the network runs on the previous batch.
 
-    Unreadable images do not stop the run: they come back in ``Batch.errors`` with their index.
+    ``paths`` items are file paths, or ``(path, box)`` pairs to crop to a box (x1, y1, x2, y2) first,
+    as for Oxford/Paris queries. Unreadable images do not stop the run: they come back in ``Batch.errors`` with their index.
     With ``resize="keep"`` images of different shapes are split into one sub-batch per shape, so a
     Batch's ``indices`` are not always consecutive. ``progress`` (tqdm-like) advances per image.
     """

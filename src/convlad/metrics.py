@@ -1,0 +1,62 @@
+"""Retrieval metrics with the benchmarks' official conventions: Oxford AP (trapezoid rule, junk
+skipped), the revisited protocol's mP@k, UKBench's N-S score."""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import numpy as np
+
+
+def average_precision(ranks_of_positives: np.ndarray, n_positives: int) -> float:
+    """AP with the interpolation of the official Oxford ``compute_ap``.
+
+    ``ranks_of_positives``: 0-based positions of the positives in the ranking *after junk images are
+    removed from it* (junk consumes no rank). Precision at recall 0 is taken as 1 and the curve is
+    integrated with the trapezoid rule between successive recall points. A query without positives
+    has no defined AP: NaN, for the caller to exclude.
+    """
+    if n_positives == 0:
+        return float("nan")
+    ranks = np.sort(np.asarray(ranks_of_positives, dtype=np.float64))
+    i = np.arange(len(ranks), dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p0 = np.where(ranks > 0, i / np.maximum(ranks, 1), 1.0)
+    p1 = (i + 1) / (ranks + 1)
+    return float(np.sum((p0 + p1) / 2) / n_positives)
+
+
+def positive_ranks(ranking: Sequence, positives: Collection, junk: Collection = ()) -> np.ndarray:
+    """0-based positions of ``positives`` in ``ranking`` once the ``junk`` entries are skipped."""
+    ranking = np.asarray(ranking)
+    keep = ~np.isin(ranking, np.fromiter(junk, dtype=ranking.dtype, count=len(junk))) if len(junk) else \
+        np.ones(len(ranking), bool)
+    kept = ranking[keep]
+    return np.flatnonzero(np.isin(kept, np.fromiter(positives, dtype=ranking.dtype, count=len(positives))))
+
+
+def ap_of_ranking(ranking, positives, junk=()) -> float:
+    """AP of one ranked list of ids, given its positive and junk ids (junk skipped, consuming no rank)."""
+    positives, junk = set(positives), set(junk)
+    kept = [r for r in ranking if r not in junk]
+    ranks = [i for i, r in enumerate(kept) if r in positives]
+    return average_precision(np.array(ranks), len(positives))
+
+
+def precision_at_k(ranks_of_positives: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """Precision at each k as the revisited Oxford/Paris ``compute_map`` defines it: with junk
+    skipped, positives within the first min(k, rank of the last positive) over that number, so a
+    query with fewer than k positives, all on top, still scores 1. NaN without positives found."""
+    pos = np.sort(np.asarray(ranks_of_positives)) + 1  # 1-based
+    if len(pos) == 0:
+        return np.full(len(ks), np.nan)
+    out = np.empty(len(ks))
+    for j, k in enumerate(ks):
+        kq = min(int(pos.max()), int(k))
+        out[j] = (pos <= kq).sum() / kq
+    return out
+
+
+def ns_score(ranking: Sequence, relevant: Collection, n: int = 4) -> int:
+    """UKBench's N-S score of one query: how many of the ``n`` first results (the query itself
+    included, as in Nistér & Stewénius 2006) are ``relevant``; 4 is perfect."""
+    return int(np.isin(np.asarray(ranking)[:n], list(relevant)).sum())
