@@ -9,9 +9,10 @@ def clustered(n, d=128, seed=0):
     """Views in tight clusters (places, objects), unit-norm; queries are new views."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n // 20, d)).astype(np.float32)
-    X = centres[rng.integers(0, len(centres), n)] + 0.35 * rng.normal(size=(n, d)).astype(np.float32)
+    label = rng.integers(0, len(centres), n)
+    X = centres[label] + 0.35 * rng.normal(size=(n, d)).astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
-    Q = X[rng.integers(0, n, 100)] + 0.2 * rng.normal(size=(100, d)).astype(np.float32)
+    Q = centres[label[rng.integers(0, n, 100)]] + 0.35 * rng.normal(size=(100, d)).astype(np.float32)
     return X, Q / np.linalg.norm(Q, axis=1, keepdims=True)
 
 

@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 
 
 ANN_THRESHOLD = 100_000  # "auto": exact search below this many images, IVF-PQ from here on
-ANN_NPROBE = 32  # inverted lists visited per query (recall/latency: `make bench`)
+ANN_NPROBE = 16  # inverted lists visited per query (recall/latency: `make bench`)
 ANN_RERANK = 10  # candidates re-ranked with exact distances, per result asked for
 
 
