@@ -33,6 +33,14 @@ SHARED = Path(os.environ.get("CONVLAD_SHARED", REPO.parent / "shared")) / "data"
 
 
 def peak_rss_mb() -> float:
+    """This process' resident high-water mark. VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss across exec, so a child would report its parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -76,6 +84,7 @@ def stage_times(model, paths) -> dict:
     import torch
 
     from convlad.extract import scale_size
+    from convlad.functional import local_descriptors
     from convlad.images import load_warped
 
     sizes = [scale_size(s) for s in model.config.scales]
@@ -93,8 +102,6 @@ def stage_times(model, paths) -> dict:
             maps = ex.feature_maps(np.stack([d[si] for d in chunk]))
             forward += time.perf_counter() - t
             t = time.perf_counter()
-            from convlad.functional import local_descriptors
-
             for layer, m in maps.items():
                 feats[(layer, scale)] = local_descriptors(m)
             encode += time.perf_counter() - t

@@ -28,13 +28,25 @@ def test_ivfpq_recall_exact_distances_and_roundtrip():
     assert recall >= 0.9, recall
     # distances are exact ones, recomputed for the shortlist
     np.testing.assert_allclose(D, ((X[I] - Q[:, None]) ** 2).sum(-1), rtol=1e-4, atol=1e-5)
-    # more probes never lower recall here, one probe clearly does
-    ann.set_nprobe(1)
-    low = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ann.search(Q, 10)[1], I_gt)])
-    assert low < recall
-    ann.set_nprobe(32)
     again = AnnIndex.from_array(ann.to_array(), X, ann.factory)
     np.testing.assert_array_equal(again.search(Q, 10)[1], I)
+
+
+def test_nprobe_trades_recall_on_unclustered_data():
+    """Without clusters a query's neighbours are spread over many lists: visiting one finds
+    fewer of them than visiting all."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(4_000, 32)).astype(np.float32)
+    Q = rng.normal(size=(50, 32)).astype(np.float32)
+    flat = faiss.IndexFlatL2(32)
+    flat.add(X)
+    _, I_gt = flat.search(Q, 10)
+    ann = build_ann(X)
+    recall = {}
+    for nprobe in (1, 64):
+        ann.set_nprobe(nprobe)
+        recall[nprobe] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ann.search(Q, 10)[1], I_gt)])
+    assert recall[1] < 0.8 * recall[64], recall
 
 
 def test_ivfpq_add_keeps_new_vectors_searchable():

@@ -225,9 +225,9 @@ def eval_(
     ok, X, errors = model.transform(bench.paths)
     if errors:
         raise UserError(f"benchmark images unreadable: {errors[0]}")
-    X_q = None
-    if extra_query_items(bench):
-        _, X_q, errors = model.transform(extra_query_items(bench), progress=True)
+    X_q, crops = None, extra_query_items(bench)
+    if crops:
+        _, X_q, errors = model.transform(crops)
         if errors:
             raise UserError(f"query images unreadable: {errors[0]}")
     res = evaluate_descriptors(bench, X, X_q, qe=qe)

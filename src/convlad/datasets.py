@@ -71,15 +71,17 @@ class RetrievalBenchmark:
         return f"{self.name} ({self.kind}): {self.n_queries} queries, {len(self.paths)} database images"
 
 
-def _self_query_benchmark(name, root, paths, group_of, kind) -> RetrievalBenchmark:
-    """Every image of ``group_of`` (the first ``len(group_of)`` paths) a query; positives: its group."""
+def _group_benchmark(name, root, paths, group_of, kind, queries=None) -> RetrievalBenchmark:
+    """The first ``len(group_of)`` paths belong to groups; each query (default: every one of them)
+    is removed from its own ranking, and its positives are the rest of its group."""
     members: dict[str, set[int]] = {}
     for i, g in enumerate(group_of):
         members.setdefault(g, set()).add(i)
-    queries = list(range(len(group_of)))
+    queries = list(range(len(group_of))) if queries is None else queries
     return RetrievalBenchmark(name=name, root=root, paths=paths, query_items=[paths[q] for q in queries],
                               positives=[members[group_of[q]] - {q} for q in queries],
-                              junk=[{q} for q in queries], query_db=queries, groups=list(group_of), kind=kind)
+                              junk=[{q} for q in queries], query_db=queries,
+                              groups=[group_of[q] for q in queries], kind=kind)
 
 
 def load_groups(root) -> RetrievalBenchmark:
@@ -103,7 +105,7 @@ def load_groups(root) -> RetrievalBenchmark:
     distractors_file = root / "distractors.json"
     if distractors_file.is_file():
         paths += [str(root / "distractors" / f) for f in json.loads(distractors_file.read_text())]
-    return _self_query_benchmark(root.name, root, paths, group_of, "groups")
+    return _group_benchmark(root.name, root, paths, group_of, "groups")
 
 
 def load_holidays(root, rotated: bool = False) -> RetrievalBenchmark:
@@ -117,14 +119,8 @@ def load_holidays(root, rotated: bool = False) -> RetrievalBenchmark:
     names = sorted(f for f in list_images(folder) if _HOLIDAYS_NAME.fullmatch(Path(f).stem))
     paths = [str(folder / f) for f in names]
     stems = [Path(f).stem for f in names]
-    group_of = [s[:4] for s in stems]
-    members: dict[str, set[int]] = {}
-    for i, g in enumerate(group_of):
-        members.setdefault(g, set()).add(i)
     queries = [i for i, s in enumerate(stems) if int(s) % 100 == 0]
-    return RetrievalBenchmark(name="holidays", root=root, paths=paths, query_items=[paths[q] for q in queries],
-                              positives=[members[group_of[q]] - {q} for q in queries], junk=[{q} for q in queries],
-                              query_db=queries, groups=[group_of[q] for q in queries], kind="holidays")
+    return _group_benchmark("holidays", root, paths, [s[:4] for s in stems], "holidays", queries)
 
 
 _HOLIDAYS_NAME = re.compile(r"\d{6}")
@@ -143,7 +139,7 @@ def load_ukbench(root) -> RetrievalBenchmark:
         raise DatasetError(f"{root}: no UKBench images (files named like ukbench00000.jpg)")
     numbers = sorted(found)
     group_of = [f"{int(n) // 4:04d}" for n in numbers]
-    return _self_query_benchmark("ukbench", root, [str(root / found[n]) for n in numbers], group_of, "ukbench")
+    return _group_benchmark("ukbench", root, [str(root / found[n]) for n in numbers], group_of, "ukbench")
 
 
 def _gt_folder(root: Path) -> Path:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from .datasets import RetrievalBenchmark, load_groups  # noqa: F401  (load_groups: the mvbench loader)
+from .datasets import RetrievalBenchmark
 from .functional import alpha_query_expansion
 from .metrics import average_precision, ns_score, positive_ranks, precision_at_k
 
