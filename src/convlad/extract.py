@@ -109,7 +109,8 @@ def iter_batches(
     """Decode in a thread pool (Pillow releases the GIL) while the network runs on the previous batch.
 
     ``paths`` items are file paths, or ``(path, box)`` pairs to crop to a box (x1, y1, x2, y2) first,
-    as for Oxford/Paris queries. Unreadable images do not stop the run: they come back in ``Batch.errors`` with their index.
+    as for Oxford/Paris queries. Unreadable images do not stop the run: they come back in
+    ``Batch.errors`` with their index.
     With ``resize="keep"`` images of different shapes are split into one sub-batch per shape, so a
     Batch's ``indices`` are not always consecutive. ``progress`` (tqdm-like) advances per image.
     """
