@@ -46,10 +46,9 @@ def evaluate_ranking(bench: RetrievalBenchmark, ranking: np.ndarray) -> EvalResu
     valid = ~np.isnan(aps)
     result = EvalResult(mAP=float(aps[valid].mean()) if valid.any() else float("nan"), aps=aps)
     for name, (pos, junk) in bench.protocols.items():
-        ap = query_aps(bench, ranking, pos, junk)
-        result.extra[f"mAP_{name}"] = float(np.nanmean(ap))
-        prs = np.array([precision_at_k(positive_ranks(ranking[q], pos[q], junk[q]), PRECISION_KS)
-                        for q in range(len(pos))])
+        ranks = [positive_ranks(ranking[q], pos[q], junk[q]) for q in range(len(pos))]  # once, for AP and P@k
+        result.extra[f"mAP_{name}"] = float(np.nanmean([average_precision(r, len(p)) for r, p in zip(ranks, pos)]))
+        prs = np.array([precision_at_k(r, PRECISION_KS) for r in ranks])
         for j, k in enumerate(PRECISION_KS):
             result.extra[f"mP@{k}_{name}"] = float(np.nanmean(prs[:, j]))
     if bench.kind == "ukbench":
