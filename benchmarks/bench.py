@@ -5,14 +5,16 @@ timed on the same machine in the same run, so the figures hold on a noisy machin
 
 - end to end, JPEG files → 128-D descriptors, images/s: the plain implementation
   (``convlad.reference``: batches of 16, full-resolution Pillow decode, resize, the whole network,
-  per-image numpy VLAD; one step after the other) against ``ConvVLAD.transform``, at scale 1 and 2,
-  on mvbench-dev photos and on the 8-megapixel Holidays samples (repeated to make batches);
+  per-image numpy VLAD; one step after the other) against ``ConvVLAD.transform``, eager and
+  compiled, at scale 1 and 2, on mvbench-dev photos and on the 8-megapixel Holidays samples
+  (repeated to make batches). The three run in turn, for several rounds, in one process; the
+  speed-up is the median of the per-round ratios (min and max shown);
 - where the time goes (decode / forward / encode), each stage timed alone;
 - the forward pass in GFLOP/s against this machine's fp32 matmul GFLOP/s, per kind of layer;
-- peak memory (each measurement runs in its own process);
+- peak memory (one pass of each method in its own process);
 - search latency and recall@10 against exact search, exact and IVF-PQ, 10k / 100k / 1M vectors.
 
-    python benchmarks/bench.py [--quick]
+    python benchmarks/bench.py [--quick] [--only e2e,forward,search]
 """
 from __future__ import annotations
 
@@ -45,36 +47,92 @@ def peak_rss_mb() -> float:
 
 
 # -- child jobs (each in a fresh process: peak memory is its own) --------------------------------
-def job_e2e(method: str, model_path: str, paths: list[str]) -> dict:
-    import torch
+METHODS = ("baseline", "eager", "compiled")
 
+
+def _runner(method: str, model_path: str):
+    """A function paths → descriptors for one method, and the fitted model behind it."""
     from convlad.pipeline import ConvVLAD
     from convlad.reference import plain_descriptors
 
     model = ConvVLAD.load(model_path)
     model.device = "cpu"
-    _ = model.extractor if method == "convlad" else model.backbone
-    warm = paths[: min(4, len(paths))]  # first-call costs (allocator, kernels) are not per-image costs
-    if method == "convlad":
-        model.transform(warm, progress=False)
-    else:
-        plain_descriptors(model, warm)
-    timings: dict = {}
-    t = time.perf_counter()
-    if method == "convlad":
-        _, X, errors = model.transform(paths, progress=False)
+    model.compile = method == "compiled"
+    if method == "baseline":
+        timings: dict = {}
+        return (lambda ps: plain_descriptors(model, ps, timings=timings)), model, timings
+
+    def run(ps):
+        _, X, errors = model.transform(ps, progress=False)
         assert not errors, errors
-    else:
-        X = plain_descriptors(model, paths, timings=timings)
-    seconds = time.perf_counter() - t
-    out = {"images": len(paths), "seconds": seconds, "img_per_s": len(paths) / seconds, "dim": int(X.shape[1]),
-           "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
-    if method == "convlad":
+        return X
+
+    return run, model, None
+
+
+def worker_e2e(method: str, model_path: str, paths: list[str]) -> None:
+    """One method's end-to-end runs, on request: a process per method, so that nothing one does to
+    its process (convlad tunes glibc's malloc, compiles kernels) reaches the others. Protocol: one
+    JSON line per request on stdout ("ready" after warm-up, then the seconds of each run, then the
+    summary when stdin says "quit")."""
+    run, model, timings = _runner(method, model_path)
+    t = time.perf_counter()
+    run(paths[:16])  # first-call costs (allocator, kernels, compilation) are not per-image costs
+    print(json.dumps({"ready": True, "warmup_s": time.perf_counter() - t}), flush=True)
+    if timings is not None:
+        timings.clear()
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        t = time.perf_counter()
+        X = run(paths)
+        assert X.shape[0] == len(paths), X.shape
+        print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+    import torch
+
+    if timings is None:
         timings = stage_times(model, paths)
     total = sum(timings.values())
-    out["stages_s"] = timings
-    out["shares"] = {k: v / total for k, v in timings.items()}
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+                      "shares": {k: v / total for k, v in timings.items()}}), flush=True)
+
+
+def measure_row(model_path: str, paths: list[str], rounds: int) -> dict:
+    """Images/s of the baseline and of convlad (eager, compiled), each in its own process, run in
+    turn round after round (one at a time: no contention), so that a slow spell of a shared machine
+    hits all three alike; the speed-up is the median of the per-round ratios."""
+    procs, warmup = {}, {}
+    for m in METHODS:  # started one after the other: warm-ups (compilation) do not overlap
+        spec = json.dumps({"worker": m, "model_path": model_path, "paths": paths})
+        procs[m] = subprocess.Popen([sys.executable, __file__, "--worker", spec], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+        warmup[m] = _reply(procs[m])["warmup_s"]
+    seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+    for r in range(rounds):
+        for m in METHODS[r % 3:] + METHODS[:r % 3]:  # no method always runs first
+            procs[m].stdin.write("run\n")
+            procs[m].stdin.flush()
+            seconds[m].append(_reply(procs[m])["seconds"])
+    out: dict = {"images": len(paths), "rounds": rounds, "compile_s": warmup["compiled"] - warmup["eager"]}
+    for m in METHODS:
+        procs[m].stdin.write("quit\n")
+        procs[m].stdin.flush()
+        out[m] = {"seconds": seconds[m], "img_per_s": len(paths) / float(np.median(seconds[m])),
+                  **_reply(procs[m])}
+        procs[m].wait()
+    out["peak_rss_mb"] = {m: out[m]["peak_rss_mb"] for m in METHODS}
+    for m in ("eager", "compiled"):
+        ratios = [b / c for b, c in zip(seconds["baseline"], seconds[m])]
+        out[f"speedup_{m}"] = {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios)}
     return out
+
+
+def _reply(proc) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise RuntimeError(f"benchmark worker failed (exit {proc.returncode}); its error is above")
+    return json.loads(line)
 
 
 def stage_times(model, paths) -> dict:
@@ -114,8 +172,19 @@ def stage_times(model, paths) -> dict:
     return {"decode": decode, "forward": forward, "encode": encode}
 
 
-def job_forward(backbone: str, size: int, batch: int = 16, reps: int = 3) -> dict:
-    """Achieved GFLOP/s of the forward pass (per kind of layer) against the fp32 matmul ceiling."""
+def _median_s(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def job_forward(backbone: str, size: int, batch: int = 16, reps: int = 7) -> dict:
+    """Achieved GFLOP/s of the forward pass (eager per kind of layer, and compiled) against the fp32
+    matmul ceiling, each the median of ``reps`` runs."""
     import torch
     from torch import nn
 
@@ -123,14 +192,11 @@ def job_forward(backbone: str, size: int, batch: int = 16, reps: int = 3) -> dic
     from convlad.extract import FeatureExtractor
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    matmul = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9
+    matmul = 2 * 2048 ** 3 / _median_s(lambda: a @ b, reps) / 1e9
 
     bb = get_backbone(backbone)
-    ex = FeatureExtractor(bb, bb.default_pooled or [bb.layers[-1]], device="cpu")  # the fast path's layers
+    layers = [bb.default_layer, *bb.default_pooled] if bb.default_layer else [bb.layers[-1]]
+    ex = FeatureExtractor(bb, layers, device="cpu")  # the fast path's layers
     x = np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8)
     kinds: dict[str, dict] = {}
     starts: dict = {}
@@ -152,11 +218,7 @@ def job_forward(backbone: str, size: int, batch: int = 16, reps: int = 3) -> dic
         flops = 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         e["gflop"] += flops / 1e9
 
-    ex.feature_maps(x)
-    t = time.perf_counter()
-    for _ in range(reps):
-        ex.feature_maps(x)
-    total_s = (time.perf_counter() - t) / reps
+    total_s = _median_s(lambda: ex.feature_maps(x), reps)
     hooks = [m.register_forward_pre_hook(pre) for m in bb.module.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_hook(post) for m in bb.module.modules() if isinstance(m, nn.Conv2d)]
     ex.feature_maps(x)  # one pass timed layer by layer (the hooks' own cost is small at batch 16)
@@ -169,9 +231,13 @@ def job_forward(backbone: str, size: int, batch: int = 16, reps: int = 3) -> dic
         e["share_of_conv_time"] = e["seconds"] / conv_s
         e["share_of_flops"] = e["gflop"] / gflop
     achieved = gflop / total_s
+    ex.compile = True
+    compiled_s = _median_s(lambda: ex.feature_maps(x), reps)
     return {"matmul_gflop_per_s": matmul, "forward_gflop": gflop, "forward_s": total_s, "batch": batch,
             "size": size, "img_per_s": batch / total_s, "forward_gflop_per_s": achieved,
             "fraction_of_matmul": achieved / matmul, "non_conv_share": 1 - conv_s / total_s, "by_kind": kinds,
+            "compiled": {"forward_s": compiled_s, "img_per_s": batch / compiled_s,
+                         "forward_gflop_per_s": gflop / compiled_s, "fraction_of_matmul": gflop / compiled_s / matmul},
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -223,7 +289,7 @@ def job_search(n: int, d: int = 128, nq: int = 200, seed: int = 0) -> dict:
     return out
 
 
-JOBS = {"e2e": job_e2e, "forward": job_forward, "search": job_search}
+JOBS = {"forward": job_forward, "search": job_search}
 
 
 def child(job: str, **kw) -> dict:
@@ -254,12 +320,17 @@ def fit_models(tmp: Path, n_train: int) -> dict[float, str]:
 def main():
     ap = argparse.ArgumentParser(description="convlad benchmarks (make bench)")
     ap.add_argument("--child")
+    ap.add_argument("--worker")
     ap.add_argument("--quick", action="store_true", help="fewer images, no 1M search (a smoke run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
     ap.add_argument("--only", default="e2e,forward,search",
                     help="parts to measure; the others are kept from an existing --out file")
     a = ap.parse_args()
     parts = set(a.only.split(","))
+    if a.worker:
+        spec = json.loads(a.worker)
+        worker_e2e(spec.pop("worker"), **spec)
+        return
     if a.child:
         spec = json.loads(a.child)
         print(json.dumps(JOBS[spec.pop("job")](**spec)))
@@ -268,10 +339,9 @@ def main():
         sys.exit(f"benchmarks need the real photos in {SHARED} (the shared data folder beside the repo)")
     from convlad.datasets import load_groups
 
-    n_dev = 32 if a.quick else 64
-    dev = load_groups(SHARED / "mvbench-dev").paths[::4][:n_dev]
+    dev = load_groups(SHARED / "mvbench-dev").paths[::2][:32 if a.quick else 96]
     holidays = sorted(str(p) for p in (SHARED / "samples" / "holidays").glob("*.jpg"))
-    holidays = (holidays * 11)[:16]
+    holidays = (holidays * 32)[:16 if a.quick else 32]
     results: dict = {"machine": {"cpus": os.cpu_count()}, "e2e": {}}
     if parts != {"e2e", "forward", "search"} and Path(a.out).is_file():
         results = json.loads(Path(a.out).read_text())
@@ -292,47 +362,56 @@ def main():
 
 def measure_e2e(dev: list[str], holidays: list[str], quick: bool) -> dict:
     out: dict = {}
+    rounds = 2 if quick else 3
     with tempfile.TemporaryDirectory() as tmp:
         print("fitting the descriptors (scale 1 and 2) on mvbench-train ...", flush=True)
         models = fit_models(Path(tmp), 64 if quick else 160)
         for name, paths in (("mvbench-dev", dev), ("holidays-8MP", holidays)):
             for scale, model in models.items():
-                row = {}
-                for method in ("baseline", "convlad"):
-                    print(f"e2e {name} scale {scale:g} {method} ({len(paths)} images) ...", flush=True)
-                    row[method] = child("e2e", method=method, model_path=model, paths=paths)
-                row["speedup"] = row["convlad"]["img_per_s"] / row["baseline"]["img_per_s"]
+                print(f"e2e {name} scale {scale:g}: baseline, eager, compiled × {rounds} rounds "
+                      f"({len(paths)} images) ...", flush=True)
+                row = measure_row(model, paths, rounds)
                 out[f"{name}@{scale:g}"] = row
     for name in ("mvbench-dev", "holidays-8MP"):
         r1, r2 = out[f"{name}@1"], out[f"{name}@2"]
-        out[f"{name}: scale 2 / scale 1 cost"] = {
-            "convlad": r1["convlad"]["img_per_s"] / r2["convlad"]["img_per_s"],
-            "baseline": r1["baseline"]["img_per_s"] / r2["baseline"]["img_per_s"]}
+        out[f"{name}: scale 2 / scale 1 cost"] = {m: r1[m]["img_per_s"] / r2[m]["img_per_s"] for m in METHODS}
     return out
 
 
 def print_table(r: dict) -> None:
-    print("\nend to end, JPEG → 128-D descriptor (images/s; each row timed in one run)")
-    print(f"{'set @ scale':<18}{'baseline':>10}{'convlad':>10}{'speed-up':>10}{'peak MB b/c':>14}   convlad stage shares (decode/forward/encode)")
+    print("\nend to end, JPEG → 128-D descriptor (images/s, median of interleaved rounds; speed-up: median "
+          "[min–max] of the per-round ratios)")
+    print(f"{'set @ scale':<18}{'baseline':>9}{'eager':>8}{'compiled':>9}  {'speed-up eager':<20}"
+          f"{'speed-up compiled':<20}{'compile':>8}{'peak MB b/e/c':>17}   compiled shares decode/forward/encode")
     for key, row in r["e2e"].items():
-        if "speedup" not in row:
+        if "speedup_compiled" not in row:
             continue
-        b, c = row["baseline"], row["convlad"]
-        shares = "/".join(f"{c['shares'][k]:.0%}" for k in ("decode", "forward", "encode"))
-        bshares = "/".join(f"{b['shares'][k]:.0%}" for k in ("decode", "forward", "encode"))
-        print(f"{key:<18}{b['img_per_s']:>10.1f}{c['img_per_s']:>10.1f}{row['speedup']:>9.1f}×"
-              f"{b['peak_rss_mb']:>7.0f}/{c['peak_rss_mb']:<6.0f}   {shares} (baseline {bshares})")
+        su = {m: row[f"speedup_{m}"] for m in ("eager", "compiled")}
+        fmt = {m: f"{v['median']:.1f}× [{v['min']:.1f}–{v['max']:.1f}]" for m, v in su.items()}
+        mem = "/".join(f"{row['peak_rss_mb'][m]:.0f}" for m in METHODS)
+        shares = "/".join(f"{row['compiled']['shares'][k]:.0%}" for k in ("decode", "forward", "encode"))
+        print(f"{key:<18}{row['baseline']['img_per_s']:>9.1f}{row['eager']['img_per_s']:>8.1f}"
+              f"{row['compiled']['img_per_s']:>9.1f}  {fmt['eager']:<20}{fmt['compiled']:<20}"
+              f"{row['compile_s']:>7.0f}s{mem:>17}   {shares}")
     for key, row in r["e2e"].items():
-        if "speedup" not in row:
-            print(f"{key}: convlad {row['convlad']:.2f}×, baseline {row['baseline']:.2f}×")
+        if "speedup_compiled" not in row:
+            print(f"{key}: " + ", ".join(f"{m} {row[m]:.2f}×" for m in METHODS))
+    if "forward" not in r or "search" not in r:
+        return
     f = r["forward"]
-    print(f"\nforward pass (Lite0, {f['size']}², batch {f['batch']}, to the deepest layer used): "
-          f"{f['forward_gflop_per_s']:.1f} GFLOP/s = {f['fraction_of_matmul']:.0%} of fp32 matmul "
-          f"({f['matmul_gflop_per_s']:.0f} GFLOP/s); {f['img_per_s']:.1f} img/s")
+    print(f"\nforward pass (Lite0, {f['size']}², batch {f['batch']}, to the deepest layer used), fp32 matmul "
+          f"{f['matmul_gflop_per_s']:.0f} GFLOP/s:")
+    print(f"  eager    {f['forward_gflop_per_s']:6.1f} GFLOP/s = {f['fraction_of_matmul']:.0%} of matmul; "
+          f"{f['img_per_s']:.1f} img/s")
+    if "compiled" in f:
+        c = f["compiled"]
+        print(f"  compiled {c['forward_gflop_per_s']:6.1f} GFLOP/s = {c['fraction_of_matmul']:.0%} of matmul; "
+              f"{c['img_per_s']:.1f} img/s")
+    print("  eager, by kind of layer:")
     for k, e in f["by_kind"].items():
         print(f"  {k:<22}{e['share_of_flops']:>6.0%} of FLOPs {e['share_of_conv_time']:>6.0%} of conv time "
               f"{e['gflop_per_s']:>8.1f} GFLOP/s")
-    print(f"  outside convolutions (BN, ReLU6, padding, adds): {f['non_conv_share']:.0%} of the time")
+    print(f"  outside convolutions (ReLU6, padding, adds): {f['non_conv_share']:.0%} of the eager time")
     print("\nsearch, one 128-D query at a time (ms/query; recall@10 against exact)")
     for s in r["search"]:
         curve = ", ".join(f"nprobe {c['nprobe']}: {c['ms']:.2f} ms r {c['recall_at_10']:.3f}" for c in s["ivfpq"])

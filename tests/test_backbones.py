@@ -75,7 +75,8 @@ def test_missing_official_weights_offline_is_one_clear_line(tmp_path, monkeypatc
 def test_lite0_taps_strides_and_early_stop(lite0):
     ex = FeatureExtractor(lite0, ["block3", "block11"], device="cpu")
     calls = []
-    h = lite0.module._blocks[12].register_forward_hook(lambda *a: calls.append(1))
+    # a convolution of block 12 stays the same module object in the traced graph: its hook would fire
+    h = lite0.module._blocks[12]._expand_conv.register_forward_hook(lambda *a: calls.append(1))
     try:
         maps = ex.feature_maps(np.zeros((2, 448, 448, 3), np.uint8))
     finally:
@@ -84,6 +85,13 @@ def test_lite0_taps_strides_and_early_stop(lite0):
     assert maps["block3"].shape == (2, 40, 56, 56)
     assert maps["block11"].shape == (2, 192, 14, 14)
     assert not calls, "the forward pass must stop after the deepest tapped layer"
+    assert ex.traced
+    h = lite0.module._blocks[11]._expand_conv.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ex.feature_maps(np.zeros((1, 224, 224, 3), np.uint8))
+    finally:
+        h.remove()
+    assert calls, "the hook check above must be able to fail"
 
 
 def test_lite0_all_layers_listed(lite0):
@@ -186,3 +194,25 @@ def test_registry_names():
     assert set(BACKBONES) >= {"efficientnet-lite0", "vgg16", "googlenet", "inception-v3", "mobilenet-v2"}
     with pytest.raises(ValueError, match="unknown backbone"):
         get_backbone("resnet-9000")
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_same_padding_without_a_padded_copy_equals_tf_same(k):
+    """Lite0's stride-2 convolutions pad symmetrically and drop the shifted outputs instead of
+    copying the input into an asymmetrically padded buffer: the outputs must be TF SAME's."""
+    import math
+
+    import torch.nn.functional as F
+
+    from convlad.backbones.efficientnet_lite import Conv2dSame
+
+    torch.manual_seed(0)
+    for n in range(5, 20):
+        for groups in (1, 4):
+            conv = Conv2dSame(4, 4, k, 2, groups=groups, bias=True)
+            x = torch.randn(2, 4, n, n + 1)
+            pads = [max((math.ceil(m / 2) - 1) * 2 + k - m, 0) for m in x.shape[-2:]]
+            ph, pw = pads
+            want = F.conv2d(F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]), conv.weight, conv.bias, 2,
+                            groups=groups)
+            torch.testing.assert_close(conv(x), want, atol=1e-5, rtol=1e-5)

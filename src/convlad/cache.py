@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .backbones.base import Backbone
-from .extract import FeatureExtractor, iter_batches, scale_size
+from .extract import FeatureExtractor, iter_batches, scale_size, want_compile
 from .images import ImageError
 
 
@@ -91,8 +91,9 @@ class FeatureCache:
         return out
 
     def fill(self, items: Sequence, layers: Sequence[str], scales: Sequence[float], batch_size: int = 16,
-             workers: int = 2, device=None, progress: bool = True) -> list[ImageError]:
-        """Extract what is missing: one forward pass per image and scale, every layer tapped."""
+             workers: int = 2, device=None, progress: bool = True, compile: bool | str = "auto") -> list[ImageError]:
+        """Extract what is missing: one forward pass per image and scale, every layer tapped.
+        ``compile``: torch.compile the forward pass (True/False, or "auto": large CPU jobs)."""
         from tqdm.auto import tqdm
 
         layers = self.backbone.resolve_layers(list(layers))
@@ -104,6 +105,8 @@ class FeatureCache:
                 if not todo:
                     continue
                 extractor = extractor or FeatureExtractor(self.backbone, layers, device=device)
+                if want_compile(compile, extractor, len(todo), [scale]):
+                    extractor.compile = True
                 sub = [items[i] for i in todo]
                 with tqdm(total=len(sub), desc=f"features @ scale {scale:g}", unit="img",
                           disable=None if progress else True, leave=False) as bar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from . import functional as Fn
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .encoding import PCAWhitening, VLAD
-from .extract import FeatureExtractor, iter_batches
+from .extract import FeatureExtractor, iter_batches, want_compile
 from .images import ImageError
 from .storage import atomic_savez, load_npz
 
@@ -70,6 +71,11 @@ class ConvVLAD:
         self.batch_size = 16
         self.workers = 2
         self.device = None
+        # torch.compile for the forward pass: True, False, or "auto" (CPU jobs large enough to pay
+        # back the one-off compilation; see extract.COMPILE_MIN_WORK)
+        self.compile: bool | str = "auto"
+        # the network's arithmetic: "fp32", or "bf16"/"fp16" autocast (for GPUs; see extract.PRECISIONS)
+        self.precision = "fp32"
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -101,6 +107,15 @@ class ConvVLAD:
         return [(layer, float(s)) for s in self.config.scales for layer in self.config.pooled]
 
     def _batches(self, paths, desc: str | None, progress: bool):
+        ex = self.extractor
+        ex.precision = self.precision
+        if self.compile is False:
+            ex.compile = False
+        elif not ex.compile and want_compile(self.compile, ex, len(paths), self.config.scales):
+            ex.compile = True  # kept on: later small jobs run eager chunk by chunk anyway
+            if progress and ex.compile:
+                tqdm.write("torch.compile: compiling the network for this machine (7–30 s per input size) ...",
+                           file=sys.stderr)
         # disable=None: bars only on a terminal, so logs and pipes stay clean
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True, leave=False)
         try:

@@ -73,7 +73,7 @@ def _far_rows(X: np.ndarray, ok: np.ndarray) -> np.ndarray:
 def sweep(bench: RetrievalBenchmark, train_items: Sequence, cache: FeatureCache, layers: Sequence[str],
           scales: Sequence[float] = (1.0, 2.0), k: int = 100, dim: int | None = 128, power: float | None = None,
           seed: int = 0, max_descriptors: int = 25_600, batch_size: int = 16, device=None, progress: bool = True,
-          report: Callable[[str], None] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+          compile: bool | str = "auto", report: Callable[[str], None] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per (layer, scale) and per layer for the concatenation of all scales ("1+2"), with
     the benchmark's metrics on the uncompressed VLAD (``*_full``) and PCA-whitened to ``dim``."""
     from tqdm.auto import tqdm
@@ -81,7 +81,8 @@ def sweep(bench: RetrievalBenchmark, train_items: Sequence, cache: FeatureCache,
     layers = cache.backbone.resolve_layers(list(layers))
     scales = [float(s) for s in scales]
     db, qx, train = list(bench.paths), extra_query_items(bench), list(train_items)
-    errors = cache.fill(db + qx + train, layers, scales, batch_size=batch_size, device=device, progress=progress)
+    errors = cache.fill(db + qx + train, layers, scales, batch_size=batch_size, device=device, progress=progress,
+                        compile=compile)
     bad = {e.path for e in errors}
     for e in errors:
         if report:
