@@ -123,29 +123,22 @@ def tap_graph(module: nn.Module, targets: Sequence[str]) -> fx.GraphModule | Non
     return gm
 
 
-class _Preprocess(nn.Module):
-    """uint8 (B, n, n, 3) → normalised float (B, 3, n, n) in channels-last memory (the permute
-    of an NHWC tensor already is channels-last: no copy but the float conversion)."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
-        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1),
-                             persistent=False)
-
-    def forward(self, x):
-        return x.permute(0, 3, 1, 2).float() * self.scale + self.shift
+def network_input(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, n, n, 3) → the backbone's normalised float input (B, 3, n, n), in channels-last
+    memory: the permute of an NHWC tensor already is channels-last, so nothing is copied but the
+    float conversion."""
+    return backbone.normalize(x.permute(0, 3, 1, 2).float().div_(255.0))
 
 
 class _Tapped(nn.Module):
-    """Preprocessing + the traced graph: one module, so torch.compile fuses the input pass too."""
+    """Input normalisation + the traced graph: one module, so torch.compile fuses the input pass too."""
 
-    def __init__(self, pre: _Preprocess, graph: fx.GraphModule):
+    def __init__(self, backbone: Backbone, graph: fx.GraphModule):
         super().__init__()
-        self.pre, self.graph = pre, graph
+        self.backbone, self.graph = backbone, graph
 
     def forward(self, x):
-        return self.graph(self.pre(x))
+        return self.graph(network_input(self.backbone, x))
 
 
 class FeatureExtractor:
@@ -181,9 +174,8 @@ class FeatureExtractor:
         backbone.to(self.device)
         # channels-last: 1.5× faster for Lite0's depthwise and 1×1 convolutions on 2 CPU cores
         backbone.module.to(memory_format=torch.channels_last)
-        self._pre = _Preprocess(backbone.mean, backbone.std).to(self.device)
         graph = tap_graph(backbone.module, [backbone.taps[layer] for layer in self.layers])
-        self._net = _Tapped(self._pre, graph) if graph is not None else None
+        self._net = _Tapped(backbone, graph) if graph is not None else None
         self._handles = []
         if graph is None:
             modules = dict(backbone.module.named_modules())
@@ -248,7 +240,7 @@ class FeatureExtractor:
     def _run_hooks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._maps = {}
         try:
-            self.backbone.module(self._pre(x))
+            self.backbone.module(network_input(self.backbone, x))
         except _Stop:
             pass
         maps, self._maps = self._maps, {}
