@@ -120,7 +120,6 @@ def measure_row(model_path: str, paths: list[str], rounds: int) -> dict:
         out[m] = {"seconds": seconds[m], "img_per_s": len(paths) / float(np.median(seconds[m])),
                   **_reply(procs[m])}
         procs[m].wait()
-    out["peak_rss_mb"] = {m: out[m]["peak_rss_mb"] for m in METHODS}
     for m in ("eager", "compiled"):
         ratios = [b / c for b, c in zip(seconds["baseline"], seconds[m])]
         out[f"speedup_{m}"] = {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios)}
@@ -388,7 +387,7 @@ def print_table(r: dict) -> None:
             continue
         su = {m: row[f"speedup_{m}"] for m in ("eager", "compiled")}
         fmt = {m: f"{v['median']:.1f}× [{v['min']:.1f}–{v['max']:.1f}]" for m, v in su.items()}
-        mem = "/".join(f"{row['peak_rss_mb'][m]:.0f}" for m in METHODS)
+        mem = "/".join(f"{row[m]['peak_rss_mb']:.0f}" for m in METHODS)
         shares = "/".join(f"{row['compiled']['shares'][k]:.0%}" for k in ("decode", "forward", "encode"))
         print(f"{key:<18}{row['baseline']['img_per_s']:>9.1f}{row['eager']['img_per_s']:>8.1f}"
               f"{row['compiled']['img_per_s']:>9.1f}  {fmt['eager']:<20}{fmt['compiled']:<20}"
