@@ -1,5 +1,8 @@
 """Extraction: the traced graph ends at the deepest tap and equals the network, untraceable modules
 fall back to hooks, chunks follow the pixel budget, and the compiled graph equals the eager one."""
+import os
+import sys
+import threading
 import warnings
 
 import numpy as np
@@ -8,7 +11,7 @@ import torch
 from torch import nn
 
 from convlad.backbones import from_module
-from convlad.extract import COMPILE_MIN_WORK, FeatureExtractor, want_compile
+from convlad.extract import COMPILE_MIN_WORK, FeatureExtractor, lower_thread_priority, want_compile
 from convlad.images import load_warped
 
 
@@ -135,3 +138,19 @@ def test_reduced_precision_keeps_the_local_descriptors(lite0, dev_images):
     assert maps["bf16"].dtype == torch.bfloat16 and maps["fp16"].dtype == torch.float16
     with pytest.raises(ValueError, match="precision must be one of"):
         ex.precision = "int8"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="niceness is per thread only on Linux")
+def test_decoder_priority_lowered_for_its_thread_only():
+    before = os.getpriority(os.PRIO_PROCESS, 0)  # the calling (main) thread's niceness
+    seen = {}
+
+    def decoder():
+        seen["changed"] = lower_thread_priority(3)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=decoder)
+    t.start()
+    t.join()
+    assert seen == {"changed": True, "nice": min(19, before + 3)}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before

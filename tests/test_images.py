@@ -1,9 +1,9 @@
 """Decoding real photos: EXIF orientation, draft decoding of big JPEGs, one-line errors on bad files."""
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from convlad.images import ImageError, list_images, load_image, load_warped
+from convlad.images import ImageError, _turbo_decode, list_images, load_image, load_warped
 
 from .conftest import SAMPLES, need
 
@@ -35,6 +35,38 @@ def test_big_jpeg_decoded_at_reduced_size(holiday_photo):
     a = np.asarray(full.resize((224, 224), Image.BILINEAR, reducing_gap=3.0), dtype=np.float32)
     b = np.asarray(small.resize((224, 224), Image.BILINEAR, reducing_gap=3.0), dtype=np.float32)
     assert np.abs(a - b).mean() < 3.0  # same picture once warped to the network's input
+
+
+def _pillow_decode(path, min_size=None):
+    with Image.open(path) as im:
+        if min_size:
+            w, h = im.size
+            s = min(w, h) // min_size
+            im.draft("RGB", (w // s, h // s))
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def test_jpeg_decode_gives_pillows_pixels(tmp_path, holiday_photo):
+    """The libjpeg-turbo fast path must not change a descriptor: same pixels as Pillow's decoder, EXIF
+    orientation kept; CMYK falls back to Pillow."""
+    small = Image.open(holiday_photo).resize((600, 450))
+    small.convert("L").save(tmp_path / "gray.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    small.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=90)
+    small.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    cases = [(holiday_photo, m) for m in (None, 224, 448)] + [
+        (tmp_path / f, m) for f in ("gray.jpg", "rotated.jpg", "cmyk.jpg") for m in (None, 224)]
+    for path, min_size in cases:
+        got = np.asarray(load_image(path, min_size=min_size))
+        want = _pillow_decode(path, min_size)
+        assert got.shape == want.shape and np.array_equal(got, want), (path.name, min_size)
+    for name, fast in (("gray.jpg", True), ("rotated.jpg", True), ("cmyk.jpg", False)):
+        with Image.open(tmp_path / name) as im:
+            assert (_turbo_decode(tmp_path / name, im) is not None) == fast, name
+    with Image.open(holiday_photo) as im:
+        im.draft("RGB", (306, 408))
+        assert _turbo_decode(holiday_photo, im).size == (306, 408)
 
 
 def test_warp_sizes(holiday_photo):
