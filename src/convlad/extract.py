@@ -299,8 +299,9 @@ class Batch:
 # a preempted OpenMP thread stalls its whole team at every barrier: on 8-megapixel photos (2 cores)
 # decoding while the network ran was slower than decoding and then running the network, one after
 # the other. Reniced, the decoders take the cores the network leaves idle and yield them when it
-# runs: 23 → 31 photos/s there, mvbench-dev unchanged (benchmarks/bench.py).
-# ``CONVLAD_DECODE_NICENESS=0`` turns it off (a value that is not an integer is ignored).
+# runs: 23 → 31 photos/s there (compiled, 3 interleaved runs of 96), mvbench-dev unchanged.
+# ``CONVLAD_DECODE_NICENESS=0`` turns it off, e.g. to compare with ``make bench`` (a value that is not
+# an integer is ignored).
 _nice = os.environ.get("CONVLAD_DECODE_NICENESS", "").strip()
 DECODE_NICENESS = int(_nice) if _nice.lstrip("-").isdigit() else 10
 
