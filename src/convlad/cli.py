@@ -367,29 +367,42 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     _warn(f"warning: {message}")
 
 
+def _usage_error_class() -> type:
+    """The usage-error class of whichever click typer runs on: typer ≥ 0.2x vendors its own copy
+    (no ``click`` module installed), older typer re-exports click's; both reach it from the public
+    ``typer.BadParameter``."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _usage_line(e) -> str:
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "convlad"
+    return f"error: {path}: {e.format_message()} (see '{path} --help')"
+
+
 def main(argv=None):
     import warnings
 
     warnings.showwarning = _show_warning  # one line each, through the progress bars
+    interrupted = "interrupted: indexes are checkpointed; run the same command again to resume"
     try:
-        app(args=argv, standalone_mode=False)
-    except (UserError, ImageError, WeightsError, FileFormatError, FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: indexes are checkpointed; run the same command again to resume", err=True)
+        rc = app(args=argv, prog_name="convlad", standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):  # older click turns ^C into Abort
+        typer.echo(interrupted, err=True)
         sys.exit(130)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+    except Exception as e:
+        if isinstance(e, _usage_error_class()):
+            # `convlad` or `convlad datasets` alone: typer has printed the help already
+            if type(e).__name__ != "NoArgsIsHelpError":
+                typer.echo(_usage_line(e), err=True)
+            sys.exit(2)
+        if isinstance(e, (UserError, ImageError, WeightsError, FileFormatError, FileNotFoundError, ValueError)):
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(2)
         raise
+    if rc == 130:  # typer ≥ 0.2x turns ^C into Exit(130), returned in non-standalone mode
+        typer.echo(interrupted, err=True)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
