@@ -1,4 +1,5 @@
-"""The command line on real photos: train, index (bad files, growth, crash and resume), search."""
+"""The command line on real photos: train, index (bad files, links, growth, crash and resume, two
+writers), search, info, compact."""
 import json
 import re
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from convlad.store import IndexStore
 
 from .conftest import MVBENCH_DEV, need
 
@@ -61,7 +64,7 @@ def test_index_skips_bad_files_and_search_finds_same_object(workdir, groups):
     (photos / "corrupt.jpg").write_bytes(good[: len(good) // 2])
     n_good = sum(len(groups[n]) for n in names)
 
-    p = run("index", workdir / "model.npz", photos, "--out", workdir / "index.npz")
+    p = run("index", workdir / "model.npz", photos, "--out", workdir / "index")
     skipped = [line.strip() for line in re.split(r"[\r\n]", p.stderr) if line.strip().startswith("skipped")]
     assert len(skipped) == 3, p.stderr
     for name in ("zero.jpg", "readme.jpg", "corrupt.jpg"):
@@ -70,7 +73,7 @@ def test_index_skips_bad_files_and_search_finds_same_object(workdir, groups):
     assert f"{n_good} images ({n_good} added" in p.stdout
 
     query = groups[names[1]][0]
-    p = run("search", workdir / "index.npz", query, "-k", "4", "--json")
+    p = run("search", workdir / "index", query, "-k", "4", "--json")
     res = json.loads(p.stdout)[0]["results"]
     assert Path(res[0]["path"]).name == query.name and res[0]["distance"] < 1e-4
     assert [r["rank"] for r in res] == [1, 2, 3, 4]
@@ -79,65 +82,130 @@ def test_index_skips_bad_files_and_search_finds_same_object(workdir, groups):
     same = sum(Path(r["path"]).name.startswith(names[1]) for r in res[1:])
     assert same >= 2, res
 
-    table = run("search", workdir / "index.npz", query, "-k", "2").stdout
+    table = run("search", workdir / "index", query, "-k", "2").stdout
     assert table.splitlines()[0] == f"query: {query}" and query.name in table.splitlines()[1]
 
     # the same index switched to IVF-PQ: the search structure is rebuilt, nothing re-encoded, and
     # on a collection this small the shortlist holds everything: the same results, exact distances
-    p = run("index", workdir / "model.npz", photos, "--out", workdir / "index.npz", "--ann", "ivfpq")
-    assert f"(0 added, {n_good} unchanged" in p.stdout and "search: IVF-PQ IVF1,PQ32x" in p.stdout
-    ann = json.loads(run("search", workdir / "index.npz", query, "-k", "4", "--json").stdout)[0]["results"]
+    p = run("index", workdir / "model.npz", photos, "--out", workdir / "index", "--ann", "ivfpq")
+    assert f"(0 added, {n_good} unchanged" in p.stdout and "search: IVF-PQ IVF1,PQ32x" in p.stdout, p.stdout
+    ann = json.loads(run("search", workdir / "index", query, "-k", "4", "--json").stdout)[0]["results"]
     assert [r["path"] for r in ann] == [r["path"] for r in res]
     assert [r["distance"] for r in ann] == pytest.approx([r["distance"] for r in res], abs=1e-5)
+
+
+def stored(index: Path) -> dict[str, np.ndarray]:
+    """path → descriptor of every live image, read through the store."""
+    st = IndexStore.open(index)
+    ids, paths = zip(*[(i, p) for i, p, _ in st.items()]) if len(st) else ((), ())
+    return dict(zip(paths, st.vectors(list(ids)))) if ids else {}
 
 
 def test_index_grows_incrementally_and_drops_removed(workdir, groups):
     photos = workdir / "grow"
     names = sorted(groups)
     link_images(photos, groups[names[0]])
-    out = workdir / "grow.npz"
+    out = workdir / "grow.index"
     run("index", workdir / "model.npz", photos, "--out", out)
-    before = np.load(out)["X"].copy()
+    before = stored(out)
     link_images(photos, groups[names[1]])
     p = run("index", workdir / "model.npz", photos, "--out", out)
     n0, n1 = len(groups[names[0]]), len(groups[names[1]])
     assert f"{n0 + n1} images ({n1} added, {n0} unchanged, 0 removed" in p.stdout
-    np.testing.assert_array_equal(np.load(out)["X"][:n0], before)
+    after = stored(out)
+    for path, x in before.items():
+        np.testing.assert_array_equal(after[path], x)
     (photos / groups[names[0]][0].name).unlink()
     p = run("index", workdir / "model.npz", photos, "--out", out)
     assert f"{n0 + n1 - 1} images (0 added, {n0 + n1 - 1} unchanged, 1 removed" in p.stdout
+    info = json.loads(run("info", out, "--json").stdout)
+    assert info["images"] == n0 + n1 - 1 and info["dead"] == 1 and info["segments"] == 2
+    p = run("compact", out)
+    assert "2 → 1 segments, 1 dead rows dropped" in p.stdout
+    info = json.loads(run("info", out, "--json").stdout)
+    assert info["images"] == n0 + n1 - 1 and info["dead"] == 0 and info["segments"] == 1
+    assert stored(out).keys() == after.keys() - {groups[names[0]][0].name}
 
 
 def test_killed_index_run_resumes_from_checkpoint(workdir, dev_images):
     photos = workdir / "crash"
     link_images(photos, [Path(p) for p in dev_images[:60]])
-    out = workdir / "crash.npz"
+    out = workdir / "crash.index"
     proc = subprocess.Popen([*CLI, "index", workdir / "model.npz", photos, "--out", out,
                              "--checkpoint-every", "8", "--batch-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not out.exists() and time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "MANIFEST").exists() and json.loads((out / "MANIFEST").read_text())["segments"]:
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert out.exists(), "no checkpoint was written"
-    saved = len(np.load(out)["paths"])
-    assert 0 < saved < 60
+    saved = len(IndexStore.open(out))
+    assert 0 < saved < 60, "no segment was committed before the kill"
     p = run("index", workdir / "model.npz", photos, "--out", out)
     assert f"60 images ({60 - saved} added, {saved} unchanged" in p.stdout
-    assert not [f for f in os.listdir(workdir) if f.endswith(".tmp")], "temporary files left behind"
+    assert sorted(stored(out)) == sorted(Path(p).name for p in dev_images[:60])
+    assert not [f for f in os.listdir(out) if f.startswith("tmp-")], "temporary files left behind"
+
+
+def test_dangling_link_and_loop_are_skipped_each_photo_once(workdir, groups):
+    photos = workdir / "links"
+    names = sorted(groups)
+    link_images(photos, groups[names[2]])
+    (photos / "gone.jpg").symlink_to("/nonexistent/photo.jpg")
+    (photos / "loop").symlink_to(".")
+    (photos / "sub").mkdir()
+    (photos / "sub" / "again.jpg").symlink_to(photos / groups[names[2]][0].name)  # a second name, same photo
+    p = run("index", workdir / "model.npz", photos, "--out", workdir / "links.index")
+    n = len(groups[names[2]])
+    assert p.returncode == 0 and f"{n} images ({n} added" in p.stdout, p.stdout + p.stderr
+    assert "gone.jpg: broken link" in p.stderr and "loop: same folder" in p.stderr and "Traceback" not in p.stderr
+    assert "images: " + str(n) in run("info", workdir / "links.index").stdout.splitlines()
+
+
+def test_a_second_writer_fails_at_once_naming_the_first_or_waits(workdir, groups):
+    photos = workdir / "two"
+    link_images(photos, groups[sorted(groups)[3]][:2])
+    out = workdir / "two.index"
+    run("index", workdir / "model.npz", photos, "--out", out)
+    holder = IndexStore.open(out, write=True)
+    try:
+        p = run("index", workdir / "model.npz", photos, "--out", out, check=False)
+        assert p.returncode == 2 and "another writer holds the index" in p.stderr and f"pid {os.getpid()}" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+        waiting = subprocess.Popen([*CLI, "index", workdir / "model.npz", photos, "--out", out, "--wait"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(4)
+        assert waiting.poll() is None, "--wait did not wait for the lock"
+    finally:
+        holder.close()
+    out_text, _ = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0 and "2 images (0 added, 2 unchanged" in out_text
+
+
+def test_search_exit_status_follows_the_queries_read(workdir, groups, tmp_path):
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_text("hello")
+    p = run("search", workdir / "index", bad, check=False)
+    assert p.returncode == 2 and "not-an-image.jpg" in p.stderr and "Traceback" not in p.stderr
+    good = next(iter(groups.values()))[0]
+    p = run("search", workdir / "index", bad, good, "-k", "1", check=False)
+    assert p.returncode == 0 and "skipped" in p.stderr and f"query: {good}" in p.stdout
 
 
 def test_user_errors_are_one_line(workdir, tmp_path):
-    p = run("search", tmp_path / "nope.npz", workdir / "model.npz", check=False)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nope.npz" in p.stderr
+    p = run("search", tmp_path / "nope.index", workdir / "model.npz", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "nope.index" in p.stderr
     p = run("search", workdir / "model.npz", workdir / "model.npz", check=False)
     assert p.returncode == 2 and "expected a convlad-index file" in p.stderr
+    p = run("search", workdir, workdir / "model.npz", check=False)
+    assert p.returncode == 2 and "not an index" in p.stderr
     p = run("train", "--images", workdir / "train", "--out", tmp_path / "m.npz", "--layer", "conv5_3", check=False)
     assert p.returncode == 2 and "no layer 'conv5_3'" in p.stderr and "Traceback" not in p.stderr
     other = tmp_path / "other"
     other.mkdir()
-    p = run("index", workdir / "model.npz", other, "--out", workdir / "index.npz", check=False)
+    p = run("index", workdir / "model.npz", other, "--out", workdir / "index", check=False)
     assert p.returncode == 2 and "index of another folder" in p.stderr
 
 
@@ -151,10 +219,10 @@ def test_too_few_training_images_for_the_dimension_is_said(tmp_path, train_image
 
 def test_empty_folder_gives_an_empty_searchable_index(workdir, tmp_path, groups):
     (tmp_path / "empty").mkdir()
-    p = run("index", workdir / "model.npz", tmp_path / "empty", "--out", tmp_path / "e.npz")
-    assert "0 images (0 added" in p.stdout and (tmp_path / "e.npz").exists()
+    p = run("index", workdir / "model.npz", tmp_path / "empty", "--out", tmp_path / "e.index")
+    assert "0 images (0 added" in p.stdout and (tmp_path / "e.index" / "MANIFEST").exists()
     query = next(iter(groups.values()))[0]
-    p = run("search", tmp_path / "e.npz", query, "--json")
+    p = run("search", tmp_path / "e.index", query, "--json")
     assert json.loads(p.stdout) == [{"query": str(query), "results": []}]
 
 

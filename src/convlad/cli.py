@@ -1,4 +1,4 @@
-"""Command line: ``convlad train | index | search | eval | sweep | table | datasets | backbones``.
+"""Command line: ``convlad train | index | search | info | compact | eval | sweep | table | datasets | backbones``.
 
 Every user-facing failure (bad file, missing weights, wrong index) ends in one line on stderr and
 exit status 2, never a traceback.
@@ -120,7 +120,10 @@ def train(
     compile: str = CompileOpt, precision: str = PrecisionOpt,
 ):
     """Learn the vocabularies and the PCA-whitening from a folder of photos."""
-    paths = [str(images / p) for p in list_images(images)]
+    skipped: list[str] = []
+    paths = [str(images / p) for p in list_images(images, skipped=skipped)]
+    for msg in skipped:
+        _warn(f"skipped {msg}")
     if not paths:
         raise UserError(f"{images}: no image files found")
     model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device, compile,
@@ -134,60 +137,105 @@ def train(
     typer.echo(f"trained {model.describe()} on {model.n_train_} images in {time.time() - t:.0f}s → {out}")
 
 
+WaitOpt = typer.Option(False, "--wait", help="If another process is writing to the index, wait for it "
+                       "instead of failing.")
+
+
 @app.command()
 def index(
     model: Path = typer.Argument(..., help="Model file from `convlad train`."),
     folder: Path = typer.Argument(..., help="Folder of photos to index (searched recursively)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Index file; if it exists, it is updated."),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Save progress every N images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Index folder; if it exists, it is updated."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Commit a segment every N images."),
     ann: Optional[str] = typer.Option(None, "--ann", help="Search structure: exact, ivfpq, or auto (IVF-PQ from "
                                       "100 000 images on; the default for a new index)."),
+    wait: bool = WaitOpt,
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
     precision: str = PrecisionOpt,
 ):
     """Index a folder; run again on a grown folder to add only the new images."""
-    from .index import open_or_create
+    from .pipeline import ConvVLAD
+    from .store import IndexStore
 
     if ann is not None and ann not in ("auto", "exact", "ivfpq"):
         raise UserError(f"--ann {ann!r}: choose auto, exact or ivfpq")
-    idx = open_or_create(model, folder, out, ann)
-    idx.model.batch_size, idx.model.device, idx.model.compile = batch_size, device, _compile(compile)
-    idx.model.precision = _precision(precision)
-    t = time.time()
-    s = idx.sync(out, checkpoint_every=checkpoint_every, report=_warn)
-    search = f"IVF-PQ {idx.ann_index.factory}" if idx.ann_index is not None else "exact"
-    typer.echo(f"{out}: {len(idx)} images ({s['added']} added, {s['kept']} unchanged, {s['removed']} removed, "
-               f"{s['skipped']} skipped) in {time.time() - t:.0f}s; search: {search}")
+    if checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    with IndexStore.create(out, model=ConvVLAD.load(model), root=folder, ann=ann, wait=wait, report=_warn) as idx:
+        idx.model.batch_size, idx.model.device, idx.model.compile = batch_size, device, _compile(compile)
+        idx.model.precision = _precision(precision)
+        t = time.time()
+        s = idx.sync(commit_every=checkpoint_every, report=_warn)
+        search = idx.info()["search"]
+        typer.echo(f"{out}: {len(idx)} images ({s['added']} added, {s['kept']} unchanged, {s['removed']} removed, "
+                   f"{s['skipped']} skipped) in {time.time() - t:.0f}s; search: {search}")
 
 
 @app.command()
 def search(
-    index_file: Path = typer.Argument(..., metavar="INDEX", help="Index file from `convlad index`."),
+    index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
     images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Query photo(s)."),
     k: int = typer.Option(10, "-k", help="Results per query."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     qe: int = typer.Option(0, "--qe", help="α-query expansion with the top N results (0: off)."),
     device: Optional[str] = DeviceOpt,
 ):
-    """Rank the indexed photos by similarity to each query photo (exact L2 search)."""
-    from .index import ImageIndex
+    """Rank the indexed photos by similarity to each query photo."""
+    from .store import IndexStore
 
-    idx = ImageIndex.load(index_file)
+    if k < 1:
+        raise UserError(f"-k {k}: must be at least 1")
+    idx = IndexStore.open(index_file)
     idx.model.device = device
     results, errors = idx.search_images([str(p) for p in images], k=k, qe=qe)
     for err in errors:
         _warn(f"skipped {err}")
     if as_json:
-        typer.echo(json.dumps([{"query": q, "results": [{"rank": r + 1, "path": p, "distance": round(d, 6)}
-                                                         for r, (p, d) in enumerate(hits)]}
+        typer.echo(json.dumps([{"query": q, "results": [{"rank": r + 1, "id": i, "path": p, "distance": round(d, 6)}
+                                                         for r, (p, d, i) in enumerate(hits)]}
                                for q, hits in results], indent=1))
     else:
         for q, hits in results:
             typer.echo(f"query: {q}")
-            for r, (p, d) in enumerate(hits):
+            for r, (p, d, _) in enumerate(hits):
                 typer.echo(f"  {r + 1:3d}  {d:8.4f}  {p}")
     if errors and not results:
-        raise typer.Exit(2)
+        raise UserError(f"no query could be read ({len(errors)} skipped)")
+
+
+@app.command()
+def info(
+    index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Describe an index: model, images, segments, dead rows, generation, size on disk."""
+    from .store import IndexStore
+
+    d = IndexStore.open(index_file).info()
+    if as_json:
+        typer.echo(json.dumps(d, indent=1))
+        return
+    for key, value in d.items():
+        if key == "bytes":
+            key, value = "size", f"{value / 1e6:.1f} MB"
+        typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def compact(
+    index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
+    wait: bool = WaitOpt,
+):
+    """Merge small segments and drop deleted rows; safe while others search."""
+    from .store import IndexStore
+
+    t = time.time()
+    with IndexStore.open(index_file, write=True, wait=wait) as idx:
+        s = idx.compact()
+        typer.echo(f"{index_file}: {s['segments_before']} → {s['segments_after']} segments, {s['dropped']} dead rows "
+                   f"dropped, {len(idx)} images, in {time.time() - t:.1f}s")
 
 
 @app.command()
@@ -396,7 +444,7 @@ def main(argv=None):
             if type(e).__name__ != "NoArgsIsHelpError":
                 typer.echo(_usage_line(e), err=True)
             sys.exit(2)
-        if isinstance(e, (UserError, ImageError, WeightsError, FileFormatError, FileNotFoundError, ValueError)):
+        if isinstance(e, (UserError, ImageError, WeightsError, FileFormatError, OSError, ValueError)):
             typer.echo(f"error: {e}", err=True)
             sys.exit(2)
         raise

@@ -22,18 +22,51 @@ class ImageError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def list_images(root: str | os.PathLike) -> list[str]:
-    """Image files below ``root``, as sorted paths relative to it (hidden files and folders skipped)."""
+def list_images(root: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:
+    """Image files below ``root``, as sorted paths relative to it (hidden files and folders skipped).
+
+    Links are followed, but every file and folder is reached once: a folder already walked (a link
+    loop, a second link to it) and a file already listed (under another name) are passed over.
+    Dangling links and unreadable entries are left out; with ``skipped``, a ``path: reason`` line
+    for each is appended to it.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    note = skipped.append if skipped is not None else (lambda msg: None)
+    found, seen_dirs, seen_files = [], {}, {}
+
+    def unreadable(err: OSError):
+        note(f"{err.filename}: unreadable folder ({err.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        st = os.stat(dirpath)
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:  # reached again through a link: a loop, or the same folder twice
+            note(f"{dirpath}: same folder as {seen_dirs[key]} (a link), walked once")
+            dirnames[:] = []
+            continue
+        seen_dirs[key] = dirpath
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
-        for f in filenames:
-            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append((rel / f).as_posix())
+        for f in sorted(filenames):
+            if f.startswith(".") or Path(f).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            full = os.path.join(dirpath, f)
+            try:
+                fst = os.stat(full)
+            except FileNotFoundError:
+                note(f"{full}: broken link (its target {os.path.realpath(full)} does not exist)")
+                continue
+            except OSError as e:
+                note(f"{full}: unreadable ({e.strerror})")
+                continue
+            fkey = (fst.st_dev, fst.st_ino)
+            if fkey in seen_files:
+                note(f"{full}: same file as {seen_files[fkey]}, indexed once")
+                continue
+            seen_files[fkey] = full
+            found.append((rel / f).as_posix())
     return sorted(found)
 
 

@@ -1,29 +1,11 @@
-"""A searchable index of a photo folder: descriptors, relative paths, file stamps, and the model that
-made them (so ``search`` needs nothing but the index file).
-
-Indexing is incremental and resumable: files already indexed with an unchanged size and mtime are
-kept, new or changed ones are encoded, vanished ones dropped, and progress is checkpointed
-atomically every few hundred images, so a crashed or interrupted run picks up where it stopped.
+"""Search structures over float32 descriptors: exact L2 (a threaded matrix product) and IVF-PQ
+(faiss) whose shortlist is re-ranked with exact distances. The index on disk, its segments and its
+writer live one floor up, in ``store.py``.
 """
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import faiss
 import numpy as np
-import torch
-
-from .functional import alpha_query_expansion
-from .images import list_images
-from .pipeline import ConvVLAD
-from .storage import FileFormatError, atomic_savez, load_npz
-
-FORMAT = "convlad-index"
-FORMAT_VERSION = 1
-
 
 ANN_THRESHOLD = 100_000  # "auto": exact search below this many images, IVF-PQ from here on
 ANN_NPROBE = 16  # inverted lists visited per query (recall/latency: `make bench`)
@@ -83,10 +65,14 @@ class ExactIndex:
     """
 
     def __init__(self, X: np.ndarray):
+        import torch  # here, not at import time: the store's readers and writers need no torch
+
         self.X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         self.sq = (self.X * self.X).sum(1)
 
     def search(self, Q: np.ndarray, k: int, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         Q = torch.from_numpy(np.ascontiguousarray(Q, dtype=np.float32))
         k = min(k, len(self.X))
         D, I = [], []
@@ -100,10 +86,8 @@ class ExactIndex:
         return torch.cat(D).numpy(), torch.cat(I).numpy()
 
 
-def build_ann(X: np.ndarray, seed: int = 0) -> AnnIndex:
-    """Train an IVF-PQ on (a sample of) ``X`` and add all of it: about √n lists, 32-byte codes."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    n, d = X.shape
+def new_ivfpq(n: int, d: int) -> tuple[faiss.Index, str]:
+    """An untrained IVF-PQ sized for ``n`` vectors: about √n lists, 32-byte codes."""
     # about √n lists (a power of two), each trained on ≥ 39 points (faiss' minimum); 256 PQ code
     # words per sub-vector, fewer for a collection too small to train them
     nlist = int(min(2 ** round(np.log2(max(1.0, np.sqrt(n)))), max(1, n // 39)))
@@ -115,184 +99,23 @@ def build_ann(X: np.ndarray, seed: int = 0) -> AnnIndex:
     # the factory asks for polysemous training (a code ordering for Hamming-distance filtering, which
     # the search here never uses): it took 50 of the 60 s of training, whatever n
     faiss.downcast_index(faiss.extract_index_ivf(ivf)).do_polysemous_training = False
-    # 64 points per list for the coarse k-means, ≥ 39 per code word for PQ (faiss' minimum)
-    sample = X[np.random.default_rng(seed).choice(n, size=min(n, max(64 * nlist, 10_000)), replace=False)]
+    return ivf, factory
+
+
+def ivfpq_sample_size(ivf: faiss.Index) -> int:
+    """64 points per list for the coarse k-means, ≥ 39 per code word for PQ (faiss' minimum)."""
+    return max(64 * faiss.extract_index_ivf(ivf).nlist, 10_000)
+
+
+def build_ann(X: np.ndarray, seed: int = 0) -> AnnIndex:
+    """Train an IVF-PQ on (a sample of) ``X`` and add all of it."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n, d = X.shape
+    ivf, factory = new_ivfpq(n, d)
+    sample = X[np.random.default_rng(seed).choice(n, size=min(n, ivfpq_sample_size(ivf)), replace=False)]
     ivf.train(sample)
     ivf.add(X)
     return AnnIndex(ivf, X, factory)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
-@dataclass
-class ImageIndex:
-    model: ConvVLAD
-    root: str
-    paths: list[str] = field(default_factory=list)  # relative to root
-    X: np.ndarray | None = None
-    stamps: np.ndarray | None = None  # (n, 2) int64: size, mtime_ns
-    ann: str = "auto"  # "exact", "ivfpq", or "auto" (IVF-PQ from ANN_THRESHOLD images on)
-    ann_index: AnnIndex | None = None
-
-    def __post_init__(self):
-        if self.X is None:
-            self.X = np.zeros((0, self.model.dim), np.float32)
-        if self.stamps is None:
-            self.stamps = np.zeros((0, 2), np.int64)
-        if self.ann not in ("auto", "exact", "ivfpq"):
-            raise ValueError(f"index type must be auto, exact or ivfpq, not {self.ann!r}")
-        self._exact = None
-
-    @property
-    def wants_ann(self) -> bool:
-        return self.ann == "ivfpq" or (self.ann == "auto" and len(self) >= ANN_THRESHOLD)
-
-    def update_ann(self, added: int = 0, removed: int = 0) -> None:
-        """Keep the IVF-PQ in step: new images are added to it, removals (or a first build) retrain it."""
-        if not self.wants_ann or len(self) < 2:
-            self.ann_index = None
-            return
-        if self.ann_index is not None and not removed and self.ann_index.ntotal == len(self) - added:
-            if added:
-                self.ann_index.add(self.X[len(self) - added:], self.X)
-            return
-        self.ann_index = build_ann(self.X)
-
-    def __len__(self):
-        return len(self.paths)
-
-    # -- persistence -----------------------------------------------------------------------------
-    def save(self, path) -> None:
-        model_meta, model_arrays = self.model.state()
-        arrays = {f"model/{k}": v for k, v in model_arrays.items()}
-        arrays.update(X=self.X, stamps=self.stamps, paths=np.array(self.paths, dtype=str))
-        ann = self.ann_index if self.ann_index is not None and self.ann_index.ntotal == len(self) else None
-        if ann is not None:
-            arrays["ann"] = ann.to_array()
-        atomic_savez(path, {"format": FORMAT, "version": FORMAT_VERSION, "root": self.root, "model": model_meta,
-                            "ann": self.ann, "ann_factory": ann.factory if ann else None}, arrays)
-
-    @classmethod
-    def load(cls, path) -> "ImageIndex":
-        meta, arrays = load_npz(path, FORMAT, FORMAT_VERSION)
-        model = ConvVLAD.from_state(meta["model"], {k[6:]: v for k, v in arrays.items() if k.startswith("model/")})
-        X = arrays["X"].astype(np.float32)
-        index = cls(model=model, root=meta["root"], paths=[str(p) for p in arrays["paths"]], X=X,
-                    stamps=arrays["stamps"].astype(np.int64), ann=meta.get("ann", "auto"))
-        if "ann" in arrays:
-            index.ann_index = AnnIndex.from_array(arrays["ann"], X, meta["ann_factory"])
-        return index
-
-    # -- building --------------------------------------------------------------------------------
-    def sync(self, out, progress=True, checkpoint_every: int = 500, checkpoint_seconds: float = 120.0,
-             report=print) -> dict:
-        """Bring the index in line with the folder ``self.root``; save to ``out`` as it goes."""
-        root = Path(self.root)
-        files = list_images(root)
-        current = {p: _stamp(root / p) for p in files}
-        keep = [i for i, p in enumerate(self.paths)
-                if p in current and tuple(self.stamps[i]) == current[p]]
-        removed = len(self.paths) - len(keep)
-        self.paths = [self.paths[i] for i in keep]
-        self.X, self.stamps = self.X[keep], self.stamps[keep]
-        have = set(self.paths)
-        todo = [p for p in files if p not in have]
-        summary = {"kept": len(self.paths), "removed": removed, "added": 0, "skipped": 0}
-        if removed:
-            self._exact = None
-        if not todo:
-            stale = self.wants_ann != (self.ann_index is not None)
-            if removed or stale:
-                self.update_ann(removed=removed)
-            if removed or stale or not Path(out).exists():  # an empty folder still gets its (empty) index
-                self.save(out)
-            return summary
-        n_before = len(self)
-        new_paths, new_X, last_save, since, save_s = [], [], time.monotonic(), 0, 0.0
-        abs_todo = [str(root / p) for p in todo]
-        for idx, X, errors in self.model.iter_transform(abs_todo, progress=progress, desc="indexing"):
-            for _, err in errors:
-                report(f"skipped {err}")
-                summary["skipped"] += 1
-            new_paths += [todo[i] for i in idx]
-            if X is not None:
-                new_X.append(X)
-            since += len(idx)
-            elapsed = time.monotonic() - last_save
-            # a checkpoint rewrites the whole file (0.5 GB at 1M images): space them to at least
-            # CHECKPOINT_SPACING times the last save's duration, so saving stays under ~10% of the run
-            if (since >= checkpoint_every or elapsed > checkpoint_seconds) and elapsed >= CHECKPOINT_SPACING * save_s:
-                self._append(new_paths, new_X, current)
-                summary["added"] += len(new_paths)
-                new_paths, new_X, since = [], [], 0
-                t = time.monotonic()
-                self.save(out)
-                last_save = time.monotonic()
-                save_s = last_save - t
-        self._append(new_paths, new_X, current)
-        summary["added"] += len(new_paths)
-        self.update_ann(added=len(self) - n_before, removed=removed)
-        self.save(out)
-        return summary
-
-    def _append(self, paths, Xs, stamps):
-        if not paths:
-            return
-        self.paths += paths
-        self.X = np.concatenate([self.X, *Xs]).astype(np.float32)
-        self.stamps = np.concatenate([self.stamps, np.array([stamps[p] for p in paths], np.int64)])
-        self._exact = None
-
-    # -- searching -------------------------------------------------------------------------------
-    def search(self, Q: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """L2 search: (distances, indices), (nq, k); squared L2 as faiss reports it. Exact, or
-        through the IVF-PQ shortlist when the index has one (distances still exact)."""
-        k = min(k, len(self))
-        if self.ann_index is not None and self.ann_index.ntotal == len(self):
-            return self.ann_index.search(Q, k)
-        if self._exact is None:
-            self._exact = ExactIndex(self.X)
-        return self._exact.search(Q, k)
-
-    def search_images(self, images: list[str], k: int = 10, qe: int = 0, progress=False):
-        """Rank the index for each query image: list of (query, [(path, distance), ...]) or errors.
-
-        ``qe`` > 0: α-query expansion with the top ``qe`` results, then a second search.
-        """
-        ok, Q, errors = self.model.transform(images, progress=progress)
-        results = []
-        if len(ok) and not len(self):
-            return [(images[qi], []) for qi in ok], errors
-        if len(ok):
-            if qe > 0:
-                _, top = self.search(Q, qe)
-                Q = alpha_query_expansion(Q, self.X[top])
-            D, I = self.search(Q, k)
-            for row, qi in enumerate(ok):
-                hits = [(os.path.join(self.root, self.paths[j]), float(d)) for d, j in zip(D[row], I[row]) if j >= 0]
-                results.append((images[qi], hits))
-        return results, errors
-
-
-def open_or_create(model_path, root, out, ann: str | None = None) -> ImageIndex:
-    """Resume ``out`` if it exists (it must be of the same folder and model), else start empty.
-    ``ann``: the search structure (auto, exact, ivfpq); None keeps the existing index's."""
-    root = str(Path(root).resolve())
-    model = ConvVLAD.load(model_path)
-    if Path(out).exists():
-        index = ImageIndex.load(out)
-        if index.root != root:
-            raise FileFormatError(f"{out}: index of another folder ({index.root}); choose another --out")
-        if index.model.fingerprint() != model.fingerprint():
-            raise FileFormatError(f"{out}: index built with another model than {model_path}; choose another --out")
-        if ann is not None and ann != index.ann:
-            index.ann = ann
-            index.__post_init__()
-        return index
-    return ImageIndex(model=model, root=root, ann=ann or "auto")
-
-
-__all__ = ["AnnIndex", "ExactIndex", "ImageIndex", "build_ann", "open_or_create"]
+__all__ = ["AnnIndex", "ExactIndex", "build_ann", "new_ivfpq"]

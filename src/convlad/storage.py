@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -16,12 +15,17 @@ class FileFormatError(ValueError):
     """A file that is not what it should be; the message is one line naming the file."""
 
 
+def create_file(path):
+    """A new file opened for writing, with the user's umask applied (``tempfile`` forces 0600)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+
+
 def atomic_savez(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with create_file(tmp) as f:
             np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
             f.flush()
             os.fsync(f.fileno())

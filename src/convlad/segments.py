@@ -1,0 +1,243 @@
+"""The files of an index store: immutable segments, an atomically replaced manifest, a writer lock.
+
+Durability follows the usual recipe: every file is written under a temporary name, fsynced, renamed
+into place, and the directory fsynced, so after a crash a name either holds a whole file or does not
+exist. Nothing here knows about images or models; ``store.py`` builds the index on top.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .storage import FileFormatError, create_file
+
+MANIFEST = "MANIFEST"
+LOCK = "LOCK"
+FORMAT = "convlad-store"
+FORMAT_VERSION = 1
+# names the writer may delete when no manifest refers to them (never anything else in the folder)
+GARBAGE_PREFIXES = ("seg-", "ivf-", "dead-", "tmp-", ".MANIFEST.")
+
+
+class StoreLocked(FileFormatError):
+    """Another process holds the writer lock."""
+
+
+# -- fault injection ----------------------------------------------------------------------------
+# CONVLAD_CRASH_AT=NAME[:N] kills the process with SIGKILL the N-th time (default 1st) it reaches
+# the crash point NAME: the fault-injection tests use it to stop a writer at exact moments (inside a
+# segment write, between a manifest's write and its rename, inside a compaction).
+_crash_spec = os.environ.get("CONVLAD_CRASH_AT", "")
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    if not _crash_spec:
+        return
+    want, _, nth = _crash_spec.partition(":")
+    if want == name:
+        _crash_hits[name] = _crash_hits.get(name, 0) + 1
+        if _crash_hits[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- durable files ------------------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, write) -> None:
+    """``write(f)`` into a temporary sibling, fsync, rename over ``path``, fsync the folder."""
+    tmp = path.with_name(f"tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+    try:
+        with create_file(tmp) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def save_npy(f, a: np.ndarray) -> None:
+    np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
+
+
+# -- segments -----------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    """One immutable segment, memory-mapped: descriptors, store ids, file stamps and paths."""
+
+    name: str
+    X: np.ndarray  # (n, d) float32
+    ids: np.ndarray  # (n,) int64, increasing
+    stamps: np.ndarray  # (n, 2) int64: size, mtime_ns (0, 0 when not a file of the indexed folder)
+    offsets: np.ndarray  # (n + 1,) int64 into blob
+    blob: np.ndarray  # uint8, the UTF-8 paths end to end
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def path(self, row: int) -> str:
+        return bytes(self.blob[self.offsets[row]:self.offsets[row + 1]]).decode("utf-8", "surrogateescape")
+
+    def paths(self) -> list[str]:
+        raw = bytes(self.blob)
+        o = self.offsets.tolist()
+        return [raw[o[i]:o[i + 1]].decode("utf-8", "surrogateescape") for i in range(len(self))]
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def read_segment(folder: Path, name: str) -> Segment:
+    d = folder / name
+    try:
+        blob = d / "paths.bin"
+        # np.memmap refuses an empty file; small ones are simply read
+        paths = np.fromfile(blob, np.uint8) if blob.stat().st_size < 1 << 20 else np.memmap(blob, np.uint8, "r")
+        seg = Segment(name, _load(d / "X.npy"), _load(d / "ids.npy"), _load(d / "stamps.npy"),
+                      _load(d / "offsets.npy"), paths)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as e:
+        raise FileFormatError(f"{d}: damaged segment ({e})") from None
+    n = len(seg.ids)
+    if seg.X.shape[0] != n or seg.stamps.shape != (n, 2) or len(seg.offsets) != n + 1 or seg.offsets[-1] != len(seg.blob):
+        raise FileFormatError(f"{d}: damaged segment (arrays of different lengths)")
+    return seg
+
+
+def write_segment(folder: Path, X: np.ndarray, ids: np.ndarray, stamps: np.ndarray, paths: list[str]) -> str:
+    """Write a new segment and return its name. It is complete on disk, or absent, whatever happens."""
+    name = f"seg-{uuid.uuid4().hex[:16]}"
+    tmp = folder / f"tmp-{name}"
+    tmp.mkdir()
+    encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    files = {"X.npy": lambda f: save_npy(f, X.astype(np.float32, copy=False)),
+             "ids.npy": lambda f: save_npy(f, ids.astype(np.int64, copy=False)),
+             "stamps.npy": lambda f: save_npy(f, stamps.astype(np.int64, copy=False).reshape(-1, 2)),
+             "offsets.npy": lambda f: save_npy(f, offsets),
+             "paths.bin": lambda f: f.write(b"".join(encoded))}
+    for i, (fname, write) in enumerate(files.items()):
+        with create_file(tmp / fname) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if i == 1:
+            crash_point("segment-write")
+    fsync_dir(tmp)
+    os.rename(tmp, folder / name)
+    fsync_dir(folder)
+    crash_point("segment-renamed")
+    return name
+
+
+# -- manifest -----------------------------------------------------------------------------------
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileFormatError(f"{folder}: not an index (no {MANIFEST}; create it with `convlad index`)") from None
+    except (OSError, ValueError) as e:
+        raise FileFormatError(f"{path}: unreadable manifest ({e})") from None
+    if m.get("format") != FORMAT:
+        raise FileFormatError(f"{path}: expected a {FORMAT} manifest, found {m.get('format')!r}")
+    if m.get("version", 0) > FORMAT_VERSION:
+        raise FileFormatError(f"{path}: {FORMAT} version {m['version']} is newer than this convlad reads "
+                              f"({FORMAT_VERSION}); upgrade convlad")
+    return m
+
+
+def write_manifest(folder: Path, m: dict) -> None:
+    """The commit point: the new manifest replaces the old in one rename."""
+    data = json.dumps(m, indent=1).encode()
+    tmp = folder / f".MANIFEST.{uuid.uuid4().hex[:12]}.tmp"
+    with create_file(tmp) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    crash_point("manifest-write")
+    os.replace(tmp, folder / MANIFEST)
+    crash_point("manifest-renamed")
+    fsync_dir(folder)
+
+
+def referenced(m: dict) -> set[str]:
+    names = {s["name"] for s in m["segments"]}
+    if m.get("tombstones"):
+        names.add(m["tombstones"])
+    if m.get("ivf"):
+        names.add(m["ivf"]["dir"])
+    return names
+
+
+def collect_garbage(folder: Path, m: dict) -> int:
+    """Delete what no manifest refers to: unfinished writes, segments merged away, old IVF codes.
+    Only the writer calls it; a reader that still maps a deleted file keeps reading it (POSIX)."""
+    import shutil
+
+    keep, removed = referenced(m), 0
+    for entry in folder.iterdir():
+        if entry.name.startswith(GARBAGE_PREFIXES) and entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+            removed += 1
+    if m.get("ivf"):
+        live = {f"{s['name']}.npy" for s in m["segments"]} | {"trained.faiss"}
+        for entry in (folder / m["ivf"]["dir"]).iterdir():
+            if entry.name not in live:
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+# -- the writer lock ----------------------------------------------------------------------------
+class WriterLock:
+    """flock on ``LOCK``: one writer at a time, released by the kernel when the process dies."""
+
+    def __init__(self, folder: Path, wait: bool = False):
+        self.path = folder / LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            holder = ""
+            try:
+                holder = self.path.read_text().strip()
+            except OSError:
+                pass
+            os.close(self.fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise StoreLocked(f"{folder}: another writer holds the index ({holder or 'unknown process'}); "
+                                  f"try again when it ends, or pass --wait") from None
+            raise
+        os.ftruncate(self.fd, 0)
+        cmd = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {cmd}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None

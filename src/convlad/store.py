@@ -1,0 +1,668 @@
+"""The index on disk: a folder of immutable segments and a manifest, one writer, many readers.
+
+    INDEX/MANIFEST        generation, segments, tombstones, IVF-PQ, model fingerprint (JSON, replaced by rename)
+    INDEX/model.npz       the model that made the descriptors (so searching needs nothing else)
+    INDEX/seg-*/          X.npy (n, d) float32 · ids.npy · stamps.npy · offsets.npy + paths.bin
+    INDEX/ivf-*/          trained.faiss (an empty trained IVF-PQ) and one codes file per segment
+    INDEX/dead-*.npy      ids deleted since their segment was written (tombstones)
+    INDEX/LOCK            flock of the single writer, naming it
+
+Adding photos writes one new segment and a new manifest: a checkpoint costs O(new), not O(n).
+Deletes are tombstones; ``compact`` merges small segments and drops dead rows. A reader pins the
+generation it opened (its segments stay mapped even if a compaction deletes them) until
+``refresh()``. Crash safety is the manifest rename: what it names is complete on disk, and what it
+does not name is garbage the next writer deletes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from . import segments as S
+from .images import list_images
+from .index import ANN_NPROBE, ANN_RERANK, ANN_THRESHOLD, ExactIndex, ivfpq_sample_size, new_ivfpq
+from .storage import FileFormatError, load_npz
+
+MODEL = "model.npz"
+RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
+COMPACT_TARGET = 1_000_000  # rows per segment that compaction builds up to; larger clean segments stay
+COMMIT_EVERY = 500  # images per segment while indexing a folder
+ENCODE_CHUNK = 65_536
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+class IndexStore:
+    """A segment store of descriptors; see the module docstring for the files.
+
+    ``IndexStore.open(path)`` reads (any number of processes); ``IndexStore.create(...)`` or
+    ``open(path, write=True)`` takes the writer lock (one process). Ids are int64, never reused;
+    results are ``(distances, ids)``, squared L2, nearest first.
+    """
+
+    def __init__(self, path: Path, lock: S.WriterLock | None = None):
+        self.path = Path(path)
+        self._lock = lock
+        self._mutex = threading.RLock()  # search structures vs. refresh/commit in this process
+        self._seg_cache: dict[str, S.Segment] = {}
+        self._codes_cache: dict[tuple[str, str], np.ndarray] = {}
+        self._live_cache: dict = {}
+        self._model = None
+        self.m: dict = {}
+        self._segs: list[S.Segment] = []
+        self._ivf = self._exact = self._exact_pos = None
+        self._n_dead = 0
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path, write: bool = False, wait: bool = False) -> "IndexStore":
+        path = Path(path)
+        if path.is_file():
+            if write:
+                raise FileFormatError(f"{path}: a single-file index (convlad ≤ 0.1) opens read-only; "
+                                      f"`convlad index` converts it")
+            return _open_legacy(path)
+        if not path.is_dir():
+            raise FileFormatError(f"{path}: no such index")
+        lock = S.WriterLock(path, wait) if write else None
+        try:
+            store = cls(path, lock)
+            store._load_current()
+            if write:
+                S.collect_garbage(path, store.m)
+            return store
+        except BaseException:
+            if lock:
+                lock.release()
+            raise
+
+    @classmethod
+    def create(cls, path, model=None, root=None, dim: int | None = None, ann: str | None = None,
+               wait: bool = False, report=print) -> "IndexStore":
+        """Open ``path`` for writing, creating it if needed. ``model``: a fitted ConvVLAD (or None for
+        a store of descriptors made elsewhere, with ``dim``); ``root``: the folder indexed (paths are
+        kept relative to it); ``ann``: auto, exact or ivfpq (None keeps the store's, auto if new)."""
+        path = Path(path)
+        if ann is not None and ann not in ("auto", "exact", "ivfpq"):
+            raise ValueError(f"index type must be auto, exact or ivfpq, not {ann!r}")
+        root = str(Path(root).resolve()) if root is not None else None
+        fingerprint = model.fingerprint() if model is not None else None
+        if path.is_file() or _interrupted_conversion(path):
+            _convert_legacy(path, report)
+        if path.exists() and not path.is_dir():
+            raise FileFormatError(f"{path}: exists and is not an index folder")
+        if path.is_dir() and not (path / S.MANIFEST).exists() and not (path / S.LOCK).exists() \
+                and any(path.iterdir()):
+            raise FileFormatError(f"{path}: a folder that is not an index; choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        lock = S.WriterLock(path, wait)
+        try:
+            if not (path / S.MANIFEST).exists():
+                if model is not None:
+                    model.save(path / MODEL)
+                    dim = model.dim
+                if not dim:
+                    raise ValueError("a new store needs a model or a dimension")
+                S.write_manifest(path, {
+                    "format": S.FORMAT, "version": S.FORMAT_VERSION, "generation": 0, "dim": int(dim),
+                    "root": root, "model": MODEL if model is not None else None, "model_fingerprint": fingerprint,
+                    "ann": ann or "auto", "next_id": 0, "segments": [], "tombstones": None, "n_dead": 0,
+                    "ivf": None})
+            store = cls(path, lock)
+            store._load_current()
+            m = store.m
+            if root is not None and m["root"] != root:
+                raise FileFormatError(f"{path}: index of another folder ({m['root']}); choose another --out")
+            if fingerprint is not None and m["model_fingerprint"] != fingerprint:
+                raise FileFormatError(f"{path}: index built with another model; choose another --out")
+            S.collect_garbage(path, m)
+            if ann is not None and ann != m["ann"]:
+                store._commit(dict(m, ann=ann), new_segments=[], retrain=True)
+            return store
+        except BaseException:
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the current generation ------------------------------------------------------------------
+    def _load_current(self) -> None:
+        # a compaction may delete the segments of the manifest just read before they are mapped:
+        # read the newer manifest and try again
+        for attempt in range(50):
+            m = S.read_manifest(self.path)
+            try:
+                self._install(m)
+                return
+            except FileNotFoundError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+
+    def _install(self, m: dict) -> None:
+        segs = []
+        for s in m["segments"]:
+            seg = self._seg_cache.get(s["name"]) or S.read_segment(self.path, s["name"])
+            segs.append(seg)
+        codes = {}
+        if m.get("ivf"):
+            d = self.path / m["ivf"]["dir"]
+            for s in m["segments"]:
+                key = (m["ivf"]["dir"], s["name"])
+                codes[key] = self._codes_cache.get(key)
+                if codes[key] is None:
+                    codes[key] = np.load(d / f"{s['name']}.npy", mmap_mode="r")
+            trained = faiss.read_index(str(d / "trained.faiss"))
+        dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
+        # liveness per segment, recomputed only for new segments or new tombstones (O(new) commits)
+        live = [self._live_cache.get((m.get("tombstones"), s.name), ()) for s in segs]
+        live = [(None if not len(dead) else ~np.isin(s.ids, dead)) if lv == () else lv for s, lv in zip(segs, live)]
+        with self._mutex:
+            old_names = [s.name for s in self._segs]
+            appended = bool(self.m) and [s.name for s in segs[:len(old_names)]] == old_names
+            same_ivf = bool(self.m) and m.get("ivf") == self.m.get("ivf")
+            same_dead = bool(self.m) and m.get("tombstones") == self.m.get("tombstones")
+            self.m, self._segs, self._dead, self._live = m, segs, dead, live
+            self._seg_cache = {s.name: s for s in segs}
+            self._live_cache = {(m.get("tombstones"), s.name): lv for s, lv in zip(segs, live)}
+            self._codes_cache = codes
+            self._trained = trained if m.get("ivf") else None
+            self._offsets = np.concatenate([[0], np.cumsum([len(s) for s in segs])]).astype(np.int64)
+            self._n_dead = int(sum((~lv).sum() for lv in live if lv is not None))
+            # the IVF-PQ holds every row, dead ones too (they are filtered from its shortlist), so
+            # deletes leave it as it is and appends extend it; the exact index holds live rows only
+            if not (appended and same_ivf):
+                self._ivf = None
+            elif self._ivf is not None:
+                self._add_codes(len(old_names))
+            if not (appended and same_dead):
+                self._exact = self._exact_pos = None
+            elif self._exact is not None:
+                new = [self._offsets[i] + self._live_positions(i) for i in range(len(old_names), len(segs))]
+                pos = np.concatenate([self._exact_pos, *new])
+                self._exact, self._exact_pos = ExactIndex(self._rows(pos)), pos
+
+    def refresh(self) -> bool:
+        """Move to the newest committed generation; True if it changed."""
+        if S.read_manifest(self.path)["generation"] == self.generation:
+            return False
+        self._load_current()
+        return True
+
+    @property
+    def generation(self) -> int:
+        return self.m["generation"]
+
+    @property
+    def dim(self) -> int:
+        return self.m["dim"]
+
+    @property
+    def root(self) -> str | None:
+        return self.m.get("root")
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1]) - self.n_dead
+
+    @property
+    def n_dead(self) -> int:
+        return self._n_dead
+
+    @property
+    def model(self):
+        if self._model is None:
+            if not self.m.get("model"):
+                raise FileFormatError(f"{self.path}: a store of descriptors without a model cannot encode images")
+            from .pipeline import ConvVLAD
+
+            self._model = getattr(self, "_legacy_model", None) or ConvVLAD.load(self.path / self.m["model"])
+        return self._model
+
+    # -- reading rows ----------------------------------------------------------------------------
+    def _locate(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seg = np.searchsorted(self._offsets, pos, side="right") - 1
+        return seg, pos - self._offsets[seg]
+
+    def _rows(self, pos: np.ndarray) -> np.ndarray:
+        pos = np.asarray(pos, np.int64)
+        out = np.empty((len(pos), self.dim), np.float32)
+        seg, row = self._locate(pos)
+        for s in np.unique(seg):
+            sel = seg == s
+            out[sel] = self._segs[s].X[np.sort(row[sel])][np.argsort(np.argsort(row[sel]))]
+        return out
+
+    def _positions(self, ids) -> np.ndarray:
+        """Positions of live ``ids`` in this generation (-1 where unknown or deleted)."""
+        ids = np.asarray(ids, np.int64).ravel()
+        out = np.full(len(ids), -1, np.int64)
+        for i, s in enumerate(self._segs):
+            if not len(s):
+                continue
+            j = np.searchsorted(s.ids, ids)
+            hit = (j < len(s)) & (s.ids[np.minimum(j, len(s) - 1)] == ids)
+            if self._live[i] is not None:
+                hit &= self._live[i][np.minimum(j, len(s) - 1)]
+            out[hit] = self._offsets[i] + j[hit]
+        return out
+
+    def vectors(self, ids) -> np.ndarray:
+        pos = self._positions(ids)
+        if (pos < 0).any():
+            raise KeyError(f"no image with id {int(np.asarray(ids).ravel()[pos < 0][0])} in {self.path}")
+        return self._rows(pos)
+
+    def path_of(self, id_: int) -> str:
+        """The indexed file of ``id_``: absolute when the store knows its folder."""
+        pos = self._positions([id_])[0]
+        if pos < 0:
+            raise KeyError(f"no image with id {id_} in {self.path}")
+        seg, row = self._locate(np.array([pos]))
+        p = self._segs[seg[0]].path(int(row[0]))
+        return os.path.join(self.root, p) if self.root else p
+
+    def items(self):
+        """(id, stored path, (size, mtime_ns)) of every live image, in store order."""
+        for s, live in zip(self._segs, self._live):
+            paths = s.paths()
+            ids, stamps = np.asarray(s.ids), np.asarray(s.stamps)
+            for r in range(len(s)):
+                if live is None or live[r]:
+                    yield int(ids[r]), paths[r], (int(stamps[r, 0]), int(stamps[r, 1]))
+
+    # -- searching -------------------------------------------------------------------------------
+    def _uses_ivf(self) -> bool:
+        return bool(self.m.get("ivf")) and self.m.get("ann") != "exact"
+
+    def _live_positions(self, i: int) -> np.ndarray:
+        rows = np.arange(len(self._segs[i]), dtype=np.int64)
+        if self._live[i] is not None:
+            rows = rows[self._live[i]]
+        return rows
+
+    def _add_codes(self, first: int) -> None:
+        for i in range(first, len(self._segs)):
+            codes = self._codes_cache[(self.m["ivf"]["dir"], self._segs[i].name)]
+            for c in range(0, len(codes), ENCODE_CHUNK):
+                part = np.ascontiguousarray(codes[c:c + ENCODE_CHUNK])
+                self._ivf.add_sa_codes(part, self._offsets[i] + c + np.arange(len(part), dtype=np.int64))
+
+    def _is_live(self, pos: np.ndarray) -> np.ndarray:
+        if not self._n_dead:
+            return np.ones(len(pos), bool)
+        seg, row = self._locate(pos)
+        return np.array([self._live[s] is None or bool(self._live[s][r]) for s, r in zip(seg, row)], bool)
+
+    def _build_search(self) -> None:
+        if self._uses_ivf():
+            self._ivf = faiss.clone_index(self._trained)
+            faiss.extract_index_ivf(self._ivf).nprobe = ANN_NPROBE
+            self._add_codes(0)
+        else:
+            pos = np.concatenate([self._offsets[i] + self._live_positions(i) for i in range(len(self._segs))]
+                                 or [np.zeros(0, np.int64)])
+            self._exact, self._exact_pos = ExactIndex(self._rows(pos)), pos
+
+    def set_nprobe(self, nprobe: int) -> None:
+        with self._mutex:
+            if self._ivf is None and self._uses_ivf():
+                self._build_search()
+            if self._ivf is not None:
+                faiss.extract_index_ivf(self._ivf).nprobe = nprobe
+
+    def search(self, Q: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids), each (nq, k'), k' = min(k, images); squared L2, nearest first. Through the
+        IVF-PQ when the store has one (its shortlist re-ranked with exact distances), else exact."""
+        Q = np.ascontiguousarray(np.atleast_2d(Q), dtype=np.float32)
+        if Q.shape[1] != self.dim:
+            raise ValueError(f"queries of dimension {Q.shape[1]}, index of dimension {self.dim}")
+        with self._mutex:
+            k = min(k, len(self))
+            if k <= 0:
+                return np.zeros((len(Q), 0), np.float32), np.zeros((len(Q), 0), np.int64)
+            if (self._ivf if self._uses_ivf() else self._exact) is None:
+                self._build_search()
+            if self._uses_ivf():
+                # dead rows are still in the IVF-PQ: ask for more candidates, then drop them
+                want = k * ANN_RERANK + min(self._n_dead, k * ANN_RERANK)
+                _, cand = self._ivf.search(Q, min(int(self._offsets[-1]), want))
+                D = np.full((len(Q), k), np.inf, np.float32)
+                P = np.full((len(Q), k), -1, np.int64)
+                for i, c in enumerate(cand):
+                    c = c[c >= 0]
+                    c = c[self._is_live(c)]
+                    d = ((self._rows(c) - Q[i]) ** 2).sum(1)
+                    order = np.argsort(d, kind="stable")[:k]
+                    D[i, :len(order)], P[i, :len(order)] = d[order], c[order]
+            else:
+                D, J = self._exact.search(Q, k)
+                P = self._exact_pos[J]
+            return D, self._ids_at(P)
+
+    def _ids_at(self, P: np.ndarray) -> np.ndarray:
+        out = np.full(P.shape, -1, np.int64)
+        ok = P >= 0
+        seg, row = self._locate(P[ok])
+        out[ok] = [self._segs[s].ids[r] for s, r in zip(seg, row)]
+        return out
+
+    def search_images(self, images: list[str], k: int = 10, qe: int = 0, progress=False):
+        """Rank the index for each query image: ([(query, [(path, distance, id), ...]), ...], errors).
+        ``qe`` > 0: α-query expansion with the top ``qe`` results, then a second search."""
+        ok, Q, errors = self.model.transform(images, progress=progress)
+        results = []
+        if len(ok):
+            if qe > 0 and len(self):
+                from .functional import alpha_query_expansion
+
+                _, top = self.search(Q, qe)
+                Q = alpha_query_expansion(Q, self.vectors(top.ravel()).reshape(len(Q), top.shape[1], -1))
+            D, I = self.search(Q, k)
+            for row, qi in enumerate(ok):
+                results.append((images[qi], [(self.path_of(int(j)), float(d), int(j))
+                                             for d, j in zip(D[row], I[row]) if j >= 0]))
+        return results, errors
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _need_writer(self) -> None:
+        if self._lock is None:
+            raise PermissionError(f"{self.path}: opened for reading; open it with write=True to change it")
+
+    def _commit(self, m: dict, new_segments: list[str], retrain: bool = False, ivf_segments=None) -> None:
+        """Bring the IVF-PQ in step with ``m``, then write ``m`` as the next generation."""
+        m = dict(m, generation=self.generation + 1)
+        live = sum(s["rows"] for s in m["segments"]) - m["n_dead"]
+        wants = m["ann"] == "ivfpq" or (m["ann"] == "auto" and live >= ANN_THRESHOLD)
+        ivf = m.get("ivf")
+        if not wants or live < 2:
+            m["ivf"] = None
+        elif retrain or ivf is None or live > RETRAIN_GROWTH * ivf["trained_on"]:
+            m["ivf"] = self._train_ivf(m, live)
+        else:
+            for name in new_segments:
+                if name not in (ivf_segments or ()):
+                    self._write_codes(ivf, name, S.read_segment(self.path, name).X)
+        S.write_manifest(self.path, m)
+        self._install(m)
+        S.collect_garbage(self.path, m)
+
+    def _write_codes(self, ivf: dict, seg_name: str, X: np.ndarray, trained=None) -> None:
+        d = self.path / ivf["dir"]
+        trained = trained or faiss.read_index(str(d / "trained.faiss"))
+        codes = np.concatenate([trained.sa_encode(np.ascontiguousarray(X[c:c + ENCODE_CHUNK], np.float32))
+                                for c in range(0, len(X), ENCODE_CHUNK)] or
+                               [np.zeros((0, trained.sa_code_size()), np.uint8)])
+        S.write_durable(d / f"{seg_name}.npy", lambda f: S.save_npy(f, codes))
+
+    def _train_ivf(self, m: dict, live: int) -> dict:
+        """Train an IVF-PQ on a sample of the live rows and encode every segment with it."""
+        segs = [self._seg_cache.get(s["name"]) or S.read_segment(self.path, s["name"]) for s in m["segments"]]
+        dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
+        lives = [np.flatnonzero(~np.isin(s.ids, dead)) for s in segs]
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in lives])])
+        index, factory = new_ivfpq(live, m["dim"])
+        pick = np.sort(np.random.default_rng(0).choice(live, size=min(live, ivfpq_sample_size(index)), replace=False))
+        which = np.searchsorted(offsets, pick, side="right") - 1
+        sample = np.concatenate([np.asarray(segs[s].X[lives[s][pick[which == s] - offsets[s]]])
+                                 for s in np.unique(which)]).astype(np.float32)
+        index.train(sample)
+        ivf = {"dir": f"ivf-{os.urandom(8).hex()}", "factory": factory, "trained_on": int(live)}
+        d = self.path / ivf["dir"]
+        d.mkdir()
+        S.write_durable(d / "trained.faiss", lambda f: f.write(faiss.serialize_index(index).tobytes()))
+        for s in segs:
+            self._write_codes(ivf, s.name, s.X, index)
+        S.fsync_dir(d)
+        return ivf
+
+    def add_vectors(self, X: np.ndarray, paths: list[str], stamps=None) -> np.ndarray:
+        """Append descriptors as one new segment, committed at once; returns their new ids."""
+        self._need_writer()
+        X = np.ascontiguousarray(X, dtype=np.float32).reshape(-1, self.dim)
+        if len(X) != len(paths):
+            raise ValueError(f"{len(X)} descriptors for {len(paths)} paths")
+        if not len(X):
+            return np.zeros(0, np.int64)
+        stamps = np.zeros((len(X), 2), np.int64) if stamps is None else np.asarray(stamps, np.int64)
+        m = self.m
+        ids = np.arange(m["next_id"], m["next_id"] + len(X), dtype=np.int64)
+        name = S.write_segment(self.path, X, ids, stamps, list(paths))
+        self._commit(dict(m, next_id=int(ids[-1]) + 1,
+                          segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments=[name])
+        return ids
+
+    def remove(self, ids) -> int:
+        """Delete images by id (tombstones); returns how many were live."""
+        self._need_writer()
+        pos = self._positions(ids)
+        gone = np.unique(np.asarray(ids, np.int64).ravel()[pos >= 0])
+        if not len(gone):
+            return 0
+        dead = np.union1d(self._dead, gone)
+        name = f"dead-{os.urandom(8).hex()}.npy"
+        S.write_durable(self.path / name, lambda f: S.save_npy(f, dead))
+        self._commit(dict(self.m, tombstones=name, n_dead=self.n_dead + len(gone)), new_segments=[])
+        return len(gone)
+
+    def add(self, paths: list[str], progress: bool = False) -> tuple[np.ndarray, list]:
+        """Encode image files with the store's model and add them: (ids, errors)."""
+        ok, X, errors = self.model.transform([str(p) for p in paths], progress=progress)
+        kept = [self._stored_path(str(paths[i])) for i in ok]
+        stamps = [_stamp(str(paths[i])) for i in ok]
+        return self.add_vectors(X, kept, stamps), errors
+
+    def _stored_path(self, p: str) -> str:
+        if self.root:
+            a = os.path.abspath(p)
+            if a.startswith(self.root.rstrip(os.sep) + os.sep):
+                return os.path.relpath(a, self.root)
+        return os.path.abspath(p)
+
+    def compact(self, target_rows: int = COMPACT_TARGET) -> dict:
+        """Merge runs of small segments (and any with dead rows) into segments of up to ``target_rows``
+        live rows, dropping the dead ones; one commit. Readers keep searching throughout."""
+        self._need_writer()
+        m = self.m
+        groups, cur, cur_rows = [], [], 0
+
+        def dirty(i):
+            return self._live[i] is not None and not self._live[i].all()
+
+        def close():
+            if len(cur) > 1 or (cur and dirty(cur[0])):
+                groups.append(list(cur))
+
+        for i, s in enumerate(self._segs):
+            live = len(self._live_positions(i))
+            if not (len(s) < target_rows // 2 or dirty(i)):
+                close()
+                cur, cur_rows = [], 0
+                continue
+            if cur and cur_rows + live > target_rows:
+                close()
+                cur, cur_rows = [], 0
+            cur.append(i)
+            cur_rows += live
+        close()
+        before = len(self._segs)
+        if not groups:
+            return {"segments_before": before, "segments_after": before, "dropped": 0, "merged": 0}
+        ivf = m.get("ivf")
+        replaced, new_entries, dropped = {}, {}, 0
+        for g in groups:
+            rows = [self._live_positions(i) for i in g]
+            X = np.concatenate([np.asarray(self._segs[i].X[r]) for i, r in zip(g, rows)])
+            ids = np.concatenate([np.asarray(self._segs[i].ids[r]) for i, r in zip(g, rows)])
+            stamps = np.concatenate([np.asarray(self._segs[i].stamps[r]) for i, r in zip(g, rows)])
+            paths = [p for i, r in zip(g, rows) for p in np.array(self._segs[i].paths(), dtype=object)[r]]
+            dropped += sum(len(self._segs[i]) for i in g) - len(ids)
+            if not len(ids):  # nothing left alive: the segments just go
+                replaced.update({i: None for i in g})
+                continue
+            order = np.argsort(ids, kind="stable")
+            name = S.write_segment(self.path, X[order], ids[order], stamps[order], [paths[j] for j in order])
+            S.crash_point("compact-segment")
+            if ivf:
+                codes = np.concatenate([np.asarray(self._codes_cache[(ivf["dir"], self._segs[i].name)][r])
+                                        for i, r in zip(g, rows)])[order]
+                S.write_durable(self.path / ivf["dir"] / f"{name}.npy", lambda f, c=codes: S.save_npy(f, c))
+            replaced.update({i: name for i in g})
+            new_entries[name] = {"name": name, "rows": len(ids)}
+        segments, seen = [], set()
+        for i, s in enumerate(m["segments"]):
+            if i in replaced:
+                if replaced[i] is not None and replaced[i] not in seen:
+                    segments.append(new_entries[replaced[i]])
+                    seen.add(replaced[i])
+            else:
+                segments.append(s)
+        gone = np.concatenate([np.asarray(self._segs[i].ids) for g in groups for i in g])
+        dead = np.setdiff1d(self._dead, gone)
+        tomb = None
+        if len(dead):
+            tomb = f"dead-{os.urandom(8).hex()}.npy"
+            S.write_durable(self.path / tomb, lambda f: S.save_npy(f, dead))
+        self._commit(dict(m, segments=segments, tombstones=tomb, n_dead=self.n_dead - dropped),
+                     new_segments=list(new_entries), ivf_segments=set(new_entries))
+        return {"segments_before": before, "segments_after": len(segments), "dropped": dropped,
+                "merged": sum(len(g) for g in groups)}
+
+    def sync(self, progress=True, commit_every: int = COMMIT_EVERY, commit_seconds: float = 120.0,
+             report=print) -> dict:
+        """Bring the store in line with its folder: vanished or changed files removed, new ones
+        encoded and committed a segment at a time (each ``commit_every`` images or seconds), so a
+        killed run loses at most one segment's work and a rerun goes on from there."""
+        self._need_writer()
+        root = Path(self.root)
+        skipped: list[str] = []
+        files = list_images(root, skipped=skipped)
+        for msg in skipped:
+            report(f"skipped {msg}")
+        current = {}
+        for p in files:
+            try:
+                current[p] = _stamp(str(root / p))
+            except OSError as e:
+                report(f"skipped {root / p}: {e.strerror or e}")
+                skipped.append(p)
+        stale, have = [], set()
+        for id_, p, st in self.items():
+            if current.get(p) == st and p not in have:
+                have.add(p)
+            else:
+                stale.append(id_)
+        removed = self.remove(stale) if stale else 0
+        summary = {"kept": len(have), "removed": removed, "added": 0, "skipped": len(skipped)}
+        todo = [p for p in files if p in current and p not in have]
+        if not todo:
+            return summary
+        batch_paths, batch_X, last = [], [], time.monotonic()
+
+        def flush():
+            nonlocal batch_paths, batch_X, last
+            if batch_paths:
+                self.add_vectors(np.concatenate(batch_X), batch_paths, [current[p] for p in batch_paths])
+                summary["added"] += len(batch_paths)
+            batch_paths, batch_X, last = [], [], time.monotonic()
+
+        for idx, X, errors in self.model.iter_transform([str(root / p) for p in todo], progress=progress,
+                                                        desc="indexing"):
+            for _, err in errors:
+                report(f"skipped {err}")
+                summary["skipped"] += 1
+            if X is not None and len(idx):
+                batch_paths += [todo[i] for i in idx]
+                batch_X.append(np.asarray(X, np.float32))
+            if len(batch_paths) >= commit_every or time.monotonic() - last > commit_seconds:
+                flush()
+        flush()
+        return summary
+
+    # -- information -----------------------------------------------------------------------------
+    def info(self) -> dict:
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.is_dir() \
+            else self.path.stat().st_size
+        ivf = self.m.get("ivf")
+        model = None
+        if self.m.get("model"):
+            model = self.model.describe()
+        return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self),
+                "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
+                "dim": self.dim, "search": f"IVF-PQ {ivf['factory']} (trained on {ivf['trained_on']})"
+                if ivf and self._uses_ivf() else "exact", "bytes": size}
+
+
+# -- single-file indexes of convlad 0.1 -------------------------------------------------------------
+LEGACY_FORMAT = "convlad-index"
+
+
+def _legacy_arrays(path: Path):
+    from .pipeline import ConvVLAD
+
+    meta, arrays = load_npz(path, LEGACY_FORMAT, 1)
+    model = ConvVLAD.from_state(meta["model"], {k[6:]: v for k, v in arrays.items() if k.startswith("model/")})
+    return meta, model, arrays["X"].astype(np.float32), [str(p) for p in arrays["paths"]], \
+        arrays["stamps"].astype(np.int64)
+
+
+def _open_legacy(path: Path) -> IndexStore:
+    """A single-file index, read-only and in memory."""
+    meta, model, X, paths, stamps = _legacy_arrays(path)
+    store = IndexStore(path)
+    encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded])]).astype(np.int64)
+    seg = S.Segment("legacy", X, np.arange(len(X), dtype=np.int64), stamps.reshape(-1, 2), offsets,
+                    np.frombuffer(b"".join(encoded), np.uint8))
+    store._legacy_model = model
+    store.m = {"generation": 0, "dim": model.dim, "root": meta["root"], "model": "(inside the file)",
+               "model_fingerprint": model.fingerprint(), "ann": "exact", "segments": [{"name": "legacy", "rows": len(X)}],
+               "tombstones": None, "n_dead": 0, "ivf": None, "next_id": len(X)}
+    store._segs, store._dead, store._live = [seg], np.zeros(0, np.int64), [None]
+    store._offsets = np.array([0, len(X)], np.int64)
+    store.refresh = lambda: False
+    return store
+
+
+def _converting(path: Path) -> Path:
+    return path.with_name(path.name + ".converting")
+
+
+def _interrupted_conversion(path: Path) -> bool:
+    return not path.exists() and _converting(path).is_dir() and path.with_name(path.name + ".v1").is_file()
+
+
+def _convert_legacy(path: Path, report) -> None:
+    """Rewrite a single-file index as a store at the same path; the old file stays beside it as
+    PATH.v1. A crash part-way leaves PATH or PATH.v1 + PATH.converting, which the next run finishes."""
+    old, tmp = path.with_name(path.name + ".v1"), _converting(path)
+    if path.is_file():
+        meta, model, X, paths, stamps = _legacy_arrays(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        with IndexStore.create(tmp, model=model, root=meta["root"], ann=meta.get("ann", "auto"), report=report) as st:
+            st.add_vectors(X, paths, stamps)
+        os.replace(path, old)
+    os.rename(tmp, path)
+    S.fsync_dir(path.parent)
+    report(f"{path}: converted a single-file index to a segment store (the old file is kept as {old})")
+
+
+__all__ = ["IndexStore", "StoreLocked"]
+StoreLocked = S.StoreLocked
