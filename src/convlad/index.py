@@ -10,6 +10,8 @@ import numpy as np
 ANN_THRESHOLD = 100_000  # "auto": exact search below this many images, IVF-PQ from here on
 ANN_NPROBE = 16  # inverted lists visited per query (recall/latency: `make bench`)
 ANN_RERANK = 10  # candidates re-ranked with exact distances, per result asked for
+ANN_MIN_SHORTLIST = 256  # and at least this many: re-ranking them costs microseconds, and it keeps
+                         # small collections (whose PQ codes have few bits) exact
 CHECKPOINT_SPACING = 10.0  # index checkpoints: at least this many times the last save's duration apart
 
 
@@ -35,7 +37,7 @@ class AnnIndex:
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         Q = np.ascontiguousarray(Q, dtype=np.float32)
-        _, cand = self.ivf.search(Q, min(self.ntotal, k * ANN_RERANK))
+        _, cand = self.ivf.search(Q, min(self.ntotal, max(k * ANN_RERANK, ANN_MIN_SHORTLIST)))
         D = np.full((len(Q), k), np.inf, np.float32)
         I = np.full((len(Q), k), -1, np.int64)
         for i, c in enumerate(cand):

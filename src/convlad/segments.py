@@ -159,6 +159,9 @@ def read_manifest(folder: Path) -> dict:
     try:
         m = json.loads(path.read_text())
     except FileNotFoundError:
+        if (folder / LOCK).exists():
+            raise FileFormatError(f"{folder}: an index whose creation was interrupted (no {MANIFEST} yet); "
+                                  f"run `convlad index` again") from None
         raise FileFormatError(f"{folder}: not an index (no {MANIFEST}; create it with `convlad index`)") from None
     except (OSError, ValueError) as e:
         raise FileFormatError(f"{path}: unreadable manifest ({e})") from None

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import segments as S
 from .images import list_images
-from .index import ANN_NPROBE, ANN_RERANK, ANN_THRESHOLD, ExactIndex, ivfpq_sample_size, new_ivfpq
+from .index import ANN_MIN_SHORTLIST, ANN_NPROBE, ANN_RERANK, ANN_THRESHOLD, ExactIndex, ivfpq_sample_size, new_ivfpq
 from .storage import FileFormatError, load_npz
 
 MODEL = "model.npz"
@@ -173,8 +173,11 @@ class IndexStore:
             trained = faiss.read_index(str(d / "trained.faiss"))
         dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
         # liveness per segment, recomputed only for new segments or new tombstones (O(new) commits)
-        live = [self._live_cache.get((m.get("tombstones"), s.name), ()) for s in segs]
-        live = [(None if not len(dead) else ~np.isin(s.ids, dead)) if lv == () else lv for s, lv in zip(segs, live)]
+        live = []
+        for s in segs:
+            key = (m.get("tombstones"), s.name)
+            live.append(self._live_cache[key] if key in self._live_cache else
+                        None if not len(dead) else ~np.isin(s.ids, dead))
         with self._mutex:
             old_names = [s.name for s in self._segs]
             appended = bool(self.m) and [s.name for s in segs[:len(old_names)]] == old_names
@@ -342,7 +345,8 @@ class IndexStore:
                 self._build_search()
             if self._uses_ivf():
                 # dead rows are still in the IVF-PQ: ask for more candidates, then drop them
-                want = k * ANN_RERANK + min(self._n_dead, k * ANN_RERANK)
+                want = max(k * ANN_RERANK, ANN_MIN_SHORTLIST)
+                want += min(self._n_dead, want)
                 _, cand = self._ivf.search(Q, min(int(self._offsets[-1]), want))
                 D = np.full((len(Q), k), np.inf, np.float32)
                 P = np.full((len(Q), k), -1, np.int64)
@@ -428,6 +432,7 @@ class IndexStore:
         d = self.path / ivf["dir"]
         d.mkdir()
         S.write_durable(d / "trained.faiss", lambda f: f.write(faiss.serialize_index(index).tobytes()))
+        S.crash_point("ivf-train")
         for s in segs:
             self._write_codes(ivf, s.name, s.X, index)
         S.fsync_dir(d)
