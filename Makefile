@@ -6,7 +6,7 @@ SHARED  ?= ../shared/data
 
 LOCK    := constraints.txt
 
-.PHONY: demo test test-fast bench results install lock clean
+.PHONY: demo test test-fast bench results install browser lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,17 @@ $(VENV)/.installed: pyproject.toml $(LOCK) $(BIN)/python
 
 install: $(VENV)/.installed
 
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+# Where it cannot be installed (not root, no apt), the browser tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: Debian's chromium could not be installed; the browser tests will be skipped"
+
 demo: install
 	$(BIN)/python scripts/demo.py --shared $(SHARED)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -12,9 +12,11 @@ timed on the same machine in the same run, so the figures hold on a noisy machin
 - where the time goes (decode / forward / encode), each stage timed alone;
 - the forward pass in GFLOP/s against this machine's fp32 matmul GFLOP/s, per kind of layer;
 - peak memory (one pass of each method in its own process);
-- search latency and recall@10 against exact search, exact and IVF-PQ, 10k / 100k / 1M vectors.
+- search latency and recall@10 against exact search, exact and IVF-PQ, 10k / 100k / 1M vectors;
+- the index store at 10M synthetic 128-D descriptors on disk: build, IVF-PQ search latency, recall
+  and resident memory of a fresh reader, appending 1 000 photos, deleting, compacting.
 
-    python benchmarks/bench.py [--quick] [--only e2e,forward,search]
+    python benchmarks/bench.py [--quick] [--only e2e,forward,search,store] [--store-n 10000000]
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/load.py
 SHARED = Path(os.environ.get("CONVLAD_SHARED", REPO.parent / "shared")) / "data"
 
 
@@ -245,7 +248,7 @@ def job_search(n: int, d: int = 128, nq: int = 200, seed: int = 0) -> dict:
     clusters (places, objects) of a few to tens of images, unit-norm; queries are new views."""
     import faiss
 
-    from convlad.index import ANN_NPROBE, ExactIndex, build_ann
+    from convlad.index import ExactIndex, build_ann, default_nprobe
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(1, n // 20), d)).astype(np.float32)
@@ -273,7 +276,8 @@ def job_search(n: int, d: int = 128, nq: int = 200, seed: int = 0) -> dict:
     out["ann_build_s"] = time.perf_counter() - t
     out["ann_factory"] = ann.factory
     curve = []
-    for nprobe in sorted({4, 8, 16, 32, 64, ANN_NPROBE}):
+    default = default_nprobe(faiss.extract_index_ivf(ann.ivf).nlist)
+    for nprobe in sorted({4, 8, 16, 32, 64, default}):
         ann.set_nprobe(nprobe)
         ann.search(Q[:2], 10)
         t = time.perf_counter()
@@ -282,21 +286,177 @@ def job_search(n: int, d: int = 128, nq: int = 200, seed: int = 0) -> dict:
         recall = float(np.mean([len(set(g) & set(r)) / 10 for g, r in zip(got, gt)]))
         curve.append({"nprobe": nprobe, "ms": ms, "recall_at_10": recall})
     out["ivfpq"] = curve
-    default = next(c for c in curve if c["nprobe"] == ANN_NPROBE)
+    default = next(c for c in curve if c["nprobe"] == default)
     out["ivfpq_ms"], out["ivfpq_recall_at_10"] = default["ms"], default["recall_at_10"]
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
-JOBS = {"forward": job_forward, "search": job_search}
+def _collection(n: int, d: int, seed: int):
+    """Synthetic descriptors as job_search makes them, in chunks of 1M rows: (centres, chunk → X)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(1, n // 20), d)).astype(np.float32)
+
+    def chunk(start: int, stop: int) -> np.ndarray:
+        r = np.random.default_rng([seed, start])
+        X = centres[r.integers(0, len(centres), stop - start)] + 0.35 * r.normal(size=(stop - start, d)).astype(np.float32)
+        return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+    return centres, chunk
+
+
+def job_store_build(folder: str, n: int, d: int = 128, nq: int = 200, seed: int = 0, segment: int = 1_000_000) -> dict:
+    """Write n descriptors into a store a segment at a time, then train its shared IVF-PQ once; keep
+    queries and their exact top 10 (a scan of every segment) for the search job."""
+    import faiss
+
+    from convlad.store import IndexStore
+
+    centres, chunk = _collection(n, d, seed)
+    rng = np.random.default_rng(seed + 1)
+    Q = centres[rng.integers(0, len(centres), nq)] + 0.35 * rng.normal(size=(nq, d)).astype(np.float32)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    out, t = {"n": n}, time.perf_counter()
+    D_gt = np.full((nq, 10), np.inf, np.float32)
+    I_gt = np.full((nq, 10), -1, np.int64)
+    with IndexStore.create(folder, dim=d, ann="exact") as st:
+        for start in range(0, n, segment):
+            X = chunk(start, min(n, start + segment))
+            ids = st.add_vectors(X, [f"photos/{i:09d}.jpg" for i in range(start, start + len(X))])
+            flat = faiss.IndexFlatL2(d)
+            flat.add(X)
+            D, I = flat.search(Q, 10)
+            D, I = np.concatenate([D_gt, D], 1), np.concatenate([I_gt, ids[I]], 1)
+            order = np.argsort(D, 1, kind="stable")[:, :10]
+            D_gt, I_gt = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+            print(f"  {start + len(X):,d} written", file=sys.stderr, flush=True)
+    out["write_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with IndexStore.create(folder, ann="ivfpq") as st:  # trains once on a sample, encodes every segment
+        out["ivf"] = st.m["ivf"]
+    out["ivf_train_encode_s"] = time.perf_counter() - t
+    np.save(Path(folder) / "bench-queries.npy", Q)
+    np.save(Path(folder) / "bench-gt.npy", I_gt)
+    out["bytes_on_disk"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def job_store_search(folder: str) -> dict:
+    """A fresh reader: open, then one query at a time through the shared IVF-PQ (its shortlist
+    re-ranked from the memory-mapped descriptors)."""
+    import faiss
+
+    from convlad.store import IndexStore
+
+    Q = np.load(Path(folder) / "bench-queries.npy")
+    gt = np.load(Path(folder) / "bench-gt.npy")
+    t = time.perf_counter()
+    st = IndexStore.open(folder)
+    st.search(Q[:2], 10)  # builds the in-memory inverted lists from the segments' codes
+    out = {"open_s": time.perf_counter() - t, "images": len(st), "curve": [], "rss_open_mb": _rss_mb()}
+    default = faiss.extract_index_ivf(st._ivf).nprobe
+    for nprobe in sorted({8, 16, default, 32, 64}) + [default]:  # the default again, last: warm
+        st.set_nprobe(nprobe)
+        st.search(Q[:2], 10)
+        t = time.perf_counter()
+        got = np.stack([st.search(Q[i:i + 1], 10)[1][0] for i in range(len(Q))])
+        ms = (time.perf_counter() - t) / len(Q) * 1e3
+        recall = float(np.mean([len(set(g) & set(r)) / 10 for g, r in zip(got, gt)]))
+        out["curve"].append({"nprobe": nprobe, "ms": ms, "recall_at_10": recall})
+    out["nprobe"], out["ms"], out["recall_at_10"] = default, out["curve"][-1]["ms"], out["curve"][-1]["recall_at_10"]
+    out["curve"] = out["curve"][:-1]
+    out["rss_mb"], out["peak_rss_mb"] = _rss_mb(), peak_rss_mb()
+    return out
+
+
+def job_store_write(folder: str, appends: int = 5, batch: int = 1000, d: int = 128) -> dict:
+    """The writer on the big store: append 1 000 photos' descriptors (one commit each), delete
+    1 000 photos, compact (the small segments merged, the dead rows dropped)."""
+    from convlad.store import IndexStore
+
+    rng = np.random.default_rng(7)
+    t = time.perf_counter()
+    st = IndexStore.open(folder, write=True)
+    out = {"open_writer_s": time.perf_counter() - t, "append_s": []}
+    for a in range(appends):
+        X = rng.normal(size=(batch, d)).astype(np.float32)
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        t = time.perf_counter()
+        st.add_vectors(X, [f"new/{a}/{i}.jpg" for i in range(batch)])
+        out["append_s"].append(time.perf_counter() - t)
+    out["append_1000_s"] = float(np.median(out["append_s"]))
+    t = time.perf_counter()
+    out["removed"] = st.remove(rng.choice(1_000_000, size=1000, replace=False))
+    out["remove_1000_s"] = time.perf_counter() - t
+    segments = len(st.m["segments"])
+    t = time.perf_counter()
+    out["compact"] = st.compact()
+    out["compact_s"] = time.perf_counter() - t
+    out["segments_before_after"] = [segments, len(st.m["segments"])]
+    out["images"] = len(st)
+    st.close()
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+JOBS = {"forward": job_forward, "search": job_search, "store_build": job_store_build,
+        "store_search": job_store_search, "store_write": job_store_write}
+
+
+def measure_serve(quick: bool) -> dict:
+    """`convlad serve` under 200 concurrent clients (benchmarks/load.py): micro-batched against one
+    query per forward pass, on an index of mvbench-dev with the default descriptor."""
+    from load import compare
+
+    from convlad.datasets import load_groups
+    from convlad.images import list_images
+    from convlad.pipeline import ConvVLAD
+    from convlad.store import IndexStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print("serve: fitting the default descriptor, indexing mvbench-dev ...", flush=True)
+        train_dir = SHARED / "mvbench-train" / "images"
+        train = [str(train_dir / p) for p in list_images(train_dir)][::4]
+        model = ConvVLAD().fit(train, progress=False)
+        dev = SHARED / "mvbench-dev"
+        with IndexStore.create(Path(tmp) / "dev.index", model=model, root=dev / "images") as st:
+            st.sync(progress=False, report=lambda m: None)
+        queries = load_groups(dev).paths[::3]
+        seconds = 15 if quick else 60
+        print(f"serve: 200 clients × {seconds} s, one query per forward pass, then micro-batched ...", flush=True)
+        return compare(str(Path(tmp) / "dev.index"), queries, clients=200, seconds=seconds)
+
+
+def measure_store(n: int, parent: str | None) -> dict:
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="convlad-bench-store-", dir=parent))
+    try:
+        print(f"store: writing {n:,d} descriptors, training the IVF-PQ ...", flush=True)
+        out = {"build": child("store_build", folder=str(folder / "ix"), n=n)}
+        print("store: search from a fresh reader ...", flush=True)
+        out["search"] = child("store_search", folder=str(folder / "ix"))
+        print("store: append, delete, compact ...", flush=True)
+        out["write"] = child("store_write", folder=str(folder / "ix"))
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def child(job: str, **kw) -> dict:
     """Run a job in a fresh interpreter; its JSON result is the last line of its output."""
     p = subprocess.run([sys.executable, __file__, "--child", json.dumps({"job": job, **kw})],
-                       capture_output=True, text=True)
+                       stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
-        raise RuntimeError(f"benchmark job {job} failed:\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"benchmark job {job} failed (its error is above)")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -322,8 +482,11 @@ def main():
     ap.add_argument("--worker")
     ap.add_argument("--quick", action="store_true", help="fewer images, no 1M search (a smoke run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
-    ap.add_argument("--only", default="e2e,forward,search",
+    ap.add_argument("--only", default="e2e,forward,search,store,serve",
                     help="parts to measure; the others are kept from an existing --out file")
+    ap.add_argument("--store-n", type=int, default=10_000_000, help="descriptors in the store benchmark")
+    ap.add_argument("--store-dir", default=None, help="folder for the store benchmark's files (about 0.6 kB "
+                    "per descriptor; default: the system's temporary folder)")
     a = ap.parse_args()
     parts = set(a.only.split(","))
     if a.worker:
@@ -344,7 +507,7 @@ def main():
     # state, which is what a collection of thousands of photos sees
     holidays = (holidays * 64)[:16 if a.quick else 64]
     results: dict = {"machine": {"cpus": os.cpu_count()}, "e2e": {}}
-    if parts != {"e2e", "forward", "search"} and Path(a.out).is_file():
+    if parts != {"e2e", "forward", "search", "store", "serve"} and Path(a.out).is_file():
         results = json.loads(Path(a.out).read_text())
     if "e2e" in parts:
         results["e2e"] = measure_e2e(dev, holidays, a.quick)
@@ -356,6 +519,10 @@ def main():
         for n in ([10_000, 100_000] if a.quick else [10_000, 100_000, 1_000_000]):
             print(f"search {n} ...", flush=True)
             results["search"].append(child("search", n=n))
+    if "store" in parts:
+        results["store"] = measure_store(1_000_000 if a.quick else a.store_n, a.store_dir)
+    if "serve" in parts:
+        results["serve"] = measure_serve(a.quick)
     Path(a.out).write_text(json.dumps(results, indent=1))
     print_table(results)
     print(f"\nwrote {a.out}")
@@ -397,6 +564,27 @@ def print_table(r: dict) -> None:
     for key, row in r["e2e"].items():
         if "speedup_compiled" not in row:
             print(f"{key}: " + ", ".join(f"{m} {row[m]:.2f}×" for m in METHODS))
+    if "store" in r:
+        b, q, w = r["store"]["build"], r["store"]["search"], r["store"]["write"]
+        print(f"\nindex store, {b['n']:,d} synthetic 128-D descriptors on disk ({b['bytes_on_disk'] / 1e9:.1f} GB; "
+              f"{b['ivf']['factory']} trained once on a sample)")
+        print(f"  build: write {b['write_s']:.0f}s, IVF-PQ train + encode {b['ivf_train_encode_s']:.0f}s")
+        curve = ", ".join(f"nprobe {c['nprobe']}: {c['ms']:.2f} ms r {c['recall_at_10']:.3f}" for c in q["curve"])
+        print(f"  search (fresh reader, one query at a time, nprobe {q['nprobe']}): {q['ms']:.2f} ms/query, recall@10 "
+              f"{q['recall_at_10']:.3f}; resident {q['rss_mb']:.0f} MB (peak {q['peak_rss_mb']:.0f} MB); open "
+              f"{q['open_s']:.1f}s  ({curve})")
+        print(f"  append 1 000 photos: {w['append_1000_s'] * 1e3:.0f} ms (median of {len(w['append_s'])}); delete 1 000: "
+              f"{w['remove_1000_s'] * 1e3:.0f} ms; compact {w['segments_before_after'][0]} → "
+              f"{w['segments_before_after'][1]} segments, {w['compact']['dropped']} dead rows: {w['compact_s']:.1f}s")
+    if "serve" in r:
+        print("\nconvlad serve, 200 concurrent clients on loopback posting mvbench-dev photos (default descriptor)")
+        for key in ("single", "batched"):
+            v = r["serve"][key]
+            label = "one query per forward pass" if key == "single" else f"micro-batched (mean batch {v['mean_batch']})"
+            print(f"  {label:<40} {v['qps']:6.1f} queries/s  p50 {v['p50_ms']:6.0f} ms  p95 {v['p95_ms']:6.0f} ms  "
+                  f"p99 {v['p99_ms']:6.0f} ms  errors {v['errors']}/{v['requests']}  memory {v['rss_mb']:.0f} MB "
+                  f"(peak {v['peak_rss_mb']:.0f})")
+        print(f"  micro-batching: {r['serve']['qps_ratio']:.2f}× the queries/s, p99 × {r['serve']['p99_ratio']:.2f}")
     if "forward" not in r or "search" not in r:
         return
     f = r["forward"]

@@ -91,8 +91,9 @@ def main():
     group_of = {f: g for g, fs in groups.items() for f in fs}
 
     sh("train", "--images", train, "--out", OUT / "model.npz", *train_args)
-    sh("index", OUT / "model.npz", photos, "--out", OUT / "index.npz")
-    res = json.loads(sh("search", OUT / "index.npz", *[photos / q for q in queries], "-k", "5", "--json", echo=False))
+    sh("index", OUT / "model.npz", photos, "--out", OUT / "photos.index")
+    sh("info", OUT / "photos.index")
+    res = json.loads(sh("search", OUT / "photos.index", *[photos / q for q in queries], "-k", "5", "--json", echo=False))
     print("\nranked results (rank 1, the query itself, omitted); ✓ = same object or place as the query")
     for r in res:
         q = Path(r["query"]).name

@@ -239,6 +239,67 @@ def compact(
 
 
 @app.command()
+def explain(
+    index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
+    query: Path = typer.Argument(..., metavar="QUERY", help="Query photo."),
+    result: str = typer.Argument(..., metavar="RESULT", help="An indexed photo: its id (from search --json) or a path."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: match.png)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the matches as JSON instead of drawing them."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer whose local features are matched "
+                                        "(default: the model's first VLAD layer)."),
+):
+    """Why a result matched: local-feature correspondences and their geometric inliers, drawn."""
+    from .explain import draw_matches, match_images
+    from .store import IndexStore
+
+    idx = IndexStore.open(index_file)
+    if result.isdigit():
+        try:
+            result = idx.path_of(int(result))
+        except KeyError as e:
+            raise UserError(str(e).strip("'\"")) from None
+    elif not Path(result).is_file():
+        raise UserError(f"{result}: no such file (give an indexed photo's id or path)")
+    if not query.is_file():
+        raise UserError(f"{query}: no such file")
+    m = match_images(idx.model, str(query), result, layer=layer)
+    if as_json:
+        typer.echo(json.dumps(m.to_dict(), indent=1))
+        return
+    out = out or Path("match.png")
+    draw_matches(m, str(query), result, out)
+    typer.echo(f"{query} ↔ {result}: {len(m.pairs)} matches, {m.n_inliers} geometric inliers → {out}")
+
+
+@app.command()
+def serve(
+    index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="CONVLAD_TOKEN",
+                                        help="Token for uploads and deletes (header 'Authorization: Bearer TOKEN'); "
+                                        "without one, writes are refused beyond loopback."),
+    cors: Optional[str] = typer.Option(None, "--cors", help="Origins allowed to call the API from a browser, "
+                                       "comma-separated (default: none)."),
+    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", help="How long the encoder waits for more "
+                                          "queries to batch with the first; 0 with --max-batch 1: one query per pass."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Queries encoded in one forward pass, at most."),
+    max_upload_mb: int = typer.Option(20, "--max-upload-mb", help="Largest request body accepted."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may stall."),
+):
+    """Serve an index: search API (docs at /docs) and a web page at /."""
+    from .serve import serve as run_server
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: must be from 1 to 65535")
+    if max_batch < 1 or batch_window_ms < 0 or max_upload_mb < 1 or body_timeout <= 0:
+        raise UserError("--max-batch, --max-upload-mb and --body-timeout must be positive, --batch-window-ms ≥ 0")
+    run_server(index_file, host=host, port=port, token=token, cors=[c for c in (cors or "").split(",") if c] or None,
+               window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
+               body_timeout=body_timeout, log=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
 def backbones():
     """List the backbones and their tap-able layers."""
     import inspect

@@ -218,6 +218,29 @@ class ConvVLAD:
         """Descriptors of ``paths``: (indices of the readable ones, (n, dim) float32, errors)."""
         return self._collect(self.iter_transform(paths, progress))
 
+    def transform_decoded(self, decoded: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+        """Descriptors of images already decoded and resized (``images.load_warped`` at each of the
+        model's scale sizes), in one forward pass per shape: what a service batching queries from
+        many clients calls. Returns (len(decoded), dim) float32 in input order."""
+        if not hasattr(self, "vlads_"):
+            raise RuntimeError("model is not fitted: call fit() or ConvVLAD.load()")
+        out = np.zeros((len(decoded), self.dim), np.float32)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, d in enumerate(decoded):
+            by_shape.setdefault(tuple(a.shape for a in d), []).append(i)
+        self.extractor.precision = self.precision
+        with torch.inference_mode():
+            for idx in by_shape.values():
+                features = {}
+                for si, scale in enumerate(self.config.scales):
+                    for layer, desc in self.extractor(np.stack([decoded[i][si] for i in idx])).items():
+                        features[(layer, float(scale))] = desc
+                v = self._concat(features)
+                if self.pca_ is not None:
+                    v = self.pca_.encode(v)
+                out[idx] = v.cpu().numpy()
+        return out
+
     def transform_vlad(self, paths, progress=True):
         """Uncompressed (concatenated, L2-normalised) VLADs, before PCA-whitening."""
         return self._collect(self.iter_vlad(paths, progress))

@@ -15,6 +15,7 @@ does not name is garbage the next writer deletes.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import threading
@@ -26,7 +27,8 @@ import numpy as np
 
 from . import segments as S
 from .images import list_images
-from .index import ANN_MIN_SHORTLIST, ANN_NPROBE, ANN_RERANK, ANN_THRESHOLD, ExactIndex, ivfpq_sample_size, new_ivfpq
+from .index import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, default_nprobe, ivfpq_sample_size,
+                    new_ivfpq)
 from .storage import FileFormatError, load_npz
 
 MODEL = "model.npz"
@@ -34,6 +36,25 @@ RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many
 COMPACT_TARGET = 1_000_000  # rows per segment that compaction builds up to; larger clean segments stay
 COMMIT_EVERY = 500  # images per segment while indexing a folder
 ENCODE_CHUNK = 65_536
+
+
+def _unmap_pages(a: np.ndarray) -> None:
+    """Drop a memory map's pages from this process (not from the page cache): they were read once."""
+    mm = getattr(a, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _live_mask(ids: np.ndarray, dead: np.ndarray) -> np.ndarray | None:
+    """Which rows of a segment (ids sorted) are not tombstoned; None when all are. Only the
+    tombstones within the segment's id range are looked at, so a delete costs O(its segments)."""
+    if not len(dead) or not len(ids):
+        return None
+    lo, hi = np.searchsorted(dead, int(ids[0]), "left"), np.searchsorted(dead, int(ids[-1]), "right")
+    if lo == hi:
+        return None
+    mask = ~np.isin(ids, dead[lo:hi])
+    return None if mask.all() else mask
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -176,8 +197,7 @@ class IndexStore:
         live = []
         for s in segs:
             key = (m.get("tombstones"), s.name)
-            live.append(self._live_cache[key] if key in self._live_cache else
-                        None if not len(dead) else ~np.isin(s.ids, dead))
+            live.append(self._live_cache[key] if key in self._live_cache else _live_mask(s.ids, dead))
         with self._mutex:
             old_names = [s.name for s in self._segs]
             appended = bool(self.m) and [s.name for s in segs[:len(old_names)]] == old_names
@@ -250,7 +270,9 @@ class IndexStore:
         seg, row = self._locate(pos)
         for s in np.unique(seg):
             sel = seg == s
-            out[sel] = self._segs[s].X[np.sort(row[sel])][np.argsort(np.argsort(row[sel]))]
+            order = np.argsort(row[sel], kind="stable")
+            got = self._segs[s].rows(row[sel][order])
+            out[np.flatnonzero(sel)[order]] = got
         return out
 
     def _positions(self, ids) -> np.ndarray:
@@ -307,6 +329,7 @@ class IndexStore:
             for c in range(0, len(codes), ENCODE_CHUNK):
                 part = np.ascontiguousarray(codes[c:c + ENCODE_CHUNK])
                 self._ivf.add_sa_codes(part, self._offsets[i] + c + np.arange(len(part), dtype=np.int64))
+            _unmap_pages(codes)  # copied into the inverted lists: leave the page cache its copy
 
     def _is_live(self, pos: np.ndarray) -> np.ndarray:
         if not self._n_dead:
@@ -317,7 +340,8 @@ class IndexStore:
     def _build_search(self) -> None:
         if self._uses_ivf():
             self._ivf = faiss.clone_index(self._trained)
-            faiss.extract_index_ivf(self._ivf).nprobe = ANN_NPROBE
+            ivf = faiss.extract_index_ivf(self._ivf)
+            ivf.nprobe = default_nprobe(ivf.nlist)
             self._add_codes(0)
         else:
             pos = np.concatenate([self._offsets[i] + self._live_positions(i) for i in range(len(self._segs))]
@@ -420,7 +444,7 @@ class IndexStore:
         """Train an IVF-PQ on a sample of the live rows and encode every segment with it."""
         segs = [self._seg_cache.get(s["name"]) or S.read_segment(self.path, s["name"]) for s in m["segments"]]
         dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
-        lives = [np.flatnonzero(~np.isin(s.ids, dead)) for s in segs]
+        lives = [np.arange(len(s)) if (lv := _live_mask(s.ids, dead)) is None else np.flatnonzero(lv) for s in segs]
         offsets = np.concatenate([[0], np.cumsum([len(r) for r in lives])])
         index, factory = new_ivfpq(live, m["dim"])
         pick = np.sort(np.random.default_rng(0).choice(live, size=min(live, ivfpq_sample_size(index)), replace=False))

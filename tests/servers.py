@@ -1,0 +1,80 @@
+"""A real `convlad serve` process on loopback, for the service and browser tests."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .conftest import MVBENCH_DEV, need
+
+CLI = [sys.executable, "-m", "convlad.cli"]
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args):
+    p = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise AssertionError(f"convlad {' '.join(map(str, args))} failed:\n{p.stderr}")
+    return p
+
+
+def groups_of_dev() -> dict[str, list[Path]]:
+    g = json.loads((need(MVBENCH_DEV) / "groups.json").read_text())
+    return {k: [MVBENCH_DEV / "images" / f for f in v] for k, v in sorted(g.items()) if len(v) >= 4}
+
+
+def build_index(wd: Path, train_images: list[str], n_groups: int = 6) -> tuple[Path, dict[str, list[Path]]]:
+    """A small model (scale 1, 32-D) and an index of the photos of a few mvbench-dev groups, each
+    group's first photo held out as a query."""
+    (wd / "train").mkdir(parents=True)
+    for p in train_images[::12]:
+        (wd / "train" / Path(p).name).symlink_to(p)
+    cli("train", "--images", wd / "train", "--out", wd / "model.npz", "--layer", "block11", "--scales", "1",
+        "--k", "16", "--dim", "32")
+    groups = dict(list(groups_of_dev().items())[:n_groups])
+    (wd / "photos").mkdir()
+    for files in groups.values():
+        for f in files[1:]:
+            (wd / "photos" / f.name).symlink_to(f)
+    cli("index", wd / "model.npz", wd / "photos", "--out", wd / "photos.index")
+    return wd / "photos.index", groups
+
+
+class Server:
+    def __init__(self, index: Path, *args, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([*CLI, "serve", str(index), "--port", str(self.port), *map(str, args)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"convlad serve exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/api/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("convlad serve did not answer within 90 s")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

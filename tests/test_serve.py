@@ -1,0 +1,242 @@
+"""`convlad serve` as a real server on loopback: the contract, uploads and deletes, the match view,
+bad requests of every kind, and a SIGKILL during an upload."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from convlad.store import IndexStore
+
+from .servers import TOKEN, Server, build_index
+
+pytestmark = pytest.mark.e2e
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, train_images):
+    wd = tmp_path_factory.mktemp("serve")
+    index, groups = build_index(wd, train_images)
+    return wd, index, groups
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    _, index, _ = setup
+    s = Server(index, "--token", TOKEN, "--body-timeout", "2")
+    yield s
+    s.stop()
+
+
+def search(server, path, k=5):
+    with open(path, "rb") as f:
+        r = httpx.post(f"{server.url}/api/search?k={k}", files={"image": (path.name, f, "image/jpeg")}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_search_ranks_the_group_first_and_files_come_by_id(server, setup):
+    _, _, groups = setup
+    name, files = next(iter(groups.items()))
+    res = search(server, files[0], k=len(files) - 1)
+    got = [r["path"] for r in res["results"]]
+    assert sum(p.startswith(name) for p in got) >= len(files) - 2, got  # its group's photos come first
+    assert all(a["distance"] <= b["distance"] for a, b in zip(res["results"], res["results"][1:]))
+    top = res["results"][0]
+    img = httpx.get(server.url + f"/api/images/{top['id']}")
+    assert img.status_code == 200 and img.content == (setup[1].parent / "photos" / top["path"]).read_bytes()
+    th = httpx.get(server.url + top["thumbnail"])
+    assert th.headers["content-type"] == "image/jpeg" and max(Image.open(io.BytesIO(th.content)).size) <= 256
+    sim = httpx.get(server.url + f"/api/similar/{top['id']}?k=3").json()
+    assert top["id"] not in [r["id"] for r in sim["results"]] and len(sim["results"]) == 3
+    # the match view of this query against its best result, as data and as a picture
+    m = httpx.get(server.url + f"/api/match/{top['id']}?query={res['query']}&format=json", timeout=60).json()
+    assert m["matches"] >= m["inliers"] > 0 and len(m["pairs"]) == m["matches"]
+    png = httpx.get(server.url + f"/api/match/{top['id']}", timeout=60)
+    assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).width > 300
+    stats = httpx.get(server.url + "/api/stats").json()
+    assert stats["images"] == sum(len(f) - 1 for f in groups.values()) and stats["searches"] >= 1
+    assert httpx.get(server.url + "/docs").status_code == 200 and "convlad" in httpx.get(server.url + "/").text
+
+
+def test_upload_is_searchable_at_once_and_delete_removes_it(server, setup):
+    wd, index, groups = setup
+    name, files = list(groups.items())[1]
+    with open(files[0], "rb") as f:
+        r = httpx.post(server.url + "/api/images", files={"image": ("new.jpg", f, "image/jpeg")}, headers=AUTH,
+                       timeout=60)
+    assert r.status_code == 201, r.text
+    new = r.json()["id"]
+    stored = index / "uploads"
+    assert len(list(stored.iterdir())) == 1 and IndexStore.open(index).path_of(new).startswith(str(stored.resolve()))
+    res = search(server, files[0])
+    assert res["results"][0]["id"] == new and res["results"][0]["distance"] < 1e-5
+    assert httpx.delete(server.url + f"/api/images/{new}", headers=AUTH).json() == {"deleted": new}
+    assert new not in [r["id"] for r in search(server, files[0])["results"]]
+    assert not list(stored.iterdir()), "the uploaded file stays after its delete"
+    assert httpx.get(server.url + f"/api/images/{new}").status_code == 404
+
+
+def _raw(port: int, data: bytes, pause_after: bytes | None = None, timeout: float = 15) -> tuple[int, dict, float]:
+    """Send bytes as they are (no client-side normalisation); (status, JSON body, seconds)."""
+    t = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if pause_after is not None:
+            s.sendall(pause_after)  # then nothing more: a stalled body
+        buf = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            buf += chunk
+            head, _, body = buf.partition(b"\r\n\r\n")
+            length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), None)
+            if length is not None and len(body) >= length:
+                break
+    head, _, body = buf.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body or b"{}"), time.time() - t
+
+
+def _multipart(field: str, name: str, data: bytes, ctype="image/jpeg"):
+    return {field: (name, data, ctype)}
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, format="PNG")  # 400 megapixels in a few kB
+    return buf.getvalue()
+
+
+def _photo(setup) -> bytes:
+    return next(iter(setup[2].values()))[0].read_bytes()
+
+
+BAD = {
+    "non-image": lambda s, st: httpx.post(s.url + "/api/search", files=_multipart("image", "a.jpg", b"hello, world")),
+    "empty file": lambda s, st: httpx.post(s.url + "/api/search", files=_multipart("image", "a.jpg", b"")),
+    "truncated JPEG": lambda s, st: httpx.post(s.url + "/api/search",
+                                               files=_multipart("image", "a.jpg", _photo(st)[:3000])),
+    "decompression bomb": lambda s, st: httpx.post(s.url + "/api/search",
+                                                   files=_multipart("image", "b.png", _bomb(), "image/png")),
+    "wrong content type": lambda s, st: httpx.post(s.url + "/api/search", json={"image": "x"}),
+    "missing field": lambda s, st: httpx.post(s.url + "/api/search", files=_multipart("photo", "a.jpg", _photo(st))),
+    "k = 0": lambda s, st: httpx.post(s.url + "/api/search?k=0", files=_multipart("image", "a.jpg", _photo(st))),
+    "k negative": lambda s, st: httpx.post(s.url + "/api/search?k=-3", files=_multipart("image", "a.jpg", _photo(st))),
+    "huge k": lambda s, st: httpx.post(s.url + "/api/search?k=99999999999",
+                                       files=_multipart("image", "a.jpg", _photo(st))),
+    "non-numeric k": lambda s, st: httpx.post(s.url + "/api/search?k=abc", files=_multipart("image", "a.jpg", _photo(st))),
+    "unknown id": lambda s, st: httpx.get(s.url + "/api/images/987654"),
+    "unknown id thumbnail": lambda s, st: httpx.get(s.url + "/api/images/987654/thumbnail"),
+    "encoded traversal id": lambda s, st: httpx.get(s.url + "/api/images/..%2F..%2F..%2Fetc%2Fpasswd"),
+    "encoded absolute path": lambda s, st: httpx.get(s.url + "/api/images/%2Fetc%2Fpasswd"),
+    "malformed multipart": lambda s, st: httpx.post(
+        s.url + "/api/search", content=b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc",
+        headers={"content-type": "multipart/form-data; boundary=xyz"}),
+    "upload without token": lambda s, st: httpx.post(s.url + "/api/images", files=_multipart("image", "a.jpg", _photo(st))),
+    "upload with a wrong token": lambda s, st: httpx.post(s.url + "/api/images", headers={"Authorization": "Bearer no"},
+                                                          files=_multipart("image", "a.jpg", _photo(st))),
+    "delete without token": lambda s, st: httpx.delete(s.url + "/api/images/1"),
+    "delete unknown id": lambda s, st: httpx.delete(s.url + "/api/images/987654", headers=AUTH),
+    "match of an unknown query": lambda s, st: httpx.get(s.url + "/api/match/1?query=nope"),
+    "wrong method": lambda s, st: httpx.put(s.url + "/api/search"),
+    "unknown route": lambda s, st: httpx.get(s.url + "/api/nothing"),
+}
+EXPECTED = {"non-image": 400, "empty file": 400, "truncated JPEG": 400, "decompression bomb": 413,
+            "wrong content type": 415, "missing field": 400, "k = 0": 400, "k negative": 400, "huge k": 400,
+            "non-numeric k": 400, "unknown id": 404, "unknown id thumbnail": 404, "encoded traversal id": 404,
+            "encoded absolute path": 404, "malformed multipart": 400, "upload without token": 401,
+            "upload with a wrong token": 401, "delete without token": 401, "delete unknown id": 404,
+            "match of an unknown query": 404, "wrong method": 405, "unknown route": 404}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_request_gets_a_4xx_json_sentence(server, setup, kind):
+    r = BAD[kind](server, setup)
+    assert r.status_code == EXPECTED[kind], (kind, r.status_code, r.text)
+    err = r.json()["error"]
+    assert isinstance(err, str) and 10 < len(err) < 300 and "\n" not in err and "Traceback" not in err, err
+    assert httpx.get(server.url + "/api/health").status_code == 200
+
+
+@pytest.mark.parametrize("target", ["/api/images/../../../../etc/passwd", "/api/images//etc/passwd",
+                                    "/api/images/%2e%2e/%2e%2e/etc/passwd", "/../../etc/passwd"])
+def test_traversal_and_absolute_paths_never_reach_a_file(server, target):
+    status, body, _ = _raw(server.port, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert status == 404 and "root:" not in json.dumps(body), (status, body)
+
+
+def test_a_100_mb_body_is_refused_before_it_is_read(server):
+    status, body, seconds = _raw(server.port, b"POST /api/search HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                 b"Content-Type: multipart/form-data; boundary=b\r\n"
+                                 b"Content-Length: 104857600\r\n\r\n--b\r\n")
+    assert status == 413 and "limit" in body["error"] and seconds < 5
+
+
+def test_a_slow_client_is_cut_off_and_others_are_served_meanwhile(server):
+    import threading
+
+    result = {}
+    slow = threading.Thread(target=lambda: result.update(r=_raw(
+        server.port, b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 5000\r\n\r\n", pause_after=b"--b\r\n")))
+    slow.start()
+    time.sleep(0.5)
+    t = time.time()
+    assert httpx.get(server.url + "/api/health").status_code == 200 and time.time() - t < 1.0
+    slow.join(20)
+    status, body, seconds = result["r"]
+    assert status == 408 and "stalled" in body["error"] and seconds < 10
+
+
+def test_writes_are_refused_beyond_loopback_without_a_token(setup):
+    from fastapi.testclient import TestClient
+
+    from convlad.serve import create_app
+
+    client = TestClient(create_app(setup[1], host="0.0.0.0"))
+    r = client.post("/api/images", files=_multipart("image", "a.jpg", _photo(setup)))
+    assert r.status_code == 403 and "--token" in r.json()["error"]
+    assert client.get("/api/health").status_code == 200
+    assert "access-control-allow-origin" not in client.get("/api/health", headers={"Origin": "http://evil"}).headers
+
+
+@pytest.mark.parametrize("crash,present", [("segment-write", False), ("manifest-write", False),
+                                           ("manifest-renamed", True)])
+def test_sigkill_during_an_upload_leaves_the_photo_whole_or_absent(setup, tmp_path, crash, present):
+    import shutil
+
+    index = tmp_path / "photos.index"
+    shutil.copytree(setup[1], index, symlinks=True)
+    shutil.rmtree(index / "uploads", ignore_errors=True)
+    before = len(IndexStore.open(index))
+    s = Server(index, env={"CONVLAD_CRASH_AT": crash})
+    photo = list(setup[2].values())[2][0]
+    try:
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(s.url + "/api/images", files=_multipart("image", "x.jpg", photo.read_bytes()), timeout=60)
+        assert s.proc.wait(10) == -9
+    finally:
+        s.stop()
+    st = IndexStore.open(index)
+    assert len(st) == before + present
+    uploads = [p for _, p, _ in st.items() if "/uploads/" in p]
+    assert len(uploads) == present and all(open(p, "rb").read() == photo.read_bytes() for p in uploads)
+    s = Server(index)  # restarted: an uncommitted upload file is collected, the index serves
+    try:
+        assert len(list((index / "uploads").iterdir())) == present
+        assert httpx.get(s.url + "/api/health").json()["images"] == before + present
+        res = search(s, photo, k=1)["results"][0]
+        assert (res["distance"] < 1e-5) == present
+    finally:
+        s.stop()

@@ -1,0 +1,99 @@
+"""The web page in a real browser: Debian's Chromium driven by Playwright (no browser download).
+
+Upload a mvbench-dev photo held out of the index: its group's photos come first. Click a result to
+search with it, open the match view, add a photo and delete one. Screenshots go to
+$CONVLAD_SCREENSHOTS (default: the test's temporary folder).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .servers import TOKEN, Server, build_index
+
+pytestmark = pytest.mark.e2e
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (make test installs it with apt-get where it can)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                               "--disable-background-networking",
+                                                               "--disable-component-update", "--no-first-run"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, train_images):
+    wd = tmp_path_factory.mktemp("web")
+    index, groups = build_index(wd, train_images)
+    s = Server(index, "--token", TOKEN)
+    yield s, groups
+    s.stop()
+
+
+def test_search_click_match_add_and_delete_in_a_browser(browser, site, tmp_path):
+    server, groups = site
+    shots = Path(os.environ.get("CONVLAD_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('stats').textContent.includes('photos')")
+
+    # search by upload: the held-out photo's group comes first
+    name, files = list(groups.items())[0]
+    page.set_input_files("#pick", str(files[0]))
+    page.wait_for_selector("#grid .card")
+    paths = page.locator("#grid .card .path").all_inner_texts()
+    top = paths[:len(files) - 1]
+    assert sum(p.startswith(name) for p in top) >= len(files) - 2, paths
+    page.wait_for_function("[...document.querySelectorAll('#grid img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=str(shots / "serve-search.png"))
+
+    # click a result: search with it
+    second = page.locator("#grid .card").nth(1)
+    clicked = second.locator(".path").inner_text()
+    second.locator(".thumb").click()
+    page.wait_for_function(f"document.getElementById('status').textContent.includes('nearest photos to photo')")
+    assert clicked not in page.locator("#grid .card .path").all_inner_texts()
+
+    # the match view of the first result
+    page.locator("#grid .card").first.locator(".match").click()
+    page.wait_for_function("document.getElementById('mimg').complete && document.getElementById('mimg').naturalWidth > 300")
+    page.screenshot(path=str(shots / "serve-match.png"))
+    page.keyboard.press("Escape")
+    assert not page.locator("#modal").is_visible()
+
+    # add a photo (with the token), then delete it
+    page.fill("#token", TOKEN)
+    page.dispatch_event("#token", "change")
+    before = int(page.locator("#stats").inner_text().split()[0].replace(",", ""))
+    other = list(groups.values())[3][0]
+    page.set_input_files("#addfile", str(other))
+    page.wait_for_function(f"document.getElementById('stats').textContent.startsWith('{before + 1} ')")
+    page.wait_for_function("document.getElementById('status').textContent.includes('nearest photos to photo')")
+    page.on("dialog", lambda d: d.accept())
+    card = page.locator("#grid .card").first
+    gone = card.locator(".path").inner_text()
+    card.locator(".del").click()
+    page.wait_for_function(f"document.getElementById('status').textContent.startsWith('Deleted')")
+    assert gone not in page.locator("#grid .card .path").all_inner_texts()
+    page.wait_for_function(f"document.getElementById('stats').textContent.startsWith('{before} ')")
+    assert not page.locator("#error").is_visible()
+    page.screenshot(path=str(shots / "serve-after-delete.png"))
+
+    # a bad file shows the server's sentence, and the page keeps working
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo")
+    page.set_input_files("#pick", str(bad))
+    page.wait_for_selector("#error", state="visible")
+    assert "not an image" in page.locator("#error").inner_text()
+    page.close()
