@@ -57,7 +57,7 @@ def local_features(model, path, layer: str | None = None, scale: float | None = 
     scale = float(scale or max(model.config.scales))
     size = _oriented_size(path)
     (arr,) = load_warped(path, [scale_size(scale)], model.config.resize)
-    maps = model.extractor(arr[None])
+    maps = model.extractor(np.array(arr[None]))  # a writable copy: torch warns on a read-only array
     if layer not in maps:
         raise ValueError(f"layer {layer!r} is not one the model taps ({', '.join(maps)})")
     desc = maps[layer][0].float().cpu().numpy()
