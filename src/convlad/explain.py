@@ -113,9 +113,11 @@ def match_images(model, query, result, layer: str | None = None, scale: float | 
     return match_features(local_features(model, query, layer, scale), local_features(model, result, layer, scale))
 
 
-def draw_matches(m: Matches, query_path, result_path, out=None, height: int = 360):
+def draw_matches(m: Matches, query_path, result_path, out=None, height: int = 360, max_lines: int = 80):
     """Query and result side by side, correspondences drawn: inliers bold, coloured by visual word;
-    other matches thin and grey. Returns the PIL image; writes a PNG when ``out`` is given."""
+    other matches thin and grey; at most ``max_lines`` inliers and half as many others (the most
+    similar), so that a dense layer stays legible. Returns the PIL image; writes a PNG when ``out``
+    is given."""
     from PIL import Image, ImageDraw
 
     from .images import load_image
@@ -130,8 +132,9 @@ def draw_matches(m: Matches, query_path, result_path, out=None, height: int = 36
     # the features' positions are in each image's own pixels (EXIF orientation applied)
     fq = np.array([scaled[0].width / m.query.size[0], height / m.query.size[1]])
     fr = np.array([scaled[1].width / m.result.size[0], height / m.result.size[1]])
-    order = np.argsort(m.inliers, kind="stable")  # outliers first, inliers drawn on top
-    for k in order:
+    best = np.argsort(-m.similarity, kind="stable")
+    shown = np.concatenate([best[~m.inliers[best]][:max_lines // 2], best[m.inliers[best]][:max_lines]])
+    for k in shown:  # outliers first, inliers drawn on top
         a = m.query.xy[m.pairs[k, 0]] * fq + (0, bar)
         b = m.result.xy[m.pairs[k, 1]] * fr + (scaled[0].width + gap, bar)
         if m.inliers[k]:
@@ -141,7 +144,8 @@ def draw_matches(m: Matches, query_path, result_path, out=None, height: int = 36
                 draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], outline=colour, width=2)
         else:
             draw.line([tuple(a), tuple(b)], fill=(170, 170, 170), width=1)
-    draw.text((6, 7), f"{len(m.pairs)} matches, {m.n_inliers} geometric inliers  ·  layer {m.query.layer} "
+    note = f" (the {min(max_lines, m.n_inliers)} most similar inliers drawn)" if m.n_inliers > max_lines else ""
+    draw.text((6, 7), f"{len(m.pairs)} matches, {m.n_inliers} geometric inliers{note}  ·  layer {m.query.layer} "
                       f"at scale {m.query.scale:g}  ·  colour: visual word", fill="black")
     if out is not None:
         canvas.save(out, format="PNG")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .storage import FileFormatError, create_file
+from .storage import FileFormatError, check_header, create_file
 
 MANIFEST = "MANIFEST"
 LOCK = "LOCK"
@@ -188,11 +188,7 @@ def read_manifest(folder: Path) -> dict:
         raise FileFormatError(f"{folder}: not an index (no {MANIFEST}; create it with `convlad index`)") from None
     except (OSError, ValueError) as e:
         raise FileFormatError(f"{path}: unreadable manifest ({e})") from None
-    if m.get("format") != FORMAT:
-        raise FileFormatError(f"{path}: expected a {FORMAT} manifest, found {m.get('format')!r}")
-    if m.get("version", 0) > FORMAT_VERSION:
-        raise FileFormatError(f"{path}: {FORMAT} version {m['version']} is newer than this convlad reads "
-                              f"({FORMAT_VERSION}); upgrade convlad")
+    check_header(path, m, FORMAT, FORMAT_VERSION, "manifest")
     return m
 
 

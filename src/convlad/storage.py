@@ -45,9 +45,14 @@ def load_npz(path, fmt: str, max_version: int) -> tuple[dict, dict[str, np.ndarr
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
         raise FileFormatError(f"{path}: not a convlad file ({type(e).__name__}: {e})") from None
+    check_header(path, meta, fmt, max_version)
+    return meta, arrays
+
+
+def check_header(path, meta: dict, fmt: str, max_version: int, what: str = "file") -> None:
+    """The format name and version of a convlad file's JSON header (a model, an index manifest)."""
     if meta.get("format") != fmt:
-        raise FileFormatError(f"{path}: expected a {fmt} file, found {meta.get('format')!r}")
+        raise FileFormatError(f"{path}: expected a {fmt} {what}, found {meta.get('format')!r}")
     if meta.get("version", 0) > max_version:
         raise FileFormatError(f"{path}: {fmt} version {meta['version']} is newer than this convlad reads "
                               f"({max_version}); upgrade convlad")
-    return meta, arrays
