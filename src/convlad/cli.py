@@ -150,6 +150,8 @@ def index(
     ann: Optional[str] = typer.Option(None, "--ann", help="Search structure: exact, ivfpq, or auto (IVF-PQ from "
                                       "100 000 images on; the default for a new index)."),
     wait: bool = WaitOpt,
+    ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: 'local' starts Ray on this machine, "
+                                      "'auto' or 'ray://HOST:PORT' joins a cluster (pip install 'convlad[ray]')."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
     precision: str = PrecisionOpt,
 ):
@@ -167,7 +169,15 @@ def index(
         idx.model.batch_size, idx.model.device, idx.model.compile = batch_size, device, _compile(compile)
         idx.model.precision = _precision(precision)
         t = time.time()
-        s = idx.sync(commit_every=checkpoint_every, report=_warn)
+        if ray is not None:
+            from .cluster import RayMissing, sync_with_ray
+
+            try:
+                s = sync_with_ray(idx, None if ray == "local" else ray, batch_size=batch_size, report=_warn)
+            except RayMissing as e:
+                raise UserError(str(e)) from None
+        else:
+            s = idx.sync(commit_every=checkpoint_every, report=_warn)
         search = idx.info()["search"]
         typer.echo(f"{out}: {len(idx)} images ({s['added']} added, {s['kept']} unchanged, {s['removed']} removed, "
                    f"{s['skipped']} skipped) in {time.time() - t:.0f}s; search: {search}")

@@ -104,9 +104,8 @@ class Service:
                  max_batch: int = 16, max_upload: int = 20 << 20, max_pixels: int = 50_000_000):
         self.index = Path(index)
         self.store = IndexStore.open(self.index)
-        self.model = self.store.model
-        self.model.device = "cpu" if self.model.device is None else self.model.device
-        self.model.compile = False
+        self.model = self.store.model  # on CUDA when there is one, as everywhere else
+        self.model.compile = False  # single queries: compiling per batch shape would not pay back
         self.token, self.writes = token, writes
         self.max_upload, self.max_pixels = max_upload, max_pixels
         self.sizes = [scale_size(s) for s in self.model.config.scales]
@@ -187,7 +186,11 @@ class Service:
         for d, i in zip(D[0], I[0]):
             if i < 0 or i == skip:
                 continue
-            out.append({"id": int(i), "path": self.display_path(int(i)), "distance": round(float(d), 6),
+            try:
+                path = self.display_path(int(i))
+            except KeyError:  # deleted by a write that committed since this search began
+                continue
+            out.append({"id": int(i), "path": path, "distance": round(float(d), 6),
                         "thumbnail": f"/api/images/{int(i)}/thumbnail"})
         return out[:k]
 
@@ -418,8 +421,10 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
     async def similar(image_id: str, k: str | None = None):
         """Search with an indexed photo: its nearest others."""
         i, k = _id(image_id), _k(k)
-        svc.file_of(i)
-        x = svc.store.vectors([i])[0]
+        try:
+            x = svc.store.vectors([i])[0]
+        except KeyError:
+            raise ApiError(404, f"no image with id {i} in this index") from None
         return {"query_id": i, "results": svc.results(x, k, skip=i)}
 
     @app.get("/api/images/{image_id}")

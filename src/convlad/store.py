@@ -277,6 +277,10 @@ class IndexStore:
 
     def _positions(self, ids) -> np.ndarray:
         """Positions of live ``ids`` in this generation (-1 where unknown or deleted)."""
+        with self._mutex:  # a refresh in another thread swaps the generation whole
+            return self._positions_unlocked(ids)
+
+    def _positions_unlocked(self, ids) -> np.ndarray:
         ids = np.asarray(ids, np.int64).ravel()
         out = np.full(len(ids), -1, np.int64)
         for i, s in enumerate(self._segs):
@@ -290,23 +294,27 @@ class IndexStore:
         return out
 
     def vectors(self, ids) -> np.ndarray:
-        pos = self._positions(ids)
-        if (pos < 0).any():
-            raise KeyError(f"no image with id {int(np.asarray(ids).ravel()[pos < 0][0])} in {self.path}")
-        return self._rows(pos)
+        with self._mutex:
+            pos = self._positions(ids)
+            if (pos < 0).any():
+                raise KeyError(f"no image with id {int(np.asarray(ids).ravel()[pos < 0][0])} in {self.path}")
+            return self._rows(pos)
 
     def path_of(self, id_: int) -> str:
         """The indexed file of ``id_``: absolute when the store knows its folder."""
-        pos = self._positions([id_])[0]
-        if pos < 0:
-            raise KeyError(f"no image with id {id_} in {self.path}")
-        seg, row = self._locate(np.array([pos]))
-        p = self._segs[seg[0]].path(int(row[0]))
+        with self._mutex:
+            pos = self._positions([id_])[0]
+            if pos < 0:
+                raise KeyError(f"no image with id {id_} in {self.path}")
+            seg, row = self._locate(np.array([pos]))
+            p = self._segs[seg[0]].path(int(row[0]))
         return os.path.join(self.root, p) if self.root else p
 
     def items(self):
         """(id, stored path, (size, mtime_ns)) of every live image, in store order."""
-        for s, live in zip(self._segs, self._live):
+        with self._mutex:
+            segs, lives = self._segs, self._live
+        for s, live in zip(segs, lives):
             paths = s.paths()
             ids, stamps = np.asarray(s.ids), np.asarray(s.stamps)
             for r in range(len(s)):
@@ -574,11 +582,9 @@ class IndexStore:
         return {"segments_before": before, "segments_after": len(segments), "dropped": dropped,
                 "merged": sum(len(g) for g in groups)}
 
-    def sync(self, progress=True, commit_every: int = COMMIT_EVERY, commit_seconds: float = 120.0,
-             report=print) -> dict:
-        """Bring the store in line with its folder: vanished or changed files removed, new ones
-        encoded and committed a segment at a time (each ``commit_every`` images or seconds), so a
-        killed run loses at most one segment's work and a rerun goes on from there."""
+    def plan_sync(self, report=print) -> dict:
+        """The first half of a sync: walk the folder, delete (tombstone) vanished or changed files
+        and duplicates, and list what is left to encode. {"summary", "todo", "current" stamps}."""
         self._need_writer()
         root = Path(self.root)
         skipped: list[str] = []
@@ -600,7 +606,15 @@ class IndexStore:
                 stale.append(id_)
         removed = self.remove(stale) if stale else 0
         summary = {"kept": len(have), "removed": removed, "added": 0, "skipped": len(skipped)}
-        todo = [p for p in files if p in current and p not in have]
+        return {"summary": summary, "todo": [p for p in files if p in current and p not in have], "current": current}
+
+    def sync(self, progress=True, commit_every: int = COMMIT_EVERY, commit_seconds: float = 120.0,
+             report=print) -> dict:
+        """Bring the store in line with its folder: vanished or changed files removed, new ones
+        encoded and committed a segment at a time (each ``commit_every`` images or seconds), so a
+        killed run loses at most one segment's work and a rerun goes on from there."""
+        plan = self.plan_sync(report)
+        summary, todo, current, root = plan["summary"], plan["todo"], plan["current"], Path(self.root)
         if not todo:
             return summary
         batch_paths, batch_X, last = [], [], time.monotonic()

@@ -1,0 +1,112 @@
+"""Indexing on a Ray cluster: ``convlad index MODEL DIR --out INDEX --ray [ADDRESS]``.
+
+Ray Data runs the extraction with an actor pool of model replicas (the model, sent once through the
+object store, is built once per actor; one CPU, or one GPU where the cluster has them, each).
+Decoding happens in the actors, next to the network. The driver is the index's single writer: each
+block of descriptors that Ray Data hands it becomes one segment, committed at once. A photo is
+committed once: the driver skips paths already in the index (a rerun after the driver was killed
+starts from the committed segments), and Ray Data's retries of a failed task or a restarted actor
+deliver each output block once.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class RayMissing(RuntimeError):
+    pass
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise RayMissing("--ray needs Ray: pip install 'convlad[ray]' (or pip install 'ray[data]')") from None
+    return ray
+
+
+class Encoder:
+    """A model replica in a Ray actor: paths → descriptors (errors reported, not raised)."""
+
+    def __init__(self, state, batch_size: int, device: str | None):
+        import torch
+
+        from .pipeline import ConvVLAD
+
+        import ray
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        if isinstance(state, ray.ObjectRef):  # the model, put once in the object store
+            state = ray.get(state)
+        self.model = ConvVLAD.from_state(*state)
+        self.model.batch_size, self.model.workers, self.model.compile = batch_size, 1, False
+        self.model.device = device
+
+    def __call__(self, batch: dict) -> dict:
+        paths = [str(p) for p in batch["path"]]
+        ok, X, errors = self.model.transform(paths, progress=False)
+        bad = {e.path: e.reason for e in errors}
+        n = len(paths)
+        out = np.zeros((n, self.model.dim), np.float32)
+        out[ok] = X
+        return {"path": np.array(paths, dtype=object), "x": out,
+                "error": np.array([bad.get(p, "") if i not in set(ok) else "" for i, p in enumerate(paths)],
+                                  dtype=object)}
+
+
+def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actors: int | None = None,
+                  report=print, progress: bool = True) -> dict:
+    """``IndexStore.sync`` with the encoding on a Ray cluster (``address``: None starts Ray locally,
+    ``auto`` or ``ray://host:port`` joins one)."""
+    ray = _ray()
+    from tqdm.auto import tqdm
+
+    root = Path(store.root)
+    plan = store.plan_sync(report=report)
+    summary, todo, current = plan["summary"], plan["todo"], plan["current"]
+    if not todo:
+        return summary
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver shows its own progress bar
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    actors = actors or max(1, int(gpus) if gpus else int(cpus))
+    state = ray.put(store.model.state())
+    ds = ray.data.from_items([{"path": str(root / p)} for p in todo], override_num_blocks=max(1, len(todo) // batch_size))
+    ds = ds.map_batches(Encoder, fn_constructor_args=(state, batch_size, "cuda" if gpus else "cpu"),
+                        batch_size=batch_size, batch_format="numpy", concurrency=actors,
+                        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+                        max_restarts=-1, max_task_retries=-1)
+    have = set()
+    bar = tqdm(total=len(todo), desc="indexing (ray)", unit="img", disable=None if progress else True, leave=False)
+    t = time.monotonic()
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            rel = [os.path.relpath(p, root) for p in block["path"]]
+            keep = [i for i, (p, e) in enumerate(zip(rel, block["error"])) if not e and p not in have]
+            for p, e in zip(rel, block["error"]):
+                if e:
+                    report(f"skipped {root / p}: {e}")
+                    summary["skipped"] += 1
+            if keep:
+                store.add_vectors(block["x"][keep], [rel[i] for i in keep], [current[rel[i]] for i in keep])
+                have.update(rel[i] for i in keep)
+                summary["added"] += len(keep)
+            bar.update(len(rel))
+    finally:
+        bar.close()
+    summary["seconds"] = time.monotonic() - t
+    summary["actors"] = actors
+    return summary
+
+
+__all__ = ["Encoder", "RayMissing", "sync_with_ray"]

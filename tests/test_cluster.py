@@ -1,0 +1,106 @@
+"""Indexing on a real two-node Ray cluster on this machine (`ray start --head` and a second
+`ray start --address`, separate processes, one CPU each), with a worker SIGKILLed mid-run."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convlad.store import IndexStore
+
+from .conftest import SAMPLES, need
+from .servers import CLI, build_index, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'convlad[ray]')")
+    tmp = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
+    head = subprocess.run([_ray_bin(), "start", "--head", f"--port={port}", "--include-dashboard=false",
+                           f"--temp-dir={tmp}", *common], capture_output=True, text=True, env=env)
+    assert head.returncode == 0, head.stderr
+    address = f"127.0.0.1:{port}"
+    try:
+        worker = subprocess.run([_ray_bin(), "start", f"--address={address}", *common],
+                                capture_output=True, text=True, env=env)
+        assert worker.returncode == 0, worker.stderr
+        yield address, env
+    finally:
+        subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, env=env)
+
+
+def _encoders() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "MapWorker|Encoder"], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def test_two_node_index_survives_a_killed_worker_and_matches_the_local_path(cluster, tmp_path, train_images):
+    address, env = cluster
+    index, groups = build_index(tmp_path, train_images, n_groups=12)
+    photos = sorted(p.name for p in (tmp_path / "photos").iterdir())
+    out = tmp_path / "ray.index"
+    proc = subprocess.Popen([*CLI, "index", tmp_path / "model.npz", tmp_path / "photos", "--out", out,
+                             "--ray", address, "--batch-size", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    killed = None
+    deadline = time.time() + 240
+    # kill one model replica once the run has committed something, i.e. mid-run
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        time.sleep(0.3)
+        m = out / "MANIFEST"
+        if m.exists() and '"segments": [\n  {' in m.read_text():
+            pids = _encoders()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed = pids[0]
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert killed is not None, "no worker was running mid-run to kill"
+    ray_store, local = IndexStore.open(out), IndexStore.open(index)
+    items = list(ray_store.items())
+    assert sorted(p for _, p, _ in items) == photos, "not every photo exactly once"
+    ray_X = dict(zip((p for _, p, _ in items), ray_store.vectors([i for i, _, _ in items])))
+    loc = list(local.items())
+    loc_X = dict(zip((p for _, p, _ in loc), local.vectors([i for i, _, _ in loc])))
+    cos = np.array([ray_X[p] @ loc_X[p] / np.linalg.norm(ray_X[p]) / np.linalg.norm(loc_X[p]) for p in photos])
+    assert cos.min() > 0.9999, cos.min()
+    # the same search results
+    Q = np.stack([loc_X[p] for p in photos[:10]])
+    _, I1 = ray_store.search(Q, 5)
+    _, I2 = local.search(Q, 5)
+    names = lambda st, I: [[st.path_of(int(i)) for i in row] for row in I]  # noqa: E731
+    assert names(ray_store, I1) == names(local, I2)
+
+
+def test_without_ray_the_option_says_what_to_install(tmp_path):
+    """A Python where `import ray` fails: one line naming the extra."""
+    shim = tmp_path / "shim"
+    (shim / "ray").mkdir(parents=True)
+    (shim / "ray" / "__init__.py").write_text("raise ImportError('no ray here')\n")
+    (tmp_path / "p").mkdir()
+    model = tmp_path / "m.npz"
+    from convlad.pipeline import ConvVLAD
+
+    samples = sorted(need(SAMPLES / "ukbench").glob("*.jpg"))
+    ConvVLAD(layers=["block11"], pooled=[], scales=[1], k=2, dim=None).fit([str(p) for p in samples[:4]],
+                                                                           progress=False).save(model)
+    shutil.copy(samples[0], tmp_path / "p")
+    p = subprocess.run([*CLI, "index", model, tmp_path / "p", "--out", tmp_path / "i", "--ray", "local"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(shim)})
+    assert p.returncode == 2 and "pip install 'convlad[ray]'" in p.stderr and "Traceback" not in p.stderr, p.stderr
