@@ -407,7 +407,27 @@ def job_store_write(folder: str, appends: int = 5, batch: int = 1000, d: int = 1
     return out
 
 
-JOBS = {"forward": job_forward, "search": job_search, "store_build": job_store_build,
+def job_index(model: str, folder: str, out: str, ray: bool) -> dict:
+    """Index a folder into a new store, in this process or on a local Ray (2 actors of 1 CPU)."""
+    from convlad.pipeline import ConvVLAD
+    from convlad.store import IndexStore
+
+    t = time.perf_counter()
+    with IndexStore.create(out, model=ConvVLAD.load(model), root=folder) as st:
+        if ray:
+            from convlad.cluster import sync_with_ray
+
+            s = sync_with_ray(st, None, batch_size=16, progress=False, report=lambda m: None)
+        else:
+            st.model.compile = False
+            s = st.sync(progress=False, report=lambda m: None)
+        n = len(st)
+    seconds = time.perf_counter() - t
+    return {"images": n, "seconds": seconds, "img_per_s": n / seconds, "added": s["added"],
+            "steady_img_per_s": s.get("steady_img_per_s") or n / seconds}
+
+
+JOBS = {"index": job_index, "forward": job_forward, "search": job_search, "store_build": job_store_build,
         "store_search": job_store_search, "store_write": job_store_write}
 
 
@@ -433,6 +453,36 @@ def measure_serve(quick: bool) -> dict:
         seconds = 15 if quick else 60
         print(f"serve: 200 clients × {seconds} s, one query per forward pass, then micro-batched ...", flush=True)
         return compare(str(Path(tmp) / "dev.index"), queries, clients=200, seconds=seconds)
+
+
+def measure_ray(quick: bool) -> dict:
+    """`convlad index` on mvbench-dev at scale 1: one process against a local Ray cluster (two
+    model replicas of one CPU each), alternated over rounds; wall time from start to the last commit,
+    Ray's start and the actors' model loading included."""
+    from convlad.images import list_images
+    from convlad.pipeline import ConvVLAD
+
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_dir = SHARED / "mvbench-train" / "images"
+        train = [str(train_dir / p) for p in list_images(train_dir)][::4]
+        ConvVLAD(scales=[1]).fit(train, progress=False).save(Path(tmp) / "m.npz")
+        photos = Path(tmp) / "photos"  # mvbench-dev's 408 photos, twice (copies: the walk skips links to one file)
+        for copy in range(2):
+            for p in list_images(SHARED / "mvbench-dev"):
+                (photos / str(copy) / p).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(SHARED / "mvbench-dev" / p, photos / str(copy) / p)
+        rows = {"single": [], "ray": []}
+        for r in range(1 if quick else 3):
+            for kind in ("single", "ray"):
+                print(f"ray: round {r + 1}, {kind} ...", flush=True)
+                rows[kind].append(child("index", model=str(Path(tmp) / "m.npz"), folder=str(photos),
+                                        out=str(Path(tmp) / f"{kind}{r}.index"), ray=kind == "ray"))
+        ratios = [b["img_per_s"] / a["img_per_s"] for a, b in zip(rows["single"], rows["ray"])]
+        steady = [b["steady_img_per_s"] / a["img_per_s"] for a, b in zip(rows["single"], rows["ray"])]
+        return {**rows, "ratio_median": float(np.median(ratios)), "ratios": ratios,
+                "steady_ratio_median": float(np.median(steady)), "steady_ratios": steady}
 
 
 def measure_store(n: int, parent: str | None) -> dict:
@@ -482,7 +532,7 @@ def main():
     ap.add_argument("--worker")
     ap.add_argument("--quick", action="store_true", help="fewer images, no 1M search (a smoke run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
-    ap.add_argument("--only", default="e2e,forward,search,store,serve",
+    ap.add_argument("--only", default="e2e,forward,search,store,serve,ray",
                     help="parts to measure; the others are kept from an existing --out file")
     ap.add_argument("--store-n", type=int, default=10_000_000, help="descriptors in the store benchmark")
     ap.add_argument("--store-dir", default=None, help="folder for the store benchmark's files (about 0.6 kB "
@@ -507,7 +557,7 @@ def main():
     # state, which is what a collection of thousands of photos sees
     holidays = (holidays * 64)[:16 if a.quick else 64]
     results: dict = {"machine": {"cpus": os.cpu_count()}, "e2e": {}}
-    if parts != {"e2e", "forward", "search", "store", "serve"} and Path(a.out).is_file():
+    if parts != {"e2e", "forward", "search", "store", "serve", "ray"} and Path(a.out).is_file():
         results = json.loads(Path(a.out).read_text())
     if "e2e" in parts:
         results["e2e"] = measure_e2e(dev, holidays, a.quick)
@@ -523,6 +573,8 @@ def main():
         results["store"] = measure_store(1_000_000 if a.quick else a.store_n, a.store_dir)
     if "serve" in parts:
         results["serve"] = measure_serve(a.quick)
+    if "ray" in parts:
+        results["ray"] = measure_ray(a.quick)
     Path(a.out).write_text(json.dumps(results, indent=1))
     print_table(results)
     print(f"\nwrote {a.out}")
@@ -585,6 +637,14 @@ def print_table(r: dict) -> None:
                   f"p99 {v['p99_ms']:6.0f} ms  errors {v['errors']}/{v['requests']}  memory {v['rss_mb']:.0f} MB "
                   f"(peak {v['peak_rss_mb']:.0f})")
         print(f"  micro-batching: {r['serve']['qps_ratio']:.2f}× the queries/s, p99 × {r['serve']['p99_ratio']:.2f}")
+    if "ray" in r:
+        v = r["ray"]
+        one = ", ".join(f"{x['img_per_s']:.1f}" for x in v["single"])
+        ray = ", ".join(f"{x['img_per_s']:.1f}" for x in v["ray"])
+        steady = ", ".join(f"{x['steady_img_per_s']:.1f}" for x in v["ray"])
+        print(f"\nconvlad index, mvbench-dev × 2 ({v['single'][0]['images']} photos), scale 1, images/s per round: "
+              f"one process {one}; local Ray, 2 actors × 1 CPU: {ray} with Ray's start, {steady} once started; "
+              f"Ray / one process: median {v['ratio_median']:.2f}× with the start, {v['steady_ratio_median']:.2f}× once started")
     if "forward" not in r or "search" not in r:
         return
     f = r["forward"]

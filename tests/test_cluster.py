@@ -30,7 +30,10 @@ def cluster(tmp_path_factory):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'convlad[ray]')")
     tmp = tmp_path_factory.mktemp("ray")
     port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # token authentication, explicitly (Ray ≥ 2.59 turns it on for local clusters whenever a token
+    # file exists, and a node without the token cannot join)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": os.urandom(16).hex()}
     common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
     head = subprocess.run([_ray_bin(), "start", "--head", f"--port={port}", "--include-dashboard=false",
                            f"--temp-dir={tmp}", *common], capture_output=True, text=True, env=env)

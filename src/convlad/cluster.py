@@ -82,11 +82,11 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
     actors = actors or max(1, int(gpus) if gpus else int(cpus))
     state = ray.put(store.model.state())
     ds = ray.data.from_items([{"path": str(root / p)} for p in todo], override_num_blocks=max(1, len(todo) // batch_size))
+    # Ray Data restarts a dead actor and retries its tasks by default (max_restarts=-1)
     ds = ds.map_batches(Encoder, fn_constructor_args=(state, batch_size, "cuda" if gpus else "cpu"),
-                        batch_size=batch_size, batch_format="numpy", concurrency=actors,
-                        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-                        max_restarts=-1, max_task_retries=-1)
-    have = set()
+                        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
+    have, first = set(), None
     bar = tqdm(total=len(todo), desc="indexing (ray)", unit="img", disable=None if progress else True, leave=False)
     t = time.monotonic()
     try:
@@ -102,9 +102,14 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
                 have.update(rel[i] for i in keep)
                 summary["added"] += len(keep)
             bar.update(len(rel))
+            if first is None:  # the pipeline is full from here on: Ray and the actors have started
+                first, after = time.monotonic(), 0
+            else:
+                after += len(rel)
     finally:
         bar.close()
     summary["seconds"] = time.monotonic() - t
+    summary["steady_img_per_s"] = after / (time.monotonic() - first) if first and after else None
     summary["actors"] = actors
     return summary
 
