@@ -16,7 +16,7 @@ import pytest
 from convlad.store import IndexStore
 
 from .conftest import SAMPLES, need
-from .servers import CLI, build_index, free_port
+from .servers import CLI, build_index, cli, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +48,10 @@ def cluster(tmp_path_factory):
         subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, env=env)
 
 
+def groups_dir(groups, i: int) -> str:
+    return list(groups)[i]
+
+
 def _encoders() -> list[int]:
     out = subprocess.run(["pgrep", "-f", "MapWorker|Encoder"], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out if int(p) != os.getpid()]
@@ -55,10 +59,22 @@ def _encoders() -> list[int]:
 
 def test_two_node_index_survives_a_killed_worker_and_matches_the_local_path(cluster, tmp_path, train_images):
     address, env = cluster
-    index, groups = build_index(tmp_path, train_images, n_groups=12)
-    photos = sorted(p.name for p in (tmp_path / "photos").iterdir())
+    _, groups = build_index(tmp_path, train_images, n_groups=12)
+    # a tree, so that the walk is spread over the cluster too: a few photos at the top, one folder per
+    # group, and a link loop
+    tree = tmp_path / "tree"
+    for g, (name, files) in enumerate(groups.items()):
+        for f in files[1:]:
+            dest = tree / (f.name if g == 0 else f"{name}/{f.name}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(f)
+    (tree / groups_dir(groups, 1) / "loop").symlink_to("..")
+    index = tmp_path / "local.index"
+    cli("index", tmp_path / "model.npz", tree, "--out", index)
+    photos = sorted(p for _, p, _ in IndexStore.open(index).items())
+    assert len(photos) == sum(len(f) - 1 for f in groups.values())
     out = tmp_path / "ray.index"
-    proc = subprocess.Popen([*CLI, "index", tmp_path / "model.npz", tmp_path / "photos", "--out", out,
+    proc = subprocess.Popen([*CLI, "index", tmp_path / "model.npz", tree, "--out", out,
                              "--ray", address, "--batch-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     killed = None

@@ -2,7 +2,8 @@
 
 Ray Data runs the extraction with an actor pool of model replicas (the model, sent once through the
 object store, is built once per actor; one CPU, or one GPU where the cluster has them, each).
-Decoding happens in the actors, next to the network. The driver is the index's single writer: each
+Decoding happens in the actors, next to the network, and the folder is walked on the cluster too (a
+task per top-level subfolder). The driver is the index's single writer: each
 block of descriptors that Ray Data hands it becomes one segment, committed at once. A photo is
 committed once: the driver skips paths already in the index (a rerun after the driver was killed
 starts from the committed segments), and Ray Data's retries of a failed task or a restarted actor
@@ -59,6 +60,24 @@ class Encoder:
                                   dtype=object)}
 
 
+def scan_on_cluster(ray, root: Path) -> list:
+    """Walk the folder on the cluster: the files at its top here, each top-level subfolder in a task
+    of its own; in the local walk's order, so the same name of a file reached twice is kept."""
+    from .images import scan_images
+
+    subs = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and e.is_dir())
+
+    def key(p):
+        st = os.stat(p)
+        return st.st_dev, st.st_ino
+
+    # a link back to the root or into another top-level folder is that folder's task's to walk
+    tops = {key(root): str(root), **{key(root / d): str(root / d) for d in subs}}
+    scan = ray.remote(num_cpus=0.5, max_retries=3)(scan_images)
+    refs = [scan.remote(str(root), d, True, {k: v for k, v in tops.items() if v != str(root / d)}) for d in subs]
+    return [scan_images(root, "", recurse=False), *ray.get(refs)]
+
+
 def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actors: int | None = None,
                   report=print, progress: bool = True) -> dict:
     """``IndexStore.sync`` with the encoding on a Ray cluster (``address``: None starts Ray locally,
@@ -67,16 +86,16 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
     from tqdm.auto import tqdm
 
     root = Path(store.root)
-    plan = store.plan_sync(report=report)
-    summary, todo, current = plan["summary"], plan["todo"], plan["current"]
-    if not todo:
-        return summary
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver shows its own progress bar
     ray.data.DataContext.get_current().enable_progress_bars = False
+    plan = store.plan_sync(report=report, scans=scan_on_cluster(ray, root))
+    summary, todo, current = plan["summary"], plan["todo"], plan["current"]
+    if not todo:
+        return summary
     gpus = ray.cluster_resources().get("GPU", 0)
     cpus = ray.cluster_resources().get("CPU", 1)
     actors = actors or max(1, int(gpus) if gpus else int(cpus))

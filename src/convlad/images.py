@@ -22,32 +22,33 @@ class ImageError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def list_images(root: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:
-    """Image files below ``root``, as sorted paths relative to it (hidden files and folders skipped).
-
-    Links are followed, but every file and folder is reached once: a folder already walked (a link
-    loop, a second link to it) and a file already listed (under another name) are passed over.
-    Dangling links and unreadable entries are left out; with ``skipped``, a ``path: reason`` line
-    for each is appended to it.
-    """
+def scan_images(root: str | os.PathLike, sub: str = "", recurse: bool = True,
+                walked_elsewhere: dict | None = None) -> tuple[list[tuple], list[str]]:
+    """Walk ``root/sub``: ``([(path relative to root, (dev, inode), (size, mtime_ns)), ...] in walk
+    order, [skip notes])``. Links are followed, each folder walked once (link loops, second links);
+    hidden files and folders, dangling links and unreadable entries are left out, with a note.
+    ``walked_elsewhere``: {(dev, inode): path} of folders another walk covers (a walk split over a
+    cluster: the root, the other top-level folders), never entered here."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder")
-    note = skipped.append if skipped is not None else (lambda msg: None)
-    found, seen_dirs, seen_files = [], {}, {}
+    found, notes, seen_dirs = [], [], dict(walked_elsewhere or {})
 
     def unreadable(err: OSError):
-        note(f"{err.filename}: unreadable folder ({err.strerror})")
+        notes.append(f"{err.filename}: unreadable folder ({err.strerror})")
 
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
-        st = os.stat(dirpath)
+    for dirpath, dirnames, filenames in os.walk(root / sub, followlinks=True, onerror=unreadable):
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            notes.append(f"{dirpath}: unreadable folder ({e.strerror})")
+            dirnames[:] = []
+            continue
         key = (st.st_dev, st.st_ino)
         if key in seen_dirs:  # reached again through a link: a loop, or the same folder twice
-            note(f"{dirpath}: same folder as {seen_dirs[key]} (a link), walked once")
+            notes.append(f"{dirpath}: same folder as {seen_dirs[key]} (a link), walked once")
             dirnames[:] = []
             continue
         seen_dirs[key] = dirpath
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recurse else []
         rel = Path(dirpath).relative_to(root)
         for f in sorted(filenames):
             if f.startswith(".") or Path(f).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -56,18 +57,44 @@ def list_images(root: str | os.PathLike, skipped: list[str] | None = None) -> li
             try:
                 fst = os.stat(full)
             except FileNotFoundError:
-                note(f"{full}: broken link (its target {os.path.realpath(full)} does not exist)")
+                notes.append(f"{full}: broken link (its target {os.path.realpath(full)} does not exist)")
                 continue
             except OSError as e:
-                note(f"{full}: unreadable ({e.strerror})")
+                notes.append(f"{full}: unreadable ({e.strerror})")
                 continue
-            fkey = (fst.st_dev, fst.st_ino)
-            if fkey in seen_files:
-                note(f"{full}: same file as {seen_files[fkey]}, indexed once")
+            found.append(((rel / f).as_posix(), (fst.st_dev, fst.st_ino), (fst.st_size, fst.st_mtime_ns)))
+    return found, notes
+
+
+def merge_scans(scans) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Scans in walk order → ({path: (size, mtime_ns)} with each file once, by device and inode;
+    notes). The first name reached keeps the file."""
+    files, notes, seen = {}, [], {}
+    for found, scan_notes in scans:
+        notes += scan_notes
+        for rel, key, stamp in found:
+            if key in seen:
+                notes.append(f"{rel}: same file as {seen[key]}, indexed once")
                 continue
-            seen_files[fkey] = full
-            found.append((rel / f).as_posix())
-    return sorted(found)
+            seen[key] = rel
+            files[rel] = stamp
+    return files, notes
+
+
+def list_images(root: str | os.PathLike, skipped: list[str] | None = None) -> list[str]:
+    """Image files below ``root``, as sorted paths relative to it (hidden files and folders skipped).
+
+    Links are followed, but every file and folder is reached once: a folder already walked (a link
+    loop, a second link to it) and a file already listed (under another name) are passed over.
+    Dangling links and unreadable entries are left out; with ``skipped``, a ``path: reason`` line
+    for each is appended to it.
+    """
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    files, notes = merge_scans([scan_images(root)])
+    if skipped is not None:
+        skipped += notes
+    return sorted(files)
 
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in the stored image's pixels

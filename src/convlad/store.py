@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from . import segments as S
-from .images import list_images
+from .images import merge_scans, scan_images
 from .index import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, default_nprobe, ivfpq_sample_size,
                     new_ivfpq)
 from .storage import FileFormatError, load_npz
@@ -582,22 +582,18 @@ class IndexStore:
         return {"segments_before": before, "segments_after": len(segments), "dropped": dropped,
                 "merged": sum(len(g) for g in groups)}
 
-    def plan_sync(self, report=print) -> dict:
+    def plan_sync(self, report=print, scans=None) -> dict:
         """The first half of a sync: walk the folder, delete (tombstone) vanished or changed files
-        and duplicates, and list what is left to encode. {"summary", "todo", "current" stamps}."""
+        and duplicates, and list what is left to encode. {"summary", "todo", "current" stamps}.
+        ``scans``: the folder already walked, as ``images.scan_images`` results (by a cluster)."""
         self._need_writer()
         root = Path(self.root)
-        skipped: list[str] = []
-        files = list_images(root, skipped=skipped)
-        for msg in skipped:
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: the indexed folder is gone")
+        current, notes = merge_scans(scans if scans is not None else [scan_images(root)])
+        for msg in notes:
             report(f"skipped {msg}")
-        current = {}
-        for p in files:
-            try:
-                current[p] = _stamp(str(root / p))
-            except OSError as e:
-                report(f"skipped {root / p}: {e.strerror or e}")
-                skipped.append(p)
+        skipped = notes
         stale, have = [], set()
         for id_, p, st in self.items():
             if current.get(p) == st and p not in have:
@@ -606,7 +602,7 @@ class IndexStore:
                 stale.append(id_)
         removed = self.remove(stale) if stale else 0
         summary = {"kept": len(have), "removed": removed, "added": 0, "skipped": len(skipped)}
-        return {"summary": summary, "todo": [p for p in files if p in current and p not in have], "current": current}
+        return {"summary": summary, "todo": [p for p in sorted(current) if p not in have], "current": current}
 
     def sync(self, progress=True, commit_every: int = COMMIT_EVERY, commit_seconds: float = 120.0,
              report=print) -> dict:
