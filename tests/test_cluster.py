@@ -45,7 +45,23 @@ def cluster(tmp_path_factory):
         assert worker.returncode == 0, worker.stderr
         yield address, env
     finally:
-        subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, env=env)
+        _stop_cluster([str(tmp), address])
+
+
+def _stop_cluster(patterns: list[str]) -> None:
+    """Stop this test's two nodes only: `ray stop` would stop every Ray on the machine. Their
+    processes name the head's temporary folder or address on their command lines."""
+    pids = set()
+    for pat in patterns:
+        pids |= {int(x) for x in subprocess.run(["pgrep", "-f", pat], capture_output=True, text=True).stdout.split()}
+    pids.discard(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
 
 
 def groups_dir(groups, i: int) -> str:
@@ -123,3 +139,29 @@ def test_without_ray_the_option_says_what_to_install(tmp_path):
     p = subprocess.run([*CLI, "index", model, tmp_path / "p", "--out", tmp_path / "i", "--ray", "local"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(shim)})
     assert p.returncode == 2 and "pip install 'convlad[ray]'" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_rerun_after_the_driver_is_killed_resumes_from_the_committed_segments(cluster, tmp_path, train_images):
+    address, env = cluster
+    _, groups = build_index(tmp_path, train_images, n_groups=8)
+    photos = tmp_path / "photos"
+    out = tmp_path / "ray.index"
+    proc = subprocess.Popen([*CLI, "index", tmp_path / "model.npz", photos, "--out", out, "--ray", address,
+                             "--batch-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "MANIFEST"
+        if m.exists() and '"segments": [\n  {' in m.read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # the driver, the index's writer
+    proc.wait()
+    committed = len(IndexStore.open(out))
+    total = sum(len(f) - 1 for f in groups.values())
+    assert 0 < committed < total, (committed, total)
+    p = subprocess.run([*CLI, "index", tmp_path / "model.npz", photos, "--out", out, "--ray", address],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{total} images ({total - committed} added, {committed} unchanged" in p.stdout, p.stdout
+    names = [q for _, q, _ in IndexStore.open(out).items()]
+    assert sorted(names) == sorted(q.name for q in photos.iterdir())
