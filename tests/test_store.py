@@ -178,3 +178,16 @@ def test_walk_reaches_each_file_once_and_reports_bad_links(tmp_path):
     text = "\n".join(skipped)
     assert "gone.jpg: broken link" in text and "z.jpg: same file as" in text
     assert "loop: same folder" in text and "alias: same folder" in text
+
+
+def test_many_small_commits_are_merged_automatically(tmp_path, monkeypatch):
+    import convlad.store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_SMALL_SEGMENTS", 8)  # 64 in use; the policy, not the number
+    X = clustered(40, d=8, seed=4)
+    with IndexStore.create(tmp_path / "ix", dim=8) as st:
+        for i in range(40):  # one commit per photo, as uploads to the service are
+            st.add_vectors(X[i:i + 1], [f"u{i}.jpg"])
+            assert len(st.m["segments"]) <= 9
+        assert len(st) == 40 and [p for _, p, _ in st.items()] == [f"u{i}.jpg" for i in range(40)]
+        np.testing.assert_array_equal(st.vectors(range(40)), X)

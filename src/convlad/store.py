@@ -35,6 +35,10 @@ MODEL = "model.npz"
 RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
 COMPACT_TARGET = 1_000_000  # rows per segment that compaction builds up to; larger clean segments stay
 COMMIT_EVERY = 500  # images per segment while indexing a folder
+# A reader maps about 6 files per segment, each holding a file descriptor: beyond this many small
+# segments (one per upload, one per 500 images indexed) a commit compacts them, as Lucene's merge
+# policy does, so millions of photos stay a few hundred segments.
+MAX_SMALL_SEGMENTS = 64
 ENCODE_CHUNK = 65_536
 
 
@@ -484,6 +488,8 @@ class IndexStore:
         name = S.write_segment(self.path, X, ids, stamps, list(paths))
         self._commit(dict(m, next_id=int(ids[-1]) + 1,
                           segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments=[name])
+        if sum(s["rows"] < COMPACT_TARGET // 2 for s in self.m["segments"]) > MAX_SMALL_SEGMENTS:
+            self.compact()
         return ids
 
     def remove(self, ids) -> int:
