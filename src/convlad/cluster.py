@@ -52,12 +52,10 @@ class Encoder:
         paths = [str(p) for p in batch["path"]]
         ok, X, errors = self.model.transform(paths, progress=False)
         bad = {e.path: e.reason for e in errors}
-        n = len(paths)
-        out = np.zeros((n, self.model.dim), np.float32)
+        out = np.zeros((len(paths), self.model.dim), np.float32)
         out[ok] = X
         return {"path": np.array(paths, dtype=object), "x": out,
-                "error": np.array([bad.get(p, "") if i not in set(ok) else "" for i, p in enumerate(paths)],
-                                  dtype=object)}
+                "error": np.array([bad.get(p, "") for p in paths], dtype=object)}
 
 
 def scan_on_cluster(ray, root: Path) -> list:

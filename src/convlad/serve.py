@@ -34,7 +34,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .extract import scale_size
-from .images import IMAGE_EXTENSIONS, ImageError, load_image, load_warped
+from .images import ImageError, load_image, load_warped
 from .segments import StoreLocked, create_file, fsync_dir
 from .store import IndexStore
 
@@ -514,4 +514,4 @@ def serve(index, host: str = "127.0.0.1", port: int = 8000, token: str | None = 
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
 
 
-__all__ = ["MicroBatcher", "Service", "create_app", "serve", "IMAGE_EXTENSIONS"]
+__all__ = ["MicroBatcher", "Service", "create_app", "serve"]

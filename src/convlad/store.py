@@ -229,6 +229,8 @@ class IndexStore:
 
     def refresh(self) -> bool:
         """Move to the newest committed generation; True if it changed."""
+        if self.path.is_file():  # a single-file index of convlad 0.1 never changes
+            return False
         if S.read_manifest(self.path)["generation"] == self.generation:
             return False
         self._load_current()
@@ -260,7 +262,7 @@ class IndexStore:
                 raise FileFormatError(f"{self.path}: a store of descriptors without a model cannot encode images")
             from .pipeline import ConvVLAD
 
-            self._model = getattr(self, "_legacy_model", None) or ConvVLAD.load(self.path / self.m["model"])
+            self._model = ConvVLAD.load(self.path / self.m["model"])
         return self._model
 
     # -- reading rows ----------------------------------------------------------------------------
@@ -426,7 +428,7 @@ class IndexStore:
         if self._lock is None:
             raise PermissionError(f"{self.path}: opened for reading; open it with write=True to change it")
 
-    def _commit(self, m: dict, new_segments: list[str], retrain: bool = False, ivf_segments=None) -> None:
+    def _commit(self, m: dict, new_segments: list[str], retrain: bool = False) -> None:
         """Bring the IVF-PQ in step with ``m``, then write ``m`` as the next generation."""
         m = dict(m, generation=self.generation + 1)
         live = sum(s["rows"] for s in m["segments"]) - m["n_dead"]
@@ -438,8 +440,7 @@ class IndexStore:
             m["ivf"] = self._train_ivf(m, live)
         else:
             for name in new_segments:
-                if name not in (ivf_segments or ()):
-                    self._write_codes(ivf, name, S.read_segment(self.path, name).X)
+                self._write_codes(ivf, name, S.read_segment(self.path, name).X)
         S.write_manifest(self.path, m)
         self._install(m)
         S.collect_garbage(self.path, m)
@@ -584,7 +585,7 @@ class IndexStore:
             tomb = f"dead-{os.urandom(8).hex()}.npy"
             S.write_durable(self.path / tomb, lambda f: S.save_npy(f, dead))
         self._commit(dict(m, segments=segments, tombstones=tomb, n_dead=self.n_dead - dropped),
-                     new_segments=list(new_entries), ivf_segments=set(new_entries))
+                     new_segments=[])  # their codes are copied above
         return {"segments_before": before, "segments_after": len(segments), "dropped": dropped,
                 "merged": sum(len(g) for g in groups)}
 
@@ -676,13 +677,12 @@ def _open_legacy(path: Path) -> IndexStore:
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded])]).astype(np.int64)
     seg = S.Segment("legacy", X, np.arange(len(X), dtype=np.int64), stamps.reshape(-1, 2), offsets,
                     np.frombuffer(b"".join(encoded), np.uint8))
-    store._legacy_model = model
+    store._model = model
     store.m = {"generation": 0, "dim": model.dim, "root": meta["root"], "model": "(inside the file)",
                "model_fingerprint": model.fingerprint(), "ann": "exact", "segments": [{"name": "legacy", "rows": len(X)}],
                "tombstones": None, "n_dead": 0, "ivf": None, "next_id": len(X)}
     store._segs, store._dead, store._live = [seg], np.zeros(0, np.int64), [None]
     store._offsets = np.array([0, len(X)], np.int64)
-    store.refresh = lambda: False
     return store
 
 
