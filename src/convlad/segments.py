@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .storage import FileFormatError, check_header, create_file
+from .storage import FileFormatError, check_header, create_file, fsync_dir, write_durable
 
 MANIFEST = "MANIFEST"
 LOCK = "LOCK"
 FORMAT = "convlad-store"
 FORMAT_VERSION = 1
 # names the writer may delete when no manifest refers to them (never anything else in the folder)
-GARBAGE_PREFIXES = ("seg-", "ivf-", "dead-", "tmp-", ".MANIFEST.")
+GARBAGE_PREFIXES = ("seg-", "ivf-", "dead-", "tmp-")
 
 
 class StoreLocked(FileFormatError):
@@ -53,29 +53,6 @@ def crash_point(name: str) -> None:
 
 
 # -- durable files ------------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, write) -> None:
-    """``write(f)`` into a temporary sibling, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(f"tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        with create_file(tmp) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def save_npy(f, a: np.ndarray) -> None:
     np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
 
@@ -195,15 +172,8 @@ def read_manifest(folder: Path) -> dict:
 def write_manifest(folder: Path, m: dict) -> None:
     """The commit point: the new manifest replaces the old in one rename."""
     data = json.dumps(m, indent=1).encode()
-    tmp = folder / f".MANIFEST.{uuid.uuid4().hex[:12]}.tmp"
-    with create_file(tmp) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    crash_point("manifest-write")
-    os.replace(tmp, folder / MANIFEST)
-    crash_point("manifest-renamed")
-    fsync_dir(folder)
+    write_durable(folder / MANIFEST, lambda f: f.write(data), before_rename=lambda: crash_point("manifest-write"),
+                  after_rename=lambda: crash_point("manifest-renamed"))
 
 
 def referenced(m: dict) -> set[str]:

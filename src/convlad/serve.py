@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .extract import scale_size
 from .images import ImageError, load_image, load_warped
-from .segments import StoreLocked, create_file, fsync_dir
+from .segments import StoreLocked
+from .storage import write_durable
 from .store import IndexStore
 
 WEB = Path(__file__).with_name("web")
@@ -133,7 +134,7 @@ class Service:
             return
         known = {os.path.abspath(self.store.path_of(i)) for i, p, _ in self.store.items() if "/uploads/" in p}
         for f in folder.iterdir():
-            if re.fullmatch(r"[0-9a-f]{16}\.\w+(\.tmp)?", f.name) and str(f.resolve()) not in known:
+            if re.fullmatch(r"(tmp-[0-9a-f]{12}-)?[0-9a-f]{16}\.\w+", f.name) and str(f.resolve()) not in known:
                 f.unlink(missing_ok=True)
 
     def check_token(self, headers) -> None:
@@ -239,12 +240,8 @@ class Service:
         folder = self.index / UPLOADS
         folder.mkdir(exist_ok=True)
         final = folder / tmp.name
-        with create_file(folder / (tmp.name + ".tmp")) as f:
-            f.write(tmp.read_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(folder / (tmp.name + ".tmp"), final)
-        fsync_dir(folder)
+        data = tmp.read_bytes()
+        write_durable(final, lambda f: f.write(data))
         tmp.unlink(missing_ok=True)
         st = os.stat(final)
         with self.write_lock:

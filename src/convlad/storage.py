@@ -20,19 +20,40 @@ def create_file(path):
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
 
+def fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path, write, before_rename=None, after_rename=None) -> None:
+    """``write(f)`` into a temporary sibling (``tmp-…``), fsync, rename over ``path``, fsync the
+    folder: after a crash ``path`` holds the old file or the new one, whole. The two hooks let the
+    fault-injection tests stop a process either side of the rename."""
+    path = Path(path)
+    tmp = path.with_name(f"tmp-{os.urandom(6).hex()}-{path.name}")
+    try:
+        with create_file(tmp) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_rename:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if after_rename:
+        after_rename()
+    fsync_dir(path.parent)
+
+
 def atomic_savez(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
-    try:
-        with create_file(tmp) as f:
-            np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_durable(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays))
 
 
 def load_npz(path, fmt: str, max_version: int) -> tuple[dict, dict[str, np.ndarray]]:

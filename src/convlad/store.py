@@ -84,7 +84,7 @@ class IndexStore:
         self._model = None
         self.m: dict = {}
         self._segs: list[S.Segment] = []
-        self._ivf = self._exact = self._exact_pos = None
+        self._ivf = self._exact = self._exact_pos = self._trained = None
         self._n_dead = 0
 
     # -- opening ---------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class IndexStore:
                 raise FileFormatError(f"{path}: index built with another model; choose another --out")
             S.collect_garbage(path, m)
             if ann is not None and ann != m["ann"]:
-                store._commit(dict(m, ann=ann), new_segments=[], retrain=True)
+                store._commit(dict(m, ann=ann), new_segments={}, retrain=True)
             return store
         except BaseException:
             lock.release()
@@ -195,7 +195,8 @@ class IndexStore:
                 codes[key] = self._codes_cache.get(key)
                 if codes[key] is None:
                     codes[key] = np.load(d / f"{s['name']}.npy", mmap_mode="r")
-            trained = faiss.read_index(str(d / "trained.faiss"))
+            same = self.m.get("ivf") == m["ivf"] and self._trained is not None
+            trained = self._trained if same else faiss.read_index(str(d / "trained.faiss"))
         dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
         # liveness per segment, recomputed only for new segments or new tombstones (O(new) commits)
         live = []
@@ -223,9 +224,10 @@ class IndexStore:
             if not (appended and same_dead):
                 self._exact = self._exact_pos = None
             elif self._exact is not None:
-                new = [self._offsets[i] + self._live_positions(i) for i in range(len(old_names), len(segs))]
-                pos = np.concatenate([self._exact_pos, *new])
-                self._exact, self._exact_pos = ExactIndex(self._rows(pos)), pos
+                new = np.concatenate([self._offsets[i] + self._live_positions(i)
+                                      for i in range(len(old_names), len(segs))] or [np.zeros(0, np.int64)])
+                self._exact = ExactIndex(np.concatenate([self._exact.X.numpy(), self._rows(new)]))
+                self._exact_pos = np.concatenate([self._exact_pos, new])
 
     def refresh(self) -> bool:
         """Move to the newest committed generation; True if it changed."""
@@ -283,20 +285,17 @@ class IndexStore:
 
     def _positions(self, ids) -> np.ndarray:
         """Positions of live ``ids`` in this generation (-1 where unknown or deleted)."""
-        with self._mutex:  # a refresh in another thread swaps the generation whole
-            return self._positions_unlocked(ids)
-
-    def _positions_unlocked(self, ids) -> np.ndarray:
         ids = np.asarray(ids, np.int64).ravel()
         out = np.full(len(ids), -1, np.int64)
-        for i, s in enumerate(self._segs):
-            if not len(s):
-                continue
-            j = np.searchsorted(s.ids, ids)
-            hit = (j < len(s)) & (s.ids[np.minimum(j, len(s) - 1)] == ids)
-            if self._live[i] is not None:
-                hit &= self._live[i][np.minimum(j, len(s) - 1)]
-            out[hit] = self._offsets[i] + j[hit]
+        with self._mutex:  # a refresh in another thread swaps the generation whole
+            for i, s in enumerate(self._segs):
+                if not len(s):
+                    continue
+                j = np.searchsorted(s.ids, ids)
+                hit = (j < len(s)) & (s.ids[np.minimum(j, len(s) - 1)] == ids)
+                if self._live[i] is not None:
+                    hit &= self._live[i][np.minimum(j, len(s) - 1)]
+                out[hit] = self._offsets[i] + j[hit]
         return out
 
     def vectors(self, ids) -> np.ndarray:
@@ -428,7 +427,7 @@ class IndexStore:
         if self._lock is None:
             raise PermissionError(f"{self.path}: opened for reading; open it with write=True to change it")
 
-    def _commit(self, m: dict, new_segments: list[str], retrain: bool = False) -> None:
+    def _commit(self, m: dict, new_segments: dict[str, np.ndarray], retrain: bool = False) -> None:
         """Bring the IVF-PQ in step with ``m``, then write ``m`` as the next generation."""
         m = dict(m, generation=self.generation + 1)
         live = sum(s["rows"] for s in m["segments"]) - m["n_dead"]
@@ -439,15 +438,15 @@ class IndexStore:
         elif retrain or ivf is None or live > RETRAIN_GROWTH * ivf["trained_on"]:
             m["ivf"] = self._train_ivf(m, live)
         else:
-            for name in new_segments:
-                self._write_codes(ivf, name, S.read_segment(self.path, name).X)
+            for name, X in new_segments.items():
+                self._write_codes(ivf, name, X, self._trained)
         S.write_manifest(self.path, m)
         self._install(m)
         S.collect_garbage(self.path, m)
 
     def _write_codes(self, ivf: dict, seg_name: str, X: np.ndarray, trained=None) -> None:
         d = self.path / ivf["dir"]
-        trained = trained or faiss.read_index(str(d / "trained.faiss"))
+        trained = trained if trained is not None else faiss.read_index(str(d / "trained.faiss"))
         codes = np.concatenate([trained.sa_encode(np.ascontiguousarray(X[c:c + ENCODE_CHUNK], np.float32))
                                 for c in range(0, len(X), ENCODE_CHUNK)] or
                                [np.zeros((0, trained.sa_code_size()), np.uint8)])
@@ -488,7 +487,7 @@ class IndexStore:
         ids = np.arange(m["next_id"], m["next_id"] + len(X), dtype=np.int64)
         name = S.write_segment(self.path, X, ids, stamps, list(paths))
         self._commit(dict(m, next_id=int(ids[-1]) + 1,
-                          segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments=[name])
+                          segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments={name: X})
         if sum(s["rows"] < COMPACT_TARGET // 2 for s in self.m["segments"]) > MAX_SMALL_SEGMENTS:
             self.compact()
         return ids
@@ -503,7 +502,7 @@ class IndexStore:
         dead = np.union1d(self._dead, gone)
         name = f"dead-{os.urandom(8).hex()}.npy"
         S.write_durable(self.path / name, lambda f: S.save_npy(f, dead))
-        self._commit(dict(self.m, tombstones=name, n_dead=self.n_dead + len(gone)), new_segments=[])
+        self._commit(dict(self.m, tombstones=name, n_dead=self.n_dead + len(gone)), new_segments={})
         return len(gone)
 
     def add(self, paths: list[str], progress: bool = False) -> tuple[np.ndarray, list]:
@@ -585,7 +584,7 @@ class IndexStore:
             tomb = f"dead-{os.urandom(8).hex()}.npy"
             S.write_durable(self.path / tomb, lambda f: S.save_npy(f, dead))
         self._commit(dict(m, segments=segments, tombstones=tomb, n_dead=self.n_dead - dropped),
-                     new_segments=[])  # their codes are copied above
+                     new_segments={})  # their codes are copied above
         return {"segments_before": before, "segments_after": len(segments), "dropped": dropped,
                 "merged": sum(len(g) for g in groups)}
 
