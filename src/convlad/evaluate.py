@@ -9,6 +9,7 @@ import numpy as np
 from .datasets import RetrievalBenchmark
 from .functional import alpha_query_expansion
 from .metrics import average_precision, ns_score, positive_ranks, precision_at_k
+from .verify import LocalCodes, Verifier
 
 PRECISION_KS = (1, 5, 10)
 
@@ -34,6 +35,7 @@ class EvalResult:
     mAP: float
     aps: np.ndarray
     extra: dict = field(default_factory=dict)  # further metrics by name (revisited E/M/H, mP@k, N-S, ...)
+    aps_without_rerank: np.ndarray | None = None  # per query, when re-ranked: the same ranking before it
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -82,20 +84,41 @@ def extra_query_items(bench: RetrievalBenchmark) -> list:
 
 
 def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarray | None = None,
-                         qe: int = 0, alpha: float = 3.0) -> EvalResult:
+                         qe: int = 0, alpha: float = 3.0, rerank: int = 0, local: LocalCodes | None = None,
+                         local_q: LocalCodes | None = None, verifier: Verifier | None = None) -> EvalResult:
     """Metrics of descriptors ``X`` (one row per database image, aligned with ``bench.paths``).
 
     ``X_q``: descriptors of the queries that are not database images (``extra_query_items``).
     ``qe`` > 0: α-query expansion with that many top neighbours (junk excluded, so never the query
     itself), then a second ranking.
+    ``rerank`` > 0: spatial verification of each query's top ``rerank`` (``verify.Verifier``) with
+    the database's ``local`` codes and, for queries that are not database images, ``local_q``.
     """
     Q = query_descriptors(bench, X, X_q)
-    _, ranking = rank_database(X, Q)
+    D, ranking = rank_database(X, Q)
     if qe > 0:
         tops = []
         for q in range(bench.n_queries):
             skip = bench.junk[q]
             tops.append([r for r in ranking[q][: qe + len(skip) + 1] if r not in skip][:qe])
         Q = alpha_query_expansion(Q, X[np.array(tops)], alpha)
-        _, ranking = rank_database(X, Q)
+        D, ranking = rank_database(X, Q)
+    if rerank > 0:
+        if local is None:
+            raise ValueError("re-ranking needs the database's local codes (model.transform(..., local=k))")
+        verifier = verifier or Verifier()
+        before = query_aps(bench, ranking)
+        j = 0
+        for q, d in enumerate(bench.query_db):
+            if d is None:
+                query, j = local_q.features(j), j + 1
+            else:
+                query = local.features(d)
+            n = min(rerank + len(bench.junk[q]), ranking.shape[1])  # the query's own row is junk
+            top = ranking[q, :n]
+            ranking[q, :n], _ = verifier.rerank(query, top, D[q, :n], local[top])
+        result = evaluate_ranking(bench, ranking)
+        result.extra["mAP_without_rerank"] = float(np.nanmean(before))
+        result.aps_without_rerank = before
+        return result
     return evaluate_ranking(bench, ranking)

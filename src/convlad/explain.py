@@ -15,6 +15,7 @@ import numpy as np
 
 from .extract import scale_size
 from .images import load_warped
+from .verify import tentative_matches
 
 
 @dataclass
@@ -93,9 +94,8 @@ def match_features(q: LocalFeatures, r: LocalFeatures, min_similarity: float = 0
     import cv2
 
     S = q.desc @ r.desc.T
-    fwd, bwd = S.argmax(1), S.argmax(0)
-    i = np.flatnonzero((bwd[fwd] == np.arange(len(fwd))) & (S[np.arange(len(fwd)), fwd] >= min_similarity))
-    pairs = np.stack([i, fwd[i]], 1) if len(i) else np.zeros((0, 2), int)
+    i, j = tentative_matches(S, min_similarity)
+    pairs = np.stack([i, j], 1) if len(i) else np.zeros((0, 2), int)
     sim = S[pairs[:, 0], pairs[:, 1]] if len(pairs) else np.zeros(0, np.float32)
     inliers, H = np.zeros(len(pairs), bool), None
     if len(pairs) >= 4:

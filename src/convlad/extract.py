@@ -293,6 +293,10 @@ class Batch:
     indices: list[int]
     features: dict[tuple[str, float], torch.Tensor]
     errors: list[tuple[int, ImageError]] = field(default_factory=list)
+    # for the keys asked for with ``norms=``: each position's norm before L2-normalisation (B, N)
+    # and the map's (h, w), what spatial verification selects and locates features by
+    norms: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)
+    grids: dict[tuple[str, float], tuple[int, int]] = field(default_factory=dict)
 
 
 # Decoding threads run beside the network's OpenMP threads. Where they compete for the same cores,
@@ -335,6 +339,7 @@ def iter_batches(
     workers: int = 2,
     progress=None,
     resize: str = "warp",
+    norms: Sequence[tuple[str, float]] = (),
 ) -> Iterator[Batch]:
     """Decode in a thread pool (the decoders release the GIL) at a lower priority, while the network
     runs on the previous batch.
@@ -365,9 +370,13 @@ def iter_batches(
             if not by_shape:
                 yield Batch(indices=[], features={}, errors=errors)
             for gi, group in enumerate(by_shape.values()):
-                features = {}
+                features, norm, grids = {}, {}, {}
                 for si, scale in enumerate(scales):
-                    stacked = np.stack([d[si] for _, d in group])
-                    for layer, desc in extractor(stacked).items():
-                        features[(layer, scale)] = desc
-                yield Batch(indices=[i for i, _ in group], features=features, errors=errors if gi == 0 else [])
+                    maps = extractor.feature_maps(np.stack([d[si] for _, d in group]))
+                    for layer, m in maps.items():
+                        features[(layer, scale)] = local_descriptors(m)
+                        if (layer, float(scale)) in norms:
+                            norm[(layer, float(scale))] = m.flatten(2).float().norm(dim=1)
+                            grids[(layer, float(scale))] = tuple(m.shape[-2:])
+                yield Batch(indices=[i for i, _ in group], features=features, errors=errors if gi == 0 else [],
+                            norms=norm, grids=grids)

@@ -60,3 +60,21 @@ def ns_score(ranking: Sequence, relevant: Collection, n: int = 4) -> int:
     """UKBench's N-S score of one query: how many of the ``n`` first results (the query itself
     included, as in Nistér & Stewénius 2006) are ``relevant``; 4 is perfect."""
     return int(np.isin(np.asarray(ranking)[:n], list(relevant)).sum())
+
+
+def bootstrap_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, level: float = 0.95,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``b − a`` over queries (per-query APs of two methods on the same queries, NaNs
+    dropped pairwise) and its percentile bootstrap interval: queries are resampled with
+    replacement, the paired difference keeps their correlation. Returns (mean, low, high)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"per-query values differ in length ({len(a)} and {len(b)}): not the same queries")
+    d = (b - a)[~(np.isnan(a) | np.isnan(b))]
+    if len(d) == 0:
+        raise ValueError("no query with a value in both")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(d.mean()), float(low), float(high)

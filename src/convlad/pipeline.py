@@ -18,6 +18,7 @@ from .encoding import PCAWhitening, VLAD
 from .extract import FeatureExtractor, iter_batches, want_compile
 from .images import ImageError
 from .storage import atomic_savez, load_npz
+from .verify import LocalCodes, select
 
 FORMAT = "convlad-model"
 FORMAT_VERSION = 1
@@ -106,7 +107,14 @@ class ConvVLAD:
         _ = self.backbone
         return [(layer, float(s)) for s in self.config.scales for layer in self.config.pooled]
 
-    def _batches(self, paths, desc: str | None, progress: bool):
+    @property
+    def local_key(self) -> tuple[str, float]:
+        """(layer, scale) whose local features spatial verification keeps: the first VLAD layer
+        (else the first mean-pooled one) at the largest scale."""
+        _ = self.backbone
+        return (self.config.layers or self.config.pooled)[0], float(max(self.config.scales))
+
+    def _batches(self, paths, desc: str | None, progress: bool, norms=()):
         ex = self.extractor
         ex.precision = self.precision
         if self.compile is False:
@@ -120,7 +128,7 @@ class ConvVLAD:
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True, leave=False)
         try:
             yield from iter_batches(self.extractor, paths, self.config.scales, self.batch_size,
-                                    self.workers, progress=bar, resize=self.config.resize)
+                                    self.workers, progress=bar, resize=self.config.resize, norms=norms)
         finally:
             bar.close()
 
@@ -189,34 +197,58 @@ class ConvVLAD:
         v = torch.cat(parts, dim=1)
         return Fn.l2n(v) if len(parts) > 1 else v
 
-    def iter_vlad(self, paths, progress=True, desc="VLAD") -> Iterator[tuple[list[int], torch.Tensor, list]]:
-        for batch in self._batches(paths, desc, progress):
+    def iter_vlad(self, paths, progress=True, desc="VLAD", local: int = 0):
+        """Yield ``(indices, VLADs, errors)``, and with ``local`` = k > 0 a fourth item: the
+        batch's ``verify.LocalCodes`` (its k strongest local features of ``local_key``)."""
+        key = self.local_key if local else None
+        for batch in self._batches(paths, desc, progress, norms=[key] if key else ()):
             v = self._concat(batch.features) if batch.indices else None
-            yield batch.indices, v, batch.errors
+            if not local:
+                yield batch.indices, v, batch.errors
+                continue
+            codes = (select(batch.features[key], batch.norms[key], batch.grids[key], local) if batch.indices
+                     else None)
+            yield batch.indices, v, batch.errors, codes
 
-    def iter_transform(self, paths, progress=True, desc="descriptors"):
-        """Yield ``(indices, descriptors (B, dim) float32 numpy, errors)`` batch by batch."""
+    def iter_transform(self, paths, progress=True, desc="descriptors", local: int = 0):
+        """Yield ``(indices, descriptors (B, dim) float32 numpy, errors)`` batch by batch (and the
+        batch's ``LocalCodes`` with ``local`` = k > 0, see ``iter_vlad``)."""
         if not hasattr(self, "vlads_"):
             raise RuntimeError("model is not fitted: call fit() or ConvVLAD.load()")
-        for idx, v, errors in self.iter_vlad(paths, progress, desc):
+        for idx, v, errors, *rest in self.iter_vlad(paths, progress, desc, local):
             if v is not None and self.pca_ is not None:
                 v = self.pca_.encode(v)
-            yield idx, (v.cpu().numpy() if v is not None else None), errors
+            yield (idx, (v.cpu().numpy() if v is not None else None), errors, *rest)
 
-    def _collect(self, it):
-        ok, out, errors = [], [], []
-        for idx, X, errs in it:
+    def _collect(self, it, local: int = 0):
+        ok, out, errors, codes = [], [], [], []
+        for idx, X, errs, *rest in it:
             ok += idx
             errors += [e for _, e in errs]
             if X is not None:
                 out.append(np.asarray(X, dtype=np.float32) if not torch.is_tensor(X) else X.cpu().numpy())
+                if rest:
+                    codes.append(rest[0])
         X = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
         order = np.argsort(ok, kind="stable")  # sub-batches by shape may come out of input order
-        return [ok[i] for i in order], X[order], errors
+        result = [ok[i] for i in order], X[order], errors
+        if not local:
+            return result
+        L = LocalCodes.concat(codes) if codes else LocalCodes.empty(local, self.local_dim)
+        return (*result, L[order])
 
-    def transform(self, paths, progress=True) -> tuple[list[int], np.ndarray, list[ImageError]]:
-        """Descriptors of ``paths``: (indices of the readable ones, (n, dim) float32, errors)."""
-        return self._collect(self.iter_transform(paths, progress))
+    def transform(self, paths, progress=True, local: int = 0):
+        """Descriptors of ``paths``: (indices of the readable ones, (n, dim) float32, errors); with
+        ``local`` = k > 0 also their ``verify.LocalCodes`` (k features each, for re-ranking)."""
+        return self._collect(self.iter_transform(paths, progress, local=local), local)
+
+    @property
+    def local_dim(self) -> int:
+        layer, scale = self.local_key
+        key = _key(layer, scale)
+        if key in getattr(self, "vlads_", {}):
+            return int(self.vlads_[key].centroids_.shape[1])
+        return int(self.pooled_dims_[key])
 
     def transform_decoded(self, decoded: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
         """Descriptors of images already decoded and resized (``images.load_warped`` at each of the

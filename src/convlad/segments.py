@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,9 @@ class Segment:
     offsets: np.ndarray  # (n + 1,) int64 into blob
     blob: np.ndarray  # uint8, the UTF-8 paths end to end
     fd: int = -1  # X.npy opened for pread, when memory-mapped from disk
+    # further per-row arrays (n, ...) by name, from files x-NAME.npy (the store keeps each image's
+    # local features for re-ranking there); a segment without them has none
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,14 +123,21 @@ def read_segment(folder: Path, name: str) -> Segment:
         raise
     except (ValueError, OSError) as e:
         raise FileFormatError(f"{d}: damaged segment ({e})") from None
+    try:
+        seg.extra = {f.name[2:-4]: _load(f) for f in sorted(d.glob("x-*.npy"))}
+    except (ValueError, OSError) as e:
+        raise FileFormatError(f"{d}: damaged segment ({e})") from None
     n = len(seg.ids)
-    if seg.X.shape[0] != n or seg.stamps.shape != (n, 2) or len(seg.offsets) != n + 1 or seg.offsets[-1] != len(seg.blob):
+    if seg.X.shape[0] != n or seg.stamps.shape != (n, 2) or len(seg.offsets) != n + 1 or seg.offsets[-1] != len(seg.blob) \
+            or any(len(a) != n for a in seg.extra.values()):
         raise FileFormatError(f"{d}: damaged segment (arrays of different lengths)")
     return seg
 
 
-def write_segment(folder: Path, X: np.ndarray, ids: np.ndarray, stamps: np.ndarray, paths: list[str]) -> str:
-    """Write a new segment and return its name. It is complete on disk, or absent, whatever happens."""
+def write_segment(folder: Path, X: np.ndarray, ids: np.ndarray, stamps: np.ndarray, paths: list[str],
+                  extra: dict[str, np.ndarray] | None = None) -> str:
+    """Write a new segment and return its name. It is complete on disk, or absent, whatever happens.
+    ``extra``: further per-row arrays by name (see ``Segment.extra``)."""
     name = f"seg-{uuid.uuid4().hex[:16]}"
     tmp = folder / f"tmp-{name}"
     tmp.mkdir()
@@ -139,6 +149,10 @@ def write_segment(folder: Path, X: np.ndarray, ids: np.ndarray, stamps: np.ndarr
              "stamps.npy": lambda f: save_npy(f, stamps.astype(np.int64, copy=False).reshape(-1, 2)),
              "offsets.npy": lambda f: save_npy(f, offsets),
              "paths.bin": lambda f: f.write(b"".join(encoded))}
+    for key, a in (extra or {}).items():
+        if len(a) != len(X):
+            raise ValueError(f"extra array {key!r} has {len(a)} rows for {len(X)} descriptors")
+        files[f"x-{key}.npy"] = lambda f, a=a: save_npy(f, a)
     for i, (fname, write) in enumerate(files.items()):
         with create_file(tmp / fname) as f:
             write(f)

@@ -30,6 +30,7 @@ from .images import merge_scans, scan_images
 from .index import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, default_nprobe, ivfpq_sample_size,
                     new_ivfpq)
 from .storage import FileFormatError, load_npz
+from .verify import LOCAL_K, LocalCodes, Verifier
 
 MODEL = "model.npz"
 RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
@@ -112,10 +113,12 @@ class IndexStore:
 
     @classmethod
     def create(cls, path, model=None, root=None, dim: int | None = None, ann: str | None = None,
-               wait: bool = False, report=print) -> "IndexStore":
+               wait: bool = False, report=print, local: int | None = None) -> "IndexStore":
         """Open ``path`` for writing, creating it if needed. ``model``: a fitted ConvVLAD (or None for
         a store of descriptors made elsewhere, with ``dim``); ``root``: the folder indexed (paths are
-        kept relative to it); ``ann``: auto, exact or ivfpq (None keeps the store's, auto if new)."""
+        kept relative to it); ``ann``: auto, exact or ivfpq (None keeps the store's, auto if new);
+        ``local``: local features kept per image for re-ranking (``verify.LOCAL_K`` when None and
+        the store is new; 0 keeps none). The setting is the store's: it applies to later additions."""
         path = Path(path)
         if ann is not None and ann not in ("auto", "exact", "ivfpq"):
             raise ValueError(f"index type must be auto, exact or ivfpq, not {ann!r}")
@@ -141,7 +144,7 @@ class IndexStore:
                     "format": S.FORMAT, "version": S.FORMAT_VERSION, "generation": 0, "dim": int(dim),
                     "root": root, "model": MODEL if model is not None else None, "model_fingerprint": fingerprint,
                     "ann": ann or "auto", "next_id": 0, "segments": [], "tombstones": None, "n_dead": 0,
-                    "ivf": None})
+                    "ivf": None, "local": int(LOCAL_K if local is None else local) if model is not None else 0})
             store = cls(path, lock)
             store._load_current()
             m = store.m
@@ -152,6 +155,8 @@ class IndexStore:
             S.collect_garbage(path, m)
             if ann is not None and ann != m["ann"]:
                 store._commit(dict(m, ann=ann), new_segments={}, retrain=True)
+            if local is not None and local != store.local_k and m.get("model"):
+                store._commit(dict(store.m, local=int(local)), new_segments={})  # for images added from now on
             return store
         except BaseException:
             lock.release()
@@ -405,10 +410,13 @@ class IndexStore:
         out[ok] = [self._segs[s].ids[r] for s, r in zip(seg, row)]
         return out
 
-    def search_images(self, images: list[str], k: int = 10, qe: int = 0, progress=False):
-        """Rank the index for each query image: ([(query, [(path, distance, id), ...]), ...], errors).
-        ``qe`` > 0: α-query expansion with the top ``qe`` results, then a second search."""
-        ok, Q, errors = self.model.transform(images, progress=progress)
+    def search_images(self, images: list[str], k: int = 10, qe: int = 0, progress=False, rerank: int = 0,
+                      verifier: Verifier | None = None):
+        """Rank the index for each query image: ([(query, [(path, distance, id, inliers), ...]), ...],
+        errors). ``qe`` > 0: α-query expansion with the top ``qe`` results, then a second search.
+        ``rerank`` > 0: the top ``rerank`` re-ranked by spatial verification (``verify.Verifier``)
+        against the local features stored with each image; ``inliers`` is None without it."""
+        ok, Q, errors, *L = self.model.transform(images, progress=progress, local=LOCAL_K if rerank else 0)
         results = []
         if len(ok):
             if qe > 0 and len(self):
@@ -416,11 +424,55 @@ class IndexStore:
 
                 _, top = self.search(Q, qe)
                 Q = alpha_query_expansion(Q, self.vectors(top.ravel()).reshape(len(Q), top.shape[1], -1))
-            D, I = self.search(Q, k)
+            D, I = self.search(Q, max(k, rerank))
             for row, qi in enumerate(ok):
-                results.append((images[qi], [(self.path_of(int(j)), float(d), int(j))
-                                             for d, j in zip(D[row], I[row]) if j >= 0]))
+                keep = I[row] >= 0
+                ids, dist, inl = I[row][keep], D[row][keep], [None] * int(keep.sum())
+                if rerank:
+                    ids, dist, inl = self.rerank(L[0].features(row), ids, dist, rerank, verifier)
+                results.append((images[qi], [(self.path_of(int(j)), float(d), int(j), n)
+                                             for d, j, n in zip(dist[:k], ids[:k], inl[:k])]))
         return results, errors
+
+    def rerank(self, query, ids: np.ndarray, distances: np.ndarray, n: int = 100, verifier: Verifier | None = None):
+        """Spatial verification of the first ``n`` of a result list against ``query`` (its
+        descriptors and cells, ``LocalCodes.features``): (ids, distances, inliers) reordered, the
+        rest after them unchanged (inliers None there)."""
+        head = np.asarray(ids[:n])
+        codes, stored = self.local_codes(head)
+        where = {int(j): i for i, j in enumerate(head)}
+        new, counts = (verifier or Verifier()).rerank(query, head, distances[:n], codes, stored)
+        order = np.array([where[int(j)] for j in new], np.int64)
+        ids = np.concatenate([head[order], ids[n:]])
+        distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
+        return ids, distances, [int(c) if stored[o] else None for c, o in zip(counts, order)] + [None] * (len(ids) - n)
+
+    def local_codes(self, ids) -> tuple[LocalCodes, np.ndarray]:
+        """The stored local features of ``ids`` (zero where none) and a mask of the ids that have them."""
+        pos = self._positions(ids)
+        out, have = None, np.zeros(len(pos), bool)
+        found = np.flatnonzero(pos >= 0)
+        seg, row = self._locate(pos[found])
+        for s in np.unique(seg):
+            codes = LocalCodes.from_arrays(self._segs[s].extra)
+            if codes is None:
+                continue
+            sel = found[seg == s]
+            got = codes[row[seg == s]]
+            if out is None:
+                out = LocalCodes(*(np.zeros((len(pos), *a.shape[1:]), a.dtype) for a in
+                                   (got.codes, got.cells, got.count)))
+            out.codes[sel], out.cells[sel], out.count[sel] = got.codes, got.cells, got.count
+            have[sel] = True
+        if out is None:
+            out = LocalCodes(np.zeros((len(pos), 1, 1), np.int8), np.zeros((len(pos), 1, 2), np.uint8),
+                             np.zeros(len(pos), np.uint16))
+        return out, have
+
+    @property
+    def local_k(self) -> int:
+        """Local features kept per image added from now on (0: none)."""
+        return int(self.m.get("local") or 0)
 
     # -- writing ---------------------------------------------------------------------------------
     def _need_writer(self) -> None:
@@ -474,8 +526,9 @@ class IndexStore:
         S.fsync_dir(d)
         return ivf
 
-    def add_vectors(self, X: np.ndarray, paths: list[str], stamps=None) -> np.ndarray:
-        """Append descriptors as one new segment, committed at once; returns their new ids."""
+    def add_vectors(self, X: np.ndarray, paths: list[str], stamps=None, local: LocalCodes | None = None) -> np.ndarray:
+        """Append descriptors (and, for re-ranking, their images' local features) as one new
+        segment, committed at once; returns their new ids."""
         self._need_writer()
         X = np.ascontiguousarray(X, dtype=np.float32).reshape(-1, self.dim)
         if len(X) != len(paths):
@@ -485,7 +538,7 @@ class IndexStore:
         stamps = np.zeros((len(X), 2), np.int64) if stamps is None else np.asarray(stamps, np.int64)
         m = self.m
         ids = np.arange(m["next_id"], m["next_id"] + len(X), dtype=np.int64)
-        name = S.write_segment(self.path, X, ids, stamps, list(paths))
+        name = S.write_segment(self.path, X, ids, stamps, list(paths), local.arrays() if local is not None else None)
         self._commit(dict(m, next_id=int(ids[-1]) + 1,
                           segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments={name: X})
         if sum(s["rows"] < COMPACT_TARGET // 2 for s in self.m["segments"]) > MAX_SMALL_SEGMENTS:
@@ -507,10 +560,10 @@ class IndexStore:
 
     def add(self, paths: list[str], progress: bool = False) -> tuple[np.ndarray, list]:
         """Encode image files with the store's model and add them: (ids, errors)."""
-        ok, X, errors = self.model.transform([str(p) for p in paths], progress=progress)
+        ok, X, errors, *L = self.model.transform([str(p) for p in paths], progress=progress, local=self.local_k)
         kept = [self._stored_path(str(paths[i])) for i in ok]
         stamps = [_stamp(str(paths[i])) for i in ok]
-        return self.add_vectors(X, kept, stamps), errors
+        return self.add_vectors(X, kept, stamps, *L), errors
 
     def _stored_path(self, p: str) -> str:
         if self.root:
@@ -561,7 +614,8 @@ class IndexStore:
                 replaced.update({i: None for i in g})
                 continue
             order = np.argsort(ids, kind="stable")
-            name = S.write_segment(self.path, X[order], ids[order], stamps[order], [paths[j] for j in order])
+            extra = _merged_extras([self._segs[i] for i in g], rows, order)
+            name = S.write_segment(self.path, X[order], ids[order], stamps[order], [paths[j] for j in order], extra)
             S.crash_point("compact-segment")
             if ivf:
                 codes = np.concatenate([np.asarray(self._codes_cache[(ivf["dir"], self._segs[i].name)][r])
@@ -619,23 +673,25 @@ class IndexStore:
         summary, todo, current, root = plan["summary"], plan["todo"], plan["current"], Path(self.root)
         if not todo:
             return summary
-        batch_paths, batch_X, last = [], [], time.monotonic()
+        batch_paths, batch_X, batch_L, last = [], [], [], time.monotonic()
 
         def flush():
-            nonlocal batch_paths, batch_X, last
+            nonlocal batch_paths, batch_X, batch_L, last
             if batch_paths:
-                self.add_vectors(np.concatenate(batch_X), batch_paths, [current[p] for p in batch_paths])
+                self.add_vectors(np.concatenate(batch_X), batch_paths, [current[p] for p in batch_paths],
+                                 LocalCodes.concat(batch_L) if batch_L else None)
                 summary["added"] += len(batch_paths)
-            batch_paths, batch_X, last = [], [], time.monotonic()
+            batch_paths, batch_X, batch_L, last = [], [], [], time.monotonic()
 
-        for idx, X, errors in self.model.iter_transform([str(root / p) for p in todo], progress=progress,
-                                                        desc="indexing"):
+        for idx, X, errors, *L in self.model.iter_transform([str(root / p) for p in todo], progress=progress,
+                                                            desc="indexing", local=self.local_k):
             for _, err in errors:
                 report(f"skipped {err}")
                 summary["skipped"] += 1
             if X is not None and len(idx):
                 batch_paths += [todo[i] for i in idx]
                 batch_X.append(np.asarray(X, np.float32))
+                batch_L += L
             if len(batch_paths) >= commit_every or time.monotonic() - last > commit_seconds:
                 flush()
         flush()
@@ -653,6 +709,23 @@ class IndexStore:
                 "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
                 "dim": self.dim, "search": f"IVF-PQ {ivf['factory']} (trained on {ivf['trained_on']})"
                 if ivf and self._uses_ivf() else "exact", "bytes": size}
+
+
+def _merged_extras(segs: list, rows: list[np.ndarray], order: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The per-row extra arrays of merged segments, in the merged order; rows of a segment without
+    an array that others have get zeros (for local features: a count of 0, nothing to verify)."""
+    like = {}
+    for seg in segs:
+        for key, a in seg.extra.items():
+            like.setdefault(key, a)
+    if not like:
+        return None
+    out = {}
+    for key, a in like.items():
+        parts = [np.asarray(seg.extra[key][r]) if key in seg.extra else np.zeros((len(r), *a.shape[1:]), a.dtype)
+                 for seg, r in zip(segs, rows)]
+        out[key] = np.concatenate(parts)[order]
+    return out
 
 
 # -- single-file indexes of convlad 0.1 -------------------------------------------------------------

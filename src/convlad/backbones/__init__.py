@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from .base import Backbone, WeightsError, from_module
-from .efficientnet_lite import efficientnet_lite0
+from .efficientnet_lite import efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
 from .googlenet import googlenet
 from .vgg import vgg16
 from .zoo import inception_v3, mobilenet_v2
 
 BACKBONES = {
     "efficientnet-lite0": efficientnet_lite0,
+    "efficientnet-lite1": efficientnet_lite1,
+    "efficientnet-lite2": efficientnet_lite2,
     "vgg16": vgg16,
     "googlenet": googlenet,
     "inception-v3": inception_v3,

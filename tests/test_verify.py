@@ -1,0 +1,147 @@
+"""Spatial verification: local codes kept per image, inliers on real photos, re-ranking through the
+store and the CLI, and the bootstrap that decides defaults."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from convlad.metrics import bootstrap_difference
+from convlad.verify import LocalCodes, Verifier, select
+
+from .servers import cli, groups_of_dev
+
+
+def test_select_keeps_the_strongest_positions_and_codes_read_back_close():
+    g = torch.Generator().manual_seed(0)
+    desc = torch.nn.functional.normalize(torch.randn(2, 50, 8, generator=g), dim=-1)
+    norms = torch.rand(2, 50, generator=g)
+    codes = select(desc, norms, (5, 10), k=10)
+    assert codes.codes.shape == (2, 10, 8) and codes.codes.dtype == np.int8 and list(codes.count) == [10, 10]
+    for i in range(2):
+        top = torch.topk(norms[i], 10).indices.numpy()
+        d, xy = codes.features(i)
+        assert sorted((xy[:, 1] - 0.5) * 10 + xy[:, 0] - 0.5) == sorted(top.tolist())
+        cos = (d * desc[i, top].numpy()).sum(1)
+        assert cos.min() > 0.999, cos  # int8, scaled by the largest component
+    wide = select(desc, norms, (5, 10), k=60)  # fewer positions than slots: the rest stay empty
+    assert list(wide.count) == [50, 50] and not wide.codes[:, 50:].any()
+    assert LocalCodes.concat([codes, codes[[1]]]).count.tolist() == [10, 10, 10]
+    assert codes.bytes_per_image == 10 * 8 + 10 * 2 + 2
+
+
+def test_bootstrap_interval_excludes_zero_only_for_a_real_gain():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 1, 200)
+    mean, lo, hi = bootstrap_difference(a, np.clip(a + 0.05 + rng.normal(0, 0.05, 200), 0, 1))
+    assert lo > 0 and lo < mean < hi
+    mean, lo, hi = bootstrap_difference(a, np.clip(a + rng.normal(0, 0.1, 200), 0, 1))
+    assert lo < 0 < hi
+    with pytest.raises(ValueError, match="not the same queries"):
+        bootstrap_difference(a, a[:10])
+
+
+def test_compare_command_reports_the_interval_and_rejects_bad_files(tmp_path):
+    rng = np.random.default_rng(2)
+    a = rng.uniform(0, 1, 150)
+    for name, aps, bench in (("a", a, "b1"), ("b", np.clip(a + 0.1, 0, 1), "b1"), ("c", a, "other")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"benchmark": bench, "descriptor": name,
+                                                           "aps": [float(x) for x in aps]}))
+    out = cli("compare", tmp_path / "a.json", tmp_path / "b.json").stdout
+    assert "(significant)" in out and "gain +0.0" in out
+    (tmp_path / "bad.json").write_text("{")
+    for bad in ("bad.json", "c.json"):
+        p = subprocess.run([sys.executable, "-m", "convlad", "compare", str(tmp_path / "a.json"), str(tmp_path / bad)],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and bad in p.stderr, p.stderr
+
+
+@pytest.fixture(scope="module")
+def model(train_images):
+    from convlad.pipeline import ConvVLAD
+
+    return ConvVLAD(layers=["block6"], pooled=[], scales=[2], k=16, dim=None).fit(train_images[::40], progress=False)
+
+
+@pytest.mark.e2e
+def test_other_views_verify_and_unrelated_photos_stay_at_chance(model):
+    groups = list(groups_of_dev().values())[:8]
+    paths = [str(f) for files in groups for f in files[:2]]
+    ok, X, errors, L = model.transform(paths, progress=False, local=300)
+    assert not errors and L.codes.shape == (16, 300, 80)
+    v = Verifier()
+    same = [int(v.inliers(L.features(2 * g), L[[2 * g + 1]])[0]) for g in range(8)]
+    other = [int(v.inliers(L.features(2 * g), L[[(2 * g + 7) % 16]])[0]) for g in range(8)]
+    # an unrelated photo stays at or under the chance level the default was measured at
+    assert sum(o <= v.chance for o in other) >= 7, other
+    assert sum(s > o for s, o in zip(same, other)) >= 6 and np.mean(same) > 2 * max(1, np.mean(other)), (same, other)
+    # re-ranking each query's candidates (every other photo) puts its other view first at least as
+    # often as the global descriptor alone
+    first_before = first_after = 0
+    for g in range(8):
+        q, cand = 2 * g, np.array([j for j in range(16) if j != 2 * g])
+        d = ((X[cand] - X[q]) ** 2).sum(1)
+        order = cand[np.argsort(d)]
+        first_before += order[0] == 2 * g + 1
+        ids, inl = v.rerank(L.features(q), order, np.sort(d), L[order])
+        first_after += ids[0] == 2 * g + 1
+        assert sorted(ids.tolist()) == sorted(order.tolist()) and len(inl) == 15
+    assert first_after >= first_before and first_after >= 6, (first_before, first_after)
+
+
+@pytest.mark.e2e
+def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_path):
+    from convlad.store import IndexStore
+
+    groups = list(groups_of_dev().values())[:4]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for files in groups:
+        for f in files[1:]:
+            (photos / f.name).symlink_to(f)
+    with IndexStore.create(tmp_path / "a.index", model=model, root=photos) as st:
+        assert st.local_k == 300
+        st.sync(progress=False, commit_every=3, report=lambda *_: None)
+        ids = np.array([i for i, _, _ in st.items()])
+        before, have = st.local_codes(ids)
+        assert have.all() and before.codes.shape[1:] == (300, 80)
+        assert len(st._segs) > 1 and all("local-codes" in s.extra for s in st._segs)
+        st.remove(ids[:1])
+        st.compact()
+        assert len(st._segs) == 1
+        after, have = st.local_codes(ids)
+        assert not have[0] and have[1:].all()
+        np.testing.assert_array_equal(after.codes[1:], before.codes[1:])
+        np.testing.assert_array_equal(after.cells[1:], before.cells[1:])
+    queries = [str(files[0]) for files in groups]
+    with IndexStore.open(tmp_path / "a.index") as st:
+        plain, _ = st.search_images(queries, k=5)
+        rr, _ = st.search_images(queries, k=5, rerank=20)
+    assert all(n is None for _, hits in plain for *_, n in hits)
+    assert all(isinstance(n, int) for _, hits in rr for *_, n in hits)
+    # a store made without local features re-ranks nothing: the order stays the global one
+    with IndexStore.create(tmp_path / "b.index", model=model, root=photos, local=0) as st:
+        st.sync(progress=False, report=lambda *_: None)
+        assert "local-codes" not in st._segs[0].extra
+        plain, _ = st.search_images(queries, k=5)
+        same, _ = st.search_images(queries, k=5, rerank=20)
+    assert [[h[0] for h in hits] for _, hits in same] == [[h[0] for h in hits] for _, hits in plain]
+    assert all(n is None for _, hits in same for *_, n in hits)
+
+
+@pytest.mark.e2e
+def test_search_rerank_on_the_command_line(tmp_path, train_images):
+    from .servers import build_index
+
+    index, groups = build_index(tmp_path, train_images, n_groups=3)
+    q = next(iter(groups.values()))[0]
+    res = json.loads(cli("search", index, q, "-k", "4", "--rerank", "10", "--json").stdout)[0]["results"]
+    assert [r["rank"] for r in res] == [1, 2, 3, 4] and all(isinstance(r["inliers"], int) for r in res)
+    assert "inliers" in cli("search", index, q, "-k", "2", "--rerank", "10").stdout
+    p = subprocess.run([sys.executable, "-m", "convlad", "search", str(index), str(q), "--rerank", "-1"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--rerank" in p.stderr
