@@ -35,9 +35,9 @@ def server(setup):
     s.stop()
 
 
-def search(server, path, k=5):
+def search(server, path, k=5, rerank=0):
     with open(path, "rb") as f:
-        r = httpx.post(f"{server.url}/api/search?k={k}", files={"image": (path.name, f, "image/jpeg")}, timeout=60)
+        r = httpx.post(f"{server.url}/api/search?k={k}&rerank={rerank}", files={"image": (path.name, f, "image/jpeg")}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -78,6 +78,11 @@ def test_upload_is_searchable_at_once_and_delete_removes_it(server, setup):
     assert len(list(stored.iterdir())) == 1 and IndexStore.open(index).path_of(new).startswith(str(stored.resolve()))
     res = search(server, files[0])
     assert res["results"][0]["id"] == new and res["results"][0]["distance"] < 1e-5
+    # the upload keeps its local features: verified against itself, it stays first, far above chance
+    top = search(server, files[0], rerank=20)["results"][0]
+    assert top["id"] == new and top["inliers"] > 3 * 8, top  # 8: the chance level
+    sim = httpx.get(server.url + f"/api/similar/{new}?k=3&rerank=10").json()["results"]
+    assert len(sim) == 3 and new not in [r["id"] for r in sim] and all(isinstance(r["inliers"], int) for r in sim)
     assert httpx.delete(server.url + f"/api/images/{new}", headers=AUTH).json() == {"deleted": new}
     assert new not in [r["id"] for r in search(server, files[0])["results"]]
     assert not list(stored.iterdir()), "the uploaded file stays after its delete"
@@ -135,6 +140,8 @@ BAD = {
     "k negative": lambda s, st: httpx.post(s.url + "/api/search?k=-3", files=_multipart("image", "a.jpg", _photo(st))),
     "huge k": lambda s, st: httpx.post(s.url + "/api/search?k=99999999999",
                                        files=_multipart("image", "a.jpg", _photo(st))),
+    "non-numeric rerank": lambda s, st: httpx.post(s.url + "/api/search?rerank=1e9",
+                                                   files=_multipart("image", "a.jpg", _photo(st))),
     "non-numeric k": lambda s, st: httpx.post(s.url + "/api/search?k=abc", files=_multipart("image", "a.jpg", _photo(st))),
     "unknown id": lambda s, st: httpx.get(s.url + "/api/images/987654"),
     "unknown id thumbnail": lambda s, st: httpx.get(s.url + "/api/images/987654/thumbnail"),
@@ -154,7 +161,7 @@ BAD = {
 }
 EXPECTED = {"non-image": 400, "empty file": 400, "truncated JPEG": 400, "decompression bomb": 413,
             "wrong content type": 415, "missing field": 400, "k = 0": 400, "k negative": 400, "huge k": 400,
-            "non-numeric k": 400, "unknown id": 404, "unknown id thumbnail": 404, "encoded traversal id": 404,
+            "non-numeric k": 400, "non-numeric rerank": 400, "unknown id": 404, "unknown id thumbnail": 404, "encoded traversal id": 404,
             "encoded absolute path": 404, "malformed multipart": 400, "upload without token": 401,
             "upload with a wrong token": 401, "delete without token": 401, "delete unknown id": 404,
             "match of an unknown query": 404, "wrong method": 405, "unknown route": 404}

@@ -250,28 +250,38 @@ class ConvVLAD:
             return int(self.vlads_[key].centroids_.shape[1])
         return int(self.pooled_dims_[key])
 
-    def transform_decoded(self, decoded: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    def transform_decoded(self, decoded: Sequence[Sequence[np.ndarray]], local: int = 0):
         """Descriptors of images already decoded and resized (``images.load_warped`` at each of the
         model's scale sizes), in one forward pass per shape: what a service batching queries from
-        many clients calls. Returns (len(decoded), dim) float32 in input order."""
+        many clients calls. Returns (len(decoded), dim) float32 in input order, and with ``local``
+        = k > 0 also their ``LocalCodes`` (see ``iter_vlad``)."""
         if not hasattr(self, "vlads_"):
             raise RuntimeError("model is not fitted: call fit() or ConvVLAD.load()")
         out = np.zeros((len(decoded), self.dim), np.float32)
+        codes = [None] * len(decoded)
+        key = self.local_key if local else None
         by_shape: dict[tuple, list[int]] = {}
         for i, d in enumerate(decoded):
             by_shape.setdefault(tuple(a.shape for a in d), []).append(i)
         self.extractor.precision = self.precision
         with torch.inference_mode():
             for idx in by_shape.values():
-                features = {}
+                features, norms, grid = {}, None, None
                 for si, scale in enumerate(self.config.scales):
-                    for layer, desc in self.extractor(np.stack([decoded[i][si] for i in idx])).items():
-                        features[(layer, float(scale))] = desc
+                    maps = self.extractor.feature_maps(np.stack([decoded[i][si] for i in idx]))
+                    for layer, m in maps.items():
+                        features[(layer, float(scale))] = Fn.local_descriptors(m)
+                        if (layer, float(scale)) == key:
+                            norms, grid = m.flatten(2).float().norm(dim=1), tuple(m.shape[-2:])
                 v = self._concat(features)
                 if self.pca_ is not None:
                     v = self.pca_.encode(v)
                 out[idx] = v.cpu().numpy()
-        return out
+                if key:
+                    L = select(features[key], norms, grid, local)
+                    for j, i in enumerate(idx):
+                        codes[i] = L[[j]]
+        return (out, LocalCodes.concat(codes)) if local else out
 
     def transform_vlad(self, paths, progress=True):
         """Uncompressed (concatenated, L2-normalised) VLADs, before PCA-whitening."""

@@ -38,10 +38,12 @@ from .images import ImageError, load_image, load_warped
 from .segments import StoreLocked
 from .storage import write_durable
 from .store import IndexStore
+from .verify import LOCAL_K
 
 WEB = Path(__file__).with_name("web")
 UPLOADS = "uploads"
 MAX_K = 1000
+MAX_RERANK = 1000
 THUMB = 256
 
 
@@ -123,9 +125,11 @@ class Service:
         self._collect_orphan_uploads()
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _encode(self, decoded: list) -> np.ndarray:
+    def _encode(self, decoded: list) -> list:
+        """(descriptor, local codes) per image: the codes are kept for uploads and re-ranking."""
         with self.net_lock:
-            return self.model.transform_decoded(decoded)
+            X, L = self.model.transform_decoded(decoded, local=self.store.local_k or LOCAL_K)
+        return [(X[i], L[[i]]) for i in range(len(X))]
 
     def _collect_orphan_uploads(self) -> None:
         """Uploads written but never committed (the server was killed in between) are deleted."""
@@ -181,18 +185,22 @@ class Service:
             old.unlink(missing_ok=True)
         return qid
 
-    def results(self, q: np.ndarray, k: int, skip: int | None = None) -> list[dict]:
-        D, I = self.store.search(q[None], k + (1 if skip is not None else 0))
+    def results(self, q: np.ndarray, k: int, skip: int | None = None, rerank: int = 0, local=None) -> list[dict]:
+        """The k nearest to descriptor ``q``; with ``rerank`` and the query's ``local`` codes, the
+        top ``rerank`` spatially verified first (each result then carries its inliers)."""
+        D, I = self.store.search(q[None], max(k, rerank) + (1 if skip is not None else 0))
+        keep = (I[0] >= 0) & (I[0] != (-1 if skip is None else skip))
+        ids, dist, inl = I[0][keep], D[0][keep], None
+        if rerank and local is not None and len(ids):
+            ids, dist, inl = self.store.rerank(local.features(0), ids, dist, rerank)
         out = []
-        for d, i in zip(D[0], I[0]):
-            if i < 0 or i == skip:
-                continue
+        for j, (d, i) in enumerate(zip(dist, ids)):
             try:
                 path = self.display_path(int(i))
             except KeyError:  # deleted by a write that committed since this search began
                 continue
             out.append({"id": int(i), "path": path, "distance": round(float(d), 6),
-                        "thumbnail": f"/api/images/{int(i)}/thumbnail"})
+                        "thumbnail": f"/api/images/{int(i)}/thumbnail", **({"inliers": inl[j]} if inl else {})})
         return out[:k]
 
     def display_path(self, i: int) -> str:
@@ -234,7 +242,7 @@ class Service:
                     raise ApiError(503, f"the index is being written by another process; try again later ({e})") from None
                 time.sleep(0.2)
 
-    def add(self, tmp: Path, x: np.ndarray) -> int:
+    def add(self, tmp: Path, x: np.ndarray, local=None) -> int:
         """Move the upload into INDEX/uploads durably, then commit its descriptor: after a crash it
         is either searchable or absent (an uncommitted file is deleted at the next start)."""
         folder = self.index / UPLOADS
@@ -247,7 +255,8 @@ class Service:
         with self.write_lock:
             w = self._writer()
             try:
-                (i,) = w.add_vectors(x[None], [str(final.resolve())], [(st.st_size, st.st_mtime_ns)])
+                (i,) = w.add_vectors(x[None], [str(final.resolve())], [(st.st_size, st.st_mtime_ns)],
+                                     local if w.local_k else None)
             finally:
                 w.close()
             self.store.refresh()
@@ -340,6 +349,14 @@ def _k(value: str | None, default: int = 10) -> int:
     return int(value)
 
 
+def _rerank(value: str | None) -> int:
+    if value is None:
+        return 0
+    if not re.fullmatch(r"\d{1,7}", value.strip()) or int(value) > MAX_RERANK:
+        raise ApiError(400, f"rerank must be a whole number from 0 to {MAX_RERANK}, not {value[:20]!r}")
+    return int(value)
+
+
 def _id(value: str) -> int:
     if not re.fullmatch(r"\d{1,18}", value):
         raise ApiError(404, f"no image with id {value[:40]!r}: ids are whole numbers")
@@ -402,27 +419,29 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
         return {"status": "ok", "images": len(svc.store), "generation": svc.store.generation}
 
     @app.post("/api/search", openapi_extra=IMAGE_FORM)
-    async def search(request: Request, k: str | None = None):
-        """Search with a photo (multipart field ``image``): the k nearest, nearest first."""
-        k = _k(k)
+    async def search(request: Request, k: str | None = None, rerank: str | None = None):
+        """Search with a photo (multipart field ``image``): the k nearest, nearest first;
+        ``rerank=N`` verifies the top N spatially and puts the matches with the most inliers first."""
+        k, rerank = _k(k), _rerank(rerank)
         t = time.perf_counter()
         data = await read_image(request)
         tmp, decoded = await run(svc.decode, data, "the photo")
-        x = await asyncio.wrap_future(svc.batcher.submit(decoded))
-        results = svc.results(x, k)
+        x, local = await asyncio.wrap_future(svc.batcher.submit(decoded))
+        results = await run(svc.results, x, k, None, rerank, local) if rerank else svc.results(x, k)
         svc.latency.append(time.perf_counter() - t)
         svc.n_search += 1
         return {"query": svc.remember_query(tmp), "results": results}
 
     @app.get("/api/similar/{image_id}")
-    async def similar(image_id: str, k: str | None = None):
-        """Search with an indexed photo: its nearest others."""
-        i, k = _id(image_id), _k(k)
+    async def similar(image_id: str, k: str | None = None, rerank: str | None = None):
+        """Search with an indexed photo: its nearest others (``rerank=N`` as for a search)."""
+        i, k, rerank = _id(image_id), _k(k), _rerank(rerank)
         try:
             x = svc.store.vectors([i])[0]
         except KeyError:
             raise ApiError(404, f"no image with id {i} in this index") from None
-        return {"query_id": i, "results": svc.results(x, k, skip=i)}
+        local, have = svc.store.local_codes([i]) if rerank else (None, [False])
+        return {"query_id": i, "results": await run(svc.results, x, k, i, rerank, local if have[0] else None)}
 
     @app.get("/api/images/{image_id}")
     async def image(image_id: str):
@@ -442,8 +461,8 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
         svc.check_token(request.headers)
         data = await read_image(request)
         tmp, decoded = await run(svc.decode, data, "the photo")
-        x = await asyncio.wrap_future(svc.batcher.submit(decoded))
-        i = await run(svc.add, tmp, x)
+        x, local = await asyncio.wrap_future(svc.batcher.submit(decoded))
+        i = await run(svc.add, tmp, x, local)
         return {"id": i, "path": svc.display_path(i), "thumbnail": f"/api/images/{i}/thumbnail"}
 
     @app.delete("/api/images/{image_id}")
