@@ -681,8 +681,7 @@ def print_table(r: dict) -> None:
     if "rerank" in r:
         v = r["rerank"]
         after = f"{v['mAP_rerank']:.3f}" if v["mAP_rerank"] is not None else "(not scored in --quick)"
-        print(f"
-re-ranking mvbench-dev's top {v['shortlist']} by spatial verification ({v['bytes_per_image']} bytes "
+        print(f"\nre-ranking mvbench-dev's top {v['shortlist']} by spatial verification ({v['bytes_per_image']} bytes "
               f"per image): mAP {v['mAP']:.3f} → {after}; {v['rerank_ms_mean']:.1f} ms added per query "
               f"(p95 {v['rerank_ms_p95']:.1f}), against {v['rank_ms']:.3f} ms for the exact global ranking")
     if "forward" not in r or "search" not in r:

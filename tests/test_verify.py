@@ -117,6 +117,10 @@ def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_pa
         assert not have[0] and have[1:].all()
         np.testing.assert_array_equal(after.codes[1:], before.codes[1:])
         np.testing.assert_array_equal(after.cells[1:], before.cells[1:])
+    from convlad.storage import FileFormatError
+
+    with pytest.raises(FileFormatError, match="keep 300 local features each, not 100"):
+        IndexStore.create(tmp_path / "a.index", model=model, root=photos, local=100)
     queries = [str(files[0]) for files in groups]
     with IndexStore.open(tmp_path / "a.index") as st:
         plain, _ = st.search_images(queries, k=5)

@@ -156,6 +156,10 @@ class IndexStore:
             if ann is not None and ann != m["ann"]:
                 store._commit(dict(m, ann=ann), new_segments={}, retrain=True)
             if local is not None and local != store.local_k and m.get("model"):
+                kept = {a.shape[1] for seg in store._segs for k, a in seg.extra.items() if k == "local-codes"}
+                if local and kept - {local}:  # one layout per store: segments merge and gather row for row
+                    raise FileFormatError(f"{path}: its images keep {kept.pop()} local features each, not {local}; "
+                                          "use that number, or 0 to keep none for new images")
                 store._commit(dict(store.m, local=int(local)), new_segments={})  # for images added from now on
             return store
         except BaseException:

@@ -121,7 +121,10 @@ def fit_affine(src: np.ndarray, dst: np.ndarray, threshold: float) -> tuple[np.n
 
     if len(src) < 3:
         return None, np.zeros(len(src), bool)
-    A, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=2000,
+    # 500 iterations find an all-inlier 3-point sample with 0.999 confidence down to 25% inliers;
+    # fewer inliers than that among the tentative matches is no match worth ranking up. On
+    # mvbench-dev mAP was the same as with 2 000 (0.8665 and 0.8666), for less time per query.
+    A, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=500,
                                    confidence=0.999)
     if A is None or mask is None:
         return None, np.zeros(len(src), bool)
@@ -159,26 +162,35 @@ class Verifier:
         the tentative matches are too few to exceed ``chance`` (no model is fitted for those)."""
         import cv2
 
-        dq, xq = query
         m = len(candidates)
-        if m == 0 or len(dq) < 3:
+        if m == 0 or len(query[0]) < 3:
             return np.zeros(m, np.int64)
-        # One batched product for all pairs (a 300×300 product alone is too small for BLAS), laid
-        # out (pair, query feature, candidate feature) so that both maxima read memory in order.
-        # Unused slots are zero vectors: similarity 0 never reaches min_similarity.
+        cv2.setNumThreads(1)  # parallel across candidates instead: each fit is small
+        n = max(1, min(self.threads, m // 8))
+        if n == 1:
+            return self._inliers(query, candidates)
+        # numpy's stacked product runs one small GEMM after another on one core: a thread per
+        # slice of candidates (numpy and OpenCV release the GIL) uses the others
+        parts = np.array_split(np.arange(m), n)
+        with ThreadPoolExecutor(n) as pool:
+            return np.concatenate(list(pool.map(lambda idx: self._inliers(query, candidates[idx]), parts)))
+
+    def _inliers(self, query, candidates: LocalCodes) -> np.ndarray:
+        dq, xq = query
+        # one batched product for all pairs, laid out (pair, query feature, candidate feature) so
+        # that both maxima read memory in order; unused slots are zero vectors, whose similarity 0
+        # never reaches min_similarity
         S = np.matmul(dq, candidates.descriptors().transpose(0, 2, 1))
         fwd = S.argmax(2)  # each query feature's nearest candidate feature
         best = np.take_along_axis(S, fwd[..., None], 2)[..., 0]
         mutual = best >= np.take_along_axis(S.max(1), fwd, 1)  # ... and it is that feature's nearest
         ok = mutual & (best >= self.min_similarity)
         cells = candidates.cells.astype(np.float32) + 0.5
-        jobs = [(xq[ok[j]], cells[j, fwd[j, ok[j]]]) for j in range(m)]
-        cv2.setNumThreads(1)  # parallel across pairs instead: each fit is small
-        f = lambda job: fit_inliers(*job, self.threshold) if len(job[0]) > self.chance else 0  # noqa: E731
-        if self.threads > 1 and m > 8:
-            with ThreadPoolExecutor(self.threads) as pool:  # OpenCV releases the GIL
-                return np.fromiter(pool.map(f, jobs), np.int64, m)
-        return np.fromiter(map(f, jobs), np.int64, m)
+        out = np.zeros(len(candidates), np.int64)
+        for j in range(len(candidates)):
+            if ok[j].sum() > self.chance:
+                out[j] = fit_inliers(xq[ok[j]], cells[j, fwd[j, ok[j]]], self.threshold)
+        return out
 
     def scores(self, distances: np.ndarray, inliers: np.ndarray) -> np.ndarray:
         """Higher is better. ``distances``: squared L2 between unit descriptors (cosine = 1 − d/2)."""
