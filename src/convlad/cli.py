@@ -410,11 +410,11 @@ def eval_(
         typer.echo(f"re-ranking: top {rerank} by spatial verification ({L[0].bytes_per_image} bytes of local "
                    f"features per image, layer {'@'.join(f'{v:g}' if isinstance(v, float) else v for v in model.local_key)}); "
                    f"ranking + verification {t_rank:.1f} ms/query")
-    _print_metrics(res.metrics)
     if aps_out is not None:
         from .storage import write_durable
 
         label = f"{model.describe()}" + (f" qe={qe}" if qe else "") + (f" rerank={rerank}" if rerank else "")
+
         def listed(aps):
             return [None if np.isnan(a) else float(a) for a in aps]
 
@@ -425,6 +425,7 @@ def eval_(
                        aps_without_rerank=listed(res.aps_without_rerank), local_bytes_per_image=L[0].bytes_per_image)
         write_durable(aps_out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
         typer.echo(f"per-query APs: {aps_out}")
+    _print_metrics(res.metrics)  # last line: mAP, as scripts expect
 
 
 @app.command()
