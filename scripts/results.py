@@ -174,25 +174,26 @@ def rerank_section(dataset: str, train: str, out: Path) -> str:
 
     from convlad.metrics import bootstrap_difference
 
+    def aps(doc: dict, key: str) -> np.ndarray:  # JSON null: a query without an AP
+        return np.array([np.nan if x is None else x for x in doc[key]])
+
     rows, docs = [], {}
     for bb in DEFAULT_DESCRIPTORS:
-        aps = out / f"aps-{bb}-rerank100.json"
+        path = out / f"aps-{bb}-rerank100.json"
         cmd = ["convlad", "eval", "mvbench", dataset, "--train", train, "--backbone", bb, "--rerank", "100",
-               "--aps", str(aps)]
+               "--aps", str(path)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        docs[bb] = d = json.loads(aps.read_text())
-        a, b = (np.array([np.nan if x is None else x for x in d[k]]) for k in ("aps_without_rerank", "aps"))
-        mean, lo, hi = bootstrap_difference(a, b)
+        docs[bb] = d = json.loads(path.read_text())
+        mean, lo, hi = bootstrap_difference(aps(d, "aps_without_rerank"), aps(d, "aps"))
         rows.append(f"| {bb} | {d['mAP_without_rerank']:.3f} | {d['mAP']:.3f} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
                     f"{d['rerank_ms_per_query']:.0f} | {d['local_bytes_per_image'] / 1000:.1f} kB | "
                     f"{d['encode_img_per_s']:.1f} |")
     base = docs[DEFAULT_DESCRIPTORS[0]]
-    base_aps = np.array([np.nan if x is None else x for x in base["aps_without_rerank"]])
+    base_aps = aps(base, "aps_without_rerank")
     vs = []
     for bb in DEFAULT_DESCRIPTORS[1:]:
-        other = np.array([np.nan if x is None else x for x in docs[bb]["aps_without_rerank"]])
-        mean, lo, hi = bootstrap_difference(base_aps, other)
+        mean, lo, hi = bootstrap_difference(base_aps, aps(docs[bb], "aps_without_rerank"))
         vs.append(f"{bb} − {DEFAULT_DESCRIPTORS[0]}, both without re-ranking: {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     return f"""## Re-ranking by spatial verification, and the Lite family
 

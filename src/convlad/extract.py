@@ -298,6 +298,16 @@ class Batch:
     norms: dict[tuple[str, float], torch.Tensor] = field(default_factory=dict)
     grids: dict[tuple[str, float], tuple[int, int]] = field(default_factory=dict)
 
+    def add_maps(self, maps: dict[str, torch.Tensor], scale: float, norms=()) -> None:
+        """Take one scale's feature maps (B, d, h, w): their local descriptors, and the norms and
+        grid of the (layer, scale) keys in ``norms``."""
+        for layer, m in maps.items():
+            key = (layer, float(scale))
+            self.features[key] = local_descriptors(m)
+            if key in norms:
+                self.norms[key] = m.flatten(2).float().norm(dim=1)
+                self.grids[key] = tuple(m.shape[-2:])
+
 
 # Decoding threads run beside the network's OpenMP threads. Where they compete for the same cores,
 # a preempted OpenMP thread stalls its whole team at every barrier: on 8-megapixel photos (2 cores)
@@ -370,13 +380,7 @@ def iter_batches(
             if not by_shape:
                 yield Batch(indices=[], features={}, errors=errors)
             for gi, group in enumerate(by_shape.values()):
-                features, norm, grids = {}, {}, {}
+                batch = Batch(indices=[i for i, _ in group], features={}, errors=errors if gi == 0 else [])
                 for si, scale in enumerate(scales):
-                    maps = extractor.feature_maps(np.stack([d[si] for _, d in group]))
-                    for layer, m in maps.items():
-                        features[(layer, scale)] = local_descriptors(m)
-                        if (layer, float(scale)) in norms:
-                            norm[(layer, float(scale))] = m.flatten(2).float().norm(dim=1)
-                            grids[(layer, float(scale))] = tuple(m.shape[-2:])
-                yield Batch(indices=[i for i, _ in group], features=features, errors=errors if gi == 0 else [],
-                            norms=norm, grids=grids)
+                    batch.add_maps(extractor.feature_maps(np.stack([d[si] for _, d in group])), scale, norms)
+                yield batch

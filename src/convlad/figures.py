@@ -91,22 +91,21 @@ def _neighbours(bank: PatchBank, rows: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def reconstruct(bank: PatchBank, image: int, k: int) -> np.ndarray:
+def _tile(patches: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(h·w, p, p, 3) patches in row order → the (h·p, w·p, 3) image they tile."""
+    h, w = grid
+    p = patches.shape[1]
+    return patches.reshape(h, w, p, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * p, w * p, 3)
+
+
+def reconstruct(bank: PatchBank, image: int, k: int, nn: np.ndarray | None = None) -> np.ndarray:
     """Image ``image`` of the bank rebuilt from the mean patch of each feature's k nearest
-    features in the other images: (n, n, 3) uint8."""
-    rows = np.flatnonzero(bank.image == image)
-    nn = _neighbours(bank, rows, k)
-    mean = bank.patches[nn].astype(np.float32).mean(1)  # (cells, p, p, 3)
-    h, w = bank.grid
-    p = mean.shape[1]
-    return mean.reshape(h, w, p, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * p, w * p, 3).round().astype(np.uint8)
-
-
-def _original(bank: PatchBank, image: int) -> np.ndarray:
-    rows = np.flatnonzero(bank.image == image)
-    h, w = bank.grid
-    p = bank.patches.shape[1]
-    return bank.patches[rows].reshape(h, w, p, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * p, w * p, 3)
+    features in the other images: (n, n, 3) uint8. ``nn``: those neighbours (cells, ≥ k), when
+    already found."""
+    if nn is None:
+        nn = _neighbours(bank, np.flatnonzero(bank.image == image), k)
+    mean = bank.patches[nn[:, :k]].astype(np.float32).mean(1)  # (cells, p, p, 3)
+    return _tile(mean.round().astype(np.uint8), bank.grid)
 
 
 def _canvas(columns: list[str], rows: int, cell: int, gap: int = 6):
@@ -129,7 +128,10 @@ def correspondence_figure(banks: list[PatchBank], queries: list[int], ks=(1, 5),
     columns = ["image"] + [f"{b.label}: {k}-NN" for b in banks for k in ks]
     fig = _canvas(columns, len(queries), cell)
     for r, q in enumerate(queries):
-        tiles = [_original(banks[0], q)] + [reconstruct(b, q, k) for b in banks for k in ks]
+        tiles = [_tile(banks[0].patches[banks[0].image == q], banks[0].grid)]
+        for b in banks:  # the neighbours once per layer, their first k for each k
+            nn = _neighbours(b, np.flatnonzero(b.image == q), max(ks))
+            tiles += [reconstruct(b, q, k, nn) for k in ks]
         for c, t in enumerate(tiles):
             fig.paste(Image.fromarray(t).resize((cell, cell), Image.NEAREST), (c * (cell + 6), LABEL + r * (cell + 6)))
     if out is not None:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import functional as Fn
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .encoding import PCAWhitening, VLAD
-from .extract import FeatureExtractor, iter_batches, want_compile
+from .extract import Batch, FeatureExtractor, iter_batches, want_compile
 from .images import ImageError
 from .storage import atomic_savez, load_npz
 from .verify import LocalCodes, select
@@ -266,19 +266,16 @@ class ConvVLAD:
         self.extractor.precision = self.precision
         with torch.inference_mode():
             for idx in by_shape.values():
-                features, norms, grid = {}, None, None
+                batch = Batch(indices=idx, features={})
                 for si, scale in enumerate(self.config.scales):
-                    maps = self.extractor.feature_maps(np.stack([decoded[i][si] for i in idx]))
-                    for layer, m in maps.items():
-                        features[(layer, float(scale))] = Fn.local_descriptors(m)
-                        if (layer, float(scale)) == key:
-                            norms, grid = m.flatten(2).float().norm(dim=1), tuple(m.shape[-2:])
-                v = self._concat(features)
+                    batch.add_maps(self.extractor.feature_maps(np.stack([decoded[i][si] for i in idx])), scale,
+                                   [key] if key else ())
+                v = self._concat(batch.features)
                 if self.pca_ is not None:
                     v = self.pca_.encode(v)
                 out[idx] = v.cpu().numpy()
                 if key:
-                    L = select(features[key], norms, grid, local)
+                    L = select(batch.features[key], batch.norms[key], batch.grids[key], local)
                     for j, i in enumerate(idx):
                         codes[i] = L[[j]]
         return (out, LocalCodes.concat(codes)) if local else out

@@ -341,20 +341,20 @@ async def _send_json(send, status: int, message: str):
         pass
 
 
-def _k(value: str | None, default: int = 10) -> int:
+def _whole(value: str | None, name: str, low: int, high: int, default: int) -> int:
     if value is None:
         return default
-    if not re.fullmatch(r"\d{1,7}", value.strip()) or not 1 <= int(value) <= MAX_K:
-        raise ApiError(400, f"k must be a whole number from 1 to {MAX_K}, not {value[:20]!r}")
+    if not re.fullmatch(r"\d{1,7}", value.strip()) or not low <= int(value) <= high:
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}, not {value[:20]!r}")
     return int(value)
+
+
+def _k(value: str | None) -> int:
+    return _whole(value, "k", 1, MAX_K, 10)
 
 
 def _rerank(value: str | None) -> int:
-    if value is None:
-        return 0
-    if not re.fullmatch(r"\d{1,7}", value.strip()) or int(value) > MAX_RERANK:
-        raise ApiError(400, f"rerank must be a whole number from 0 to {MAX_RERANK}, not {value[:20]!r}")
-    return int(value)
+    return _whole(value, "rerank", 0, MAX_RERANK, 0)
 
 
 def _id(value: str) -> int:

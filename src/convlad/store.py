@@ -444,12 +444,10 @@ class IndexStore:
         rest after them unchanged (inliers None there)."""
         head = np.asarray(ids[:n])
         codes, stored = self.local_codes(head)
-        where = {int(j): i for i, j in enumerate(head)}
-        new, counts = (verifier or Verifier()).rerank(query, head, distances[:n], codes, stored)
-        order = np.array([where[int(j)] for j in new], np.int64)
+        order, counts = (verifier or Verifier()).order(query, distances[:n], codes, stored)
         ids = np.concatenate([head[order], ids[n:]])
         distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
-        return ids, distances, [int(c) if stored[o] else None for c, o in zip(counts, order)] + [None] * (len(ids) - n)
+        return ids, distances, [int(counts[o]) if stored[o] else None for o in order] + [None] * (len(ids) - n)
 
     def local_codes(self, ids) -> tuple[LocalCodes, np.ndarray]:
         """The stored local features of ``ids`` (zero where none) and a mask of the ids that have them."""

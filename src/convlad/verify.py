@@ -114,36 +114,19 @@ def tentative_matches(S: np.ndarray, min_similarity: float) -> tuple[np.ndarray,
     return i, fwd[i]
 
 
-def fit_affine(src: np.ndarray, dst: np.ndarray, threshold: float) -> tuple[np.ndarray | None, np.ndarray]:
-    """An affine map (2×3) fitted robustly (OpenCV's RANSAC) to matched points (m, 2), and the
-    inlier mask (m,) bool; (None, all False) with fewer than 3 points or no consensus."""
+def fit_inliers(src: np.ndarray, dst: np.ndarray, threshold: float) -> int:
+    """Inliers of an affine map fitted robustly (OpenCV's RANSAC) to matched points (m, 2); 0 with
+    fewer than 3 points or no consensus."""
     import cv2
 
     if len(src) < 3:
-        return None, np.zeros(len(src), bool)
+        return 0
     # 500 iterations find an all-inlier 3-point sample with 0.999 confidence down to 25% inliers;
     # fewer inliers than that among the tentative matches is no match worth ranking up. On
     # mvbench-dev mAP was the same as with 2 000 (0.8665 and 0.8666), for less time per query.
-    A, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=500,
+    _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=500,
                                    confidence=0.999)
-    if A is None or mask is None:
-        return None, np.zeros(len(src), bool)
-    return A, mask.ravel().astype(bool)
-
-
-def fit_inliers(src: np.ndarray, dst: np.ndarray, threshold: float) -> int:
-    return int(fit_affine(src, dst, threshold)[1].sum())
-
-
-def count_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
-                  min_similarity: float = 0.6, threshold: float = 1.5) -> int:
-    """Geometric inliers between two images' (descriptors, cells): mutual nearest neighbours, then
-    an affine map by RANSAC with ``threshold`` in grid cells."""
-    (da, xa), (db, xb) = a, b
-    if len(da) < 3 or len(db) < 3:
-        return 0
-    i, j = tentative_matches(da @ db.T, min_similarity)
-    return fit_inliers(xa[i], xb[j], threshold)
+    return 0 if mask is None else int(mask.sum())
 
 
 @dataclass
@@ -201,17 +184,23 @@ class Verifier:
         bonus = np.minimum(np.maximum(inliers - self.chance, 0) / self.per, self.cap)
         return 1.0 - np.asarray(distances, np.float64) / 2 + bonus
 
-    def rerank(self, query, ids: np.ndarray, distances: np.ndarray, candidates: LocalCodes,
-               stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Reorder ``ids`` (a query's shortlist, nearest first) by score. ``candidates``: the local
-        codes of ``ids``, row for row; ``stored`` (bool, optional): False where an image has none
-        (it keeps zero inliers). Returns (ids, inliers) in the new order."""
-        inl = np.zeros(len(ids), np.int64)
-        have = np.arange(len(ids)) if stored is None else np.flatnonzero(stored)
+    def order(self, query, distances: np.ndarray, candidates: LocalCodes,
+              stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The new order of a shortlist (positions into it, best first) and each position's
+        inliers. ``candidates``: the shortlist's local codes, row for row; ``stored`` (bool,
+        optional): False where an image has none (it keeps zero inliers)."""
+        inl = np.zeros(len(distances), np.int64)
+        have = np.arange(len(distances)) if stored is None else np.flatnonzero(stored)
         if len(have):
             inl[have] = self.inliers(query, candidates[have])
-        order = np.argsort(-self.scores(distances, inl), kind="stable")
+        return np.argsort(-self.scores(distances, inl), kind="stable"), inl
+
+    def rerank(self, query, ids: np.ndarray, distances: np.ndarray, candidates: LocalCodes,
+               stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reorder ``ids`` (a query's shortlist, nearest first) by score (see ``order``).
+        Returns (ids, inliers) in the new order."""
+        order, inl = self.order(query, distances, candidates, stored)
         return np.asarray(ids)[order], inl[order]
 
 
-__all__ = ["LOCAL_K", "LocalCodes", "Verifier", "count_inliers", "select"]
+__all__ = ["LOCAL_K", "LocalCodes", "Verifier", "fit_inliers", "select", "tentative_matches"]
