@@ -91,7 +91,7 @@ def measure(index: str, photos: list[str], clients: int = 200, seconds: float = 
         asyncio.run(_clients(url, data[:4], 2, 3, 50))  # warm-up
         out = asyncio.run(_clients(url, data, clients, seconds, max_requests))
         stats = httpx.get(url + "/api/stats").json()
-        out.update(batched=batched, mean_batch=stats["mean_batch"], rss_mb=_vm(proc.pid, "VmRSS"),
+        out.update(batched=batched, device=stats["device"], mean_batch=stats["mean_batch"], rss_mb=_vm(proc.pid, "VmRSS"),
                    peak_rss_mb=_vm(proc.pid, "VmHWM"))
         return out
     finally:

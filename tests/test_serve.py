@@ -10,6 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from convlad.store import IndexStore
@@ -63,6 +64,7 @@ def test_search_ranks_the_group_first_and_files_come_by_id(server, setup):
     assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).width > 300
     stats = httpx.get(server.url + "/api/stats").json()
     assert stats["images"] == sum(len(f) - 1 for f in groups.values()) and stats["searches"] >= 1
+    assert stats["device"].startswith("cpu (") != torch.cuda.is_available()  # where the network runs
     assert httpx.get(server.url + "/docs").status_code == 200 and "convlad" in httpx.get(server.url + "/").text
 
 

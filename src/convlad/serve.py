@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -286,8 +287,10 @@ class Service:
             rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
         except (OSError, StopIteration):
             pass
+        dev = self.model.extractor.device
+        device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         return {"images": info["images"], "dead": info["dead"], "segments": info["segments"],
-                "generation": info["generation"], "model": info["model"], "search": info["search"],
+                "generation": info["generation"], "model": info["model"], "search": info["search"], "device": device,
                 "searches": self.n_search, "batches": self.batcher.batches,
                 "mean_batch": round(self.batcher.items / self.batcher.batches, 2) if self.batcher.batches else None,
                 "latency": pct, "uptime_s": round(time.time() - self.started, 1), "rss_bytes": rss}
