@@ -94,14 +94,16 @@ def main():
     sh("index", OUT / "model.npz", photos, "--out", OUT / "photos.index")
     sh("info", OUT / "photos.index")
     res = json.loads(sh("search", OUT / "photos.index", *[photos / q for q in queries], "-k", "5", "--json", echo=False))
-    print("\nranked results (rank 1, the query itself, omitted); ✓ = same object or place as the query")
+    print("\nranked results, the top 100 spatially verified (rank 1, the query itself, omitted); "
+          "✓ = same object or place as the query")
     for r in res:
         q = Path(r["query"]).name
         print(f"query {q}:")
         for hit in r["results"][1:]:  # rank 1 is the query itself
             name = Path(hit["path"]).name
             mark = "✓" if group_of.get(name) == group_of.get(q) else " "
-            print(f"  {mark} {hit['rank']:2d}  {hit['distance']:.3f}  {name}")
+            inliers = f"{hit['inliers']:4d} inliers  " if hit.get("inliers") is not None else ""
+            print(f"  {mark} {hit['rank']:2d}  {hit['distance']:.3f}  {inliers}{name}")
 
 
 if __name__ == "__main__":

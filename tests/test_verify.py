@@ -149,3 +149,14 @@ def test_search_rerank_on_the_command_line(tmp_path, train_images):
     p = subprocess.run([sys.executable, "-m", "convlad", "search", str(index), str(q), "--rerank", "-1"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--rerank" in p.stderr
+    # by default the command re-ranks an index that keeps local features, and not one that keeps none,
+    # where asking for it says why in one line
+    assert "inliers" in json.loads(cli("search", index, q, "-k", "2", "--json").stdout)[0]["results"][0]
+    bare = tmp_path / "bare.index"
+    cli("index", tmp_path / "model.npz", tmp_path / "photos", "--out", bare, "--local-features", "0")
+    assert "inliers" not in json.loads(cli("search", bare, q, "-k", "2", "--json").stdout)[0]["results"][0]
+    p = subprocess.run([sys.executable, "-m", "convlad", "search", str(bare), str(q), "-k", "2", "--rerank", "10", "--json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "keeps no local features" in p.stderr and "Traceback" not in p.stderr
+    assert [r["path"] for r in json.loads(p.stdout)[0]["results"]] == \
+        [r["path"] for r in json.loads(cli("search", bare, q, "-k", "2", "--json", "--rerank", "0").stdout)[0]["results"]]

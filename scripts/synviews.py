@@ -1,0 +1,73 @@
+"""A second benchmark, built from photos no convlad choice was tuned on: each of N mvbench-train
+photos becomes a group of itself and two synthetic views (a random crop of 35-80% of each side,
+rotated up to ±25°, a perspective jitter, a gamma change, JPEG at quality 70); the remaining
+training photos are distractors. The layout is mvbench's (`groups`), so `convlad eval` reads it:
+
+    python scripts/synviews.py /tmp/synviews
+    convlad eval /tmp/synviews --train ../shared/data/mvbench-dev --aps syn.json
+
+Learn the vocabulary elsewhere (here on mvbench-dev): the benchmark's photos are mvbench-train's.
+Synthetic views are easier than real ones in lighting and harder in cropping; the set is a check
+that a gain measured on mvbench-dev is not specific to it, not a replacement for a real benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvbench-train" / "images"
+
+
+def view(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = img.shape[:2]
+    sw, sh = rng.uniform(0.35, 0.8, 2)
+    cx, cy = rng.uniform(sw / 2, 1 - sw / 2) * w, rng.uniform(sh / 2, 1 - sh / 2) * h
+    half = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float32) * [sw * w / 2, sh * h / 2]
+    a = np.deg2rad(rng.uniform(-25, 25))
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], np.float32)
+    src = half @ rot.T + [cx, cy] + rng.normal(0, 0.04, (4, 2)) * [sw * w, sh * h]
+    ow, oh = (640, 480) if w >= h else (480, 640)
+    dst = np.float32([[0, 0], [ow, 0], [ow, oh], [0, oh]])
+    out = cv2.warpPerspective(img, cv2.getPerspectiveTransform(src.astype(np.float32), dst), (ow, oh),
+                              flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
+    gamma = rng.uniform(0.6, 1.6)
+    return np.clip(255 * (out / 255.0) ** gamma, 0, 255).astype(np.uint8)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--photos", type=Path, default=TRAIN)
+    ap.add_argument("--groups", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    rng = np.random.default_rng(a.seed)
+    files = sorted(p for p in a.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    order = rng.permutation(len(files))
+    (a.out / "images").mkdir(parents=True, exist_ok=True)
+    (a.out / "distractors").mkdir(exist_ok=True)
+    groups, distractors = {}, []
+    for n, i in enumerate(order):
+        img = cv2.imread(str(files[i]), cv2.IMREAD_COLOR)
+        if img is None:
+            continue
+        if n >= a.groups:
+            distractors.append(f"{files[i].stem}.jpg")
+            cv2.imwrite(str(a.out / "distractors" / distractors[-1]), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            continue
+        name = files[i].stem
+        groups[name] = []
+        for j, im in enumerate([img, view(img, rng), view(img, rng)]):
+            groups[name].append(f"{name}_{j:02d}.jpg")
+            cv2.imwrite(str(a.out / "images" / groups[name][-1]), im, [cv2.IMWRITE_JPEG_QUALITY, 95 if j == 0 else 70])
+    (a.out / "groups.json").write_text(json.dumps(groups, indent=1))
+    (a.out / "distractors.json").write_text(json.dumps(distractors, indent=1))
+    print(f"{a.out}: {len(groups)} groups of 3, {len(distractors)} distractors")
+
+
+if __name__ == "__main__":
+    main()
