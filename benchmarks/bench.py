@@ -462,7 +462,7 @@ def measure_rerank(quick: bool) -> dict:
     from convlad.evaluate import evaluate_ranking, query_descriptors, rank_database
     from convlad.images import list_images
     from convlad.pipeline import ConvVLAD
-    from convlad.verify import LOCAL_K, Verifier
+    from convlad.verify import LOCAL_K
 
     print("rerank: fitting the default descriptor, encoding mvbench-dev with its local features ...", flush=True)
     train_dir = SHARED / "mvbench-train" / "images"
@@ -474,7 +474,7 @@ def measure_rerank(quick: bool) -> dict:
     D, R = rank_database(X, query_descriptors(bench, X))
     t_rank = (time.perf_counter() - t) / bench.n_queries
     before = evaluate_ranking(bench, R).mAP
-    v, n, times = Verifier(), 100, []
+    v, n, times = model.verifier(), 100, []
     for q in queries:
         d = bench.query_db[q]
         t = time.perf_counter()

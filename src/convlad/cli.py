@@ -141,7 +141,8 @@ def train(
         _warn(f"skipped {err}")
     _check_dim(model)
     model.save(out)
-    typer.echo(f"trained {model.describe()} on {model.n_train_} images in {time.time() - t:.0f}s → {out}")
+    typer.echo(f"trained {model.describe()} on {model.n_train_} images in {time.time() - t:.0f}s → {out} "
+               f"(chance level of spatial verification: {model.chance_} inliers)")
 
 
 WaitOpt = typer.Option(False, "--wait", help="If another process is writing to the index, wait for it "
@@ -423,14 +424,16 @@ def eval_(
         if errors:
             raise UserError(f"query images unreadable: {errors[0]}")
     t_rank = time.time()
-    res = evaluate_descriptors(bench, X, X_q, qe=qe, rerank=rerank, local=(L or [None])[0], local_q=L_q[0])
+    res = evaluate_descriptors(bench, X, X_q, qe=qe, rerank=rerank, local=(L or [None])[0], local_q=L_q[0],
+                               verifier=model.verifier())
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     typer.echo(f"{bench.describe()}")
     typer.echo(f"descriptor: {model.describe()}; vocabulary and PCA from {train_label} ({model.n_train_} images)")
     typer.echo(f"query expansion: {qe or 'off'}  time: {time.time() - t:.0f}s (encoding {t_enc:.1f} images/s)")
     if rerank:
         typer.echo(f"re-ranking: top {rerank} by spatial verification ({L[0].bytes_per_image} bytes of local "
-                   f"features per image, layer {'@'.join(f'{v:g}' if isinstance(v, float) else v for v in model.local_key)}); "
+                   f"features per image, layer {'@'.join(f'{v:g}' if isinstance(v, float) else v for v in model.local_key)}, "
+                   f"chance level {model.chance_} inliers); "
                    f"ranking + verification {t_rank:.1f} ms/query")
     if aps_out is not None:
         from .storage import write_durable
@@ -444,7 +447,8 @@ def eval_(
                "encode_img_per_s": t_enc}
         if res.aps_without_rerank is not None:
             doc.update(mAP_without_rerank=res.extra["mAP_without_rerank"], rerank_ms_per_query=t_rank,
-                       aps_without_rerank=listed(res.aps_without_rerank), local_bytes_per_image=L[0].bytes_per_image)
+                       aps_without_rerank=listed(res.aps_without_rerank), local_bytes_per_image=L[0].bytes_per_image,
+                       chance_level=model.chance_)
         write_durable(aps_out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
         typer.echo(f"per-query APs: {aps_out}")
     _print_metrics(res.metrics)  # last line: mAP, as scripts expect

@@ -91,8 +91,9 @@ def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarr
     ``X_q``: descriptors of the queries that are not database images (``extra_query_items``).
     ``qe`` > 0: α-query expansion with that many top neighbours (junk excluded, so never the query
     itself), then a second ranking.
-    ``rerank`` > 0: spatial verification of each query's top ``rerank`` (``verify.Verifier``) with
-    the database's ``local`` codes and, for queries that are not database images, ``local_q``.
+    ``rerank`` > 0: spatial verification of each query's top ``rerank`` (``verifier``, the model's
+    ``ConvVLAD.verifier()``; without one, Lite0's chance level) with the database's ``local`` codes
+    and, for queries that are not database images, ``local_q``.
     """
     Q = query_descriptors(bench, X, X_q)
     D, ranking = rank_database(X, Q)

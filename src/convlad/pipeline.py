@@ -18,7 +18,7 @@ from .encoding import PCAWhitening, VLAD
 from .extract import Batch, FeatureExtractor, iter_batches, want_compile
 from .images import ImageError
 from .storage import atomic_savez, load_npz
-from .verify import LocalCodes, select
+from .verify import LOCAL_K, LocalCodes, Verifier, chance_level, select
 
 FORMAT = "convlad-model"
 FORMAT_VERSION = 1
@@ -134,27 +134,37 @@ class ConvVLAD:
 
     # -- fitting ---------------------------------------------------------------------------------
     def fit(self, paths: Sequence[str], progress: bool = True, max_descriptors: int = 200_000,
-            memory_budget: float = 4e9) -> "ConvVLAD":
+            memory_budget: float = 4e9, chance_images: int = 400) -> "ConvVLAD":
         """Learn one vocabulary per (layer, scale) and the PCA-whitening from training images.
 
         One extraction pass keeps a random sample of descriptors for k-means and, while they fit in
         ``memory_budget`` bytes, every image's descriptors for the VLADs that PCA learns from;
-        beyond it a second pass recomputes them (same result, twice the extraction time).
+        beyond it a second pass recomputes them (same result, twice the extraction time). The same
+        pass keeps the local features of up to ``chance_images`` photos, on which the spatial
+        verifier's chance level is measured (``chance_``).
         """
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
+        # its own stream, so the vocabularies and the PCA do not depend on it
+        calib_rng = np.random.default_rng([cfg.seed, 1])
+        calib = set(calib_rng.permutation(len(paths))[:chance_images].tolist())
+        local_key, local = self.local_key, []
         per_image = max(1, -(-max_descriptors // max(1, len(paths))))
         samples = {key: [] for key in self.keys}
         stored = {key: [] for key in self.keys}  # local descriptors, per batch
         pooled = {key: [] for key in self.pooled_keys}  # mean-pooled vectors, per batch
         kept, used, keep_all, n_batches = [], 0, True, 0
         self.errors_ = []
-        for batch in self._batches(paths, "features (train)", progress):
+        for batch in self._batches(paths, "features (train)", progress, norms=[local_key]):
             self.errors_ += [e for _, e in batch.errors]
             if not batch.indices:
                 continue
             kept += batch.indices
             n_batches += 1
+            mine = [r for r, i in enumerate(batch.indices) if i in calib]
+            if mine:
+                local.append(select(batch.features[local_key][mine], batch.norms[local_key][mine],
+                                    batch.grids[local_key], LOCAL_K))
             for key in self.pooled_keys:
                 pooled[key].append(_mean_pool(batch.features[key]).cpu())
             for key in self.keys:
@@ -185,8 +195,13 @@ class ConvVLAD:
                 del stored
                 _, V, _ = self.transform_vlad([paths[i] for i in kept], progress=progress)
             self.pca_ = PCAWhitening(cfg.dim, cfg.whiten_power, cfg.shrinkage).fit(V)
+        self.chance_ = chance_level(LocalCodes.concat(local), seed=cfg.seed) if local else Verifier.chance
         self.n_train_ = len(kept)
         return self
+
+    def verifier(self, **kw) -> Verifier:
+        """The spatial verifier for this model's local features (its measured chance level)."""
+        return Verifier(**{"chance": self.chance_, **kw})
 
     # -- encoding --------------------------------------------------------------------------------
     def _concat(self, features: dict, pooled: dict | None = None) -> torch.Tensor:
@@ -306,7 +321,8 @@ class ConvVLAD:
             pca = st["params"]
             arrays.update({f"pca/{k}": a for k, a in st["arrays"].items()})
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config),
-                "vlad": encoders, "pooled_dims": self.pooled_dims_, "pca": pca, "n_train": self.n_train_}
+                "vlad": encoders, "pooled_dims": self.pooled_dims_, "pca": pca, "n_train": self.n_train_,
+                "chance": self.chance_}
         return meta, arrays
 
     @classmethod
@@ -322,6 +338,7 @@ class ConvVLAD:
             self.pca_ = PCAWhitening.from_state({"params": meta["pca"], "arrays": {
                 k: arrays[f"pca/{k}"] for k in ("mean", "components", "explained_variance")}})
         self.n_train_ = meta["n_train"]
+        self.chance_ = int(meta.get("chance", Verifier.chance))  # fitted before it was measured: Lite0's
         return self
 
     def fingerprint(self) -> str:

@@ -444,7 +444,7 @@ class IndexStore:
         rest after them unchanged (inliers None there)."""
         head = np.asarray(ids[:n])
         codes, stored = self.local_codes(head)
-        order, counts = (verifier or Verifier()).order(query, distances[:n], codes, stored)
+        order, counts = (verifier or self.model.verifier()).order(query, distances[:n], codes, stored)
         ids = np.concatenate([head[order], ids[n:]])
         distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
         return ids, distances, [int(counts[o]) if stored[o] else None for o in order] + [None] * (len(ids) - n)
