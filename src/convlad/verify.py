@@ -212,10 +212,10 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
     """Inliers that unrelated photos reach: the ``percentile`` over random pairs of the images of
     ``codes`` (training photos). Each image is paired only beyond its max(10, n/20) nearest by the
     mean of its local descriptors, so that a training set with small groups of related photos does
-    not count their matches as chance: on mvbench-dev's 191 photos (groups of 2–8) Lite0's level
-    came out 25 with every pair and 7 this way, as on mvbench-train's unrelated photos (7 both
-    ways). Groups far larger than n/20 (Paris6k's landmarks) still raise it, which makes
-    re-ranking more cautious, not wrong."""
+    not count their matches as chance: learned on mvbench-dev's 191 photos (groups of 2–8) with
+    every pair, Lite0's level came out 15 and halved re-ranking's gain on other photos
+    (docs/defaults.md); this way it is 8, as on mvbench-train's unrelated photos. Groups far larger
+    than n/20 (Paris6k's landmarks) still raise it, which makes re-ranking more cautious, not wrong."""
     n = len(codes)
     if n < 2:
         return Verifier.chance
