@@ -396,7 +396,7 @@ def eval_(
     from .evaluate import evaluate_descriptors, extra_query_items
     import numpy as np
 
-    from .verify import LOCAL_K
+    from .verify import LOCAL_K, LocalCodes
 
     if len(args) > 2:
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
@@ -410,7 +410,7 @@ def eval_(
     t = time.time()
     model.fit(train_paths)
     _check_dim(model)
-    need = len(bench.paths) * LOCAL_K * (model.local_dim + 2)  # int8 codes and two uint8 cells per feature
+    need = len(bench.paths) * LocalCodes.size(LOCAL_K, model.local_dim)
     if rerank and need > _available_memory() / 2:
         _warn(f"warning: re-ranking off: {len(bench.paths)} images would need {need / 2**30:.1f} GiB of local "
               f"features in memory, more than half of what is free (--rerank 0: the global ranking, without this warning)")

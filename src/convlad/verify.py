@@ -47,9 +47,14 @@ class LocalCodes:
     def __len__(self) -> int:
         return len(self.count)
 
+    @staticmethod
+    def size(k: int, d: int) -> int:
+        """Bytes per image of k features of depth d: int8 codes, two uint8 cells each, a uint16 count."""
+        return k * (d + 2) + 2
+
     @property
     def bytes_per_image(self) -> int:
-        return int(self.codes[0].nbytes + self.cells[0].nbytes + self.count.itemsize) if len(self) else 0
+        return self.size(*self.codes.shape[1:]) if len(self) else 0
 
     def __getitem__(self, i) -> "LocalCodes":
         idx = np.atleast_1d(np.asarray(i))
@@ -220,7 +225,7 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
     if n < 2:
         return Verifier.chance
     rng = np.random.default_rng(seed)
-    g = np.stack([codes.features(i)[0].mean(0) for i in range(n)])
+    g = codes.descriptors().mean(1)  # unused slots are zero: the direction is the valid rows' mean
     g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
     S = g @ g.T
     np.fill_diagonal(S, np.inf)  # itself first, then its nearest
