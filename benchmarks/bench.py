@@ -248,7 +248,8 @@ def job_search(n: int, d: int = 128, nq: int = 200, seed: int = 0) -> dict:
     clusters (places, objects) of a few to tens of images, unit-norm; queries are new views."""
     import faiss
 
-    from convlad.index import ExactIndex, build_ann, default_nprobe
+    from convlad.index import ExactIndex, default_nprobe
+    from convlad.store import IndexStore
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(1, n // 20), d)).astype(np.float32)
@@ -271,12 +272,16 @@ def job_search(n: int, d: int = 128, nq: int = 200, seed: int = 0) -> dict:
     exact_ms = (time.perf_counter() - t) / nq * 1e3
     out = {"n": n, "faiss_flat_ms": faiss_ms, "exact_ms": exact_ms,
            "exact_recall_at_10": float(np.mean([len(set(g) & set(r)) / 10 for g, r in zip(got, gt)]))}
+    # the IVF-PQ as the store serves it (trained, its shortlist made exact), in a scratch folder
+    tmp = tempfile.TemporaryDirectory()
     t = time.perf_counter()
-    ann = build_ann(X)
+    ann = IndexStore.create(Path(tmp.name) / "ix", dim=d, ann="ivfpq")
+    ann.add_vectors(X, [f"{i}.jpg" for i in range(n)])
+    ann.search(Q[:1], 10)  # the inverted lists are filled on first use
     out["ann_build_s"] = time.perf_counter() - t
-    out["ann_factory"] = ann.factory
+    out["ann_factory"] = ann.m["ivf"]["factory"]
     curve = []
-    default = default_nprobe(faiss.extract_index_ivf(ann.ivf).nlist)
+    default = default_nprobe(faiss.extract_index_ivf(ann._ivf).nlist)
     for nprobe in sorted({4, 8, 16, 32, 64, default}):
         ann.set_nprobe(nprobe)
         ann.search(Q[:2], 10)
@@ -289,6 +294,8 @@ def job_search(n: int, d: int = 128, nq: int = 200, seed: int = 0) -> dict:
     default = next(c for c in curve if c["nprobe"] == default)
     out["ivfpq_ms"], out["ivfpq_recall_at_10"] = default["ms"], default["recall_at_10"]
     out["peak_rss_mb"] = peak_rss_mb()
+    ann.close()
+    tmp.cleanup()
     return out
 
 
@@ -411,6 +418,7 @@ def job_index(model: str, folder: str, out: str, ray: bool) -> dict:
     """Index a folder into a new store, in this process or on a local Ray (2 actors of 1 CPU)."""
     from convlad.pipeline import ConvVLAD
     from convlad.store import IndexStore
+    from convlad.sync import sync
 
     t = time.perf_counter()
     with IndexStore.create(out, model=ConvVLAD.load(model), root=folder) as st:
@@ -420,7 +428,7 @@ def job_index(model: str, folder: str, out: str, ray: bool) -> dict:
             s = sync_with_ray(st, None, batch_size=16, progress=False, report=lambda m: None)
         else:
             st.model.compile = False
-            s = st.sync(progress=False, report=lambda m: None)
+            s = sync(st, progress=False, report=lambda m: None)
         n = len(st)
     seconds = time.perf_counter() - t
     return {"images": n, "seconds": seconds, "img_per_s": n / seconds, "added": s["added"],
@@ -440,6 +448,7 @@ def measure_serve(quick: bool) -> dict:
     from convlad.images import list_images
     from convlad.pipeline import ConvVLAD
     from convlad.store import IndexStore
+    from convlad.sync import sync
 
     with tempfile.TemporaryDirectory() as tmp:
         print("serve: fitting the default descriptor, indexing mvbench-dev ...", flush=True)
@@ -448,7 +457,7 @@ def measure_serve(quick: bool) -> dict:
         model = ConvVLAD().fit(train, progress=False)
         dev = SHARED / "mvbench-dev"
         with IndexStore.create(Path(tmp) / "dev.index", model=model, root=dev / "images") as st:
-            st.sync(progress=False, report=lambda m: None)
+            sync(st, progress=False, report=lambda m: None)
         queries = load_groups(dev).paths[::3]
         seconds = 15 if quick else 60
         print(f"serve: 200 clients × {seconds} s, one query per forward pass, then micro-batched ...", flush=True)
@@ -468,7 +477,8 @@ def measure_rerank(quick: bool) -> dict:
     train_dir = SHARED / "mvbench-train" / "images"
     model = ConvVLAD().fit([str(train_dir / p) for p in list_images(train_dir)], progress=False)
     bench = load_groups(SHARED / "mvbench-dev")
-    _, X, _, L = model.transform(bench.paths, progress=False, local=LOCAL_K)
+    enc = model.transform(bench.paths, progress=False, local=LOCAL_K)
+    X, L = enc.X, enc.local
     queries = range(0, bench.n_queries, 4 if quick else 1)
     t = time.perf_counter()
     D, R = rank_database(X, query_descriptors(bench, X))

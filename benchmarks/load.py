@@ -36,14 +36,17 @@ def _vm(pid: int, key: str) -> float:
 
 
 async def _clients(url: str, photos: list[bytes], clients: int, seconds: float, max_requests: int) -> dict:
+    """``clients`` loops posting photos until ``seconds`` or ``max_requests``; a 503 is honoured by
+    waiting its Retry-After. Meanwhile /api/health is polled every 100 ms: its worst latency."""
     import httpx
 
-    latencies, errors, done = [], 0, 0
+    latencies, statuses, bad, done = [], {}, 0, 0
+    health = []
     stop = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
         async def one(cid: int):
-            nonlocal errors, done
+            nonlocal bad, done
             rng = random.Random(cid)
             while time.monotonic() < stop and done < max_requests:
                 done += 1
@@ -51,28 +54,43 @@ async def _clients(url: str, photos: list[bytes], clients: int, seconds: float, 
                 t = time.perf_counter()
                 try:
                     r = await client.post(url + "/api/search?k=10", files={"image": ("q.jpg", data, "image/jpeg")})
-                    ok = r.status_code == 200 and len(r.json()["results"]) == 10
-                except Exception:  # noqa: BLE001 - counted as an error
-                    ok = False
-                if ok:
+                    status = r.status_code
+                except Exception:  # noqa: BLE001 - counted as a failure
+                    status = "no answer"
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 200 and len(r.json()["results"]) == 10:
                     latencies.append(time.perf_counter() - t)
+                elif status == 503 and r.headers.get("content-type") == "application/json" and \
+                        r.headers.get("retry-after", "").isdigit() and "error" in r.json():
+                    await asyncio.sleep(int(r.headers["retry-after"]))
                 else:
-                    errors += 1
+                    bad += 1
+
+        async def poll_health():
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                try:
+                    ok = (await client.get(url + "/api/health", timeout=30)).status_code == 200
+                except Exception:  # noqa: BLE001
+                    ok = False
+                health.append(time.perf_counter() - t if ok else float("inf"))
+                await asyncio.sleep(0.1)
 
         t0 = time.monotonic()
-        await asyncio.gather(*(one(i) for i in range(clients)))
+        await asyncio.gather(poll_health(), *(one(i) for i in range(clients)))
         wall = time.monotonic() - t0
     lat = np.array(latencies) * 1e3
-    return {"clients": clients, "seconds": round(wall, 1), "requests": len(latencies) + errors, "errors": errors,
-            "qps": len(latencies) / wall,
+    return {"clients": clients, "seconds": round(wall, 1), "requests": sum(statuses.values()),
+            "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)}, "errors": bad,
+            "qps": len(latencies) / wall, "health_worst_ms": 1e3 * max(health) if health else None,
             **{f"p{q}_ms": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 95, 99)}}
 
 
 def measure(index: str, photos: list[str], clients: int = 200, seconds: float = 60, max_requests: int = 100_000,
-            batched: bool = True) -> dict:
+            batched: bool = True, args: tuple = ()) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [] if batched else ["--batch-window-ms", "0", "--max-batch", "1"]
+    args = [*([] if batched else ["--batch-window-ms", "0", "--max-batch", "1"]), *args]
     proc = subprocess.Popen([sys.executable, "-m", "convlad.cli", "serve", index, "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -91,8 +109,8 @@ def measure(index: str, photos: list[str], clients: int = 200, seconds: float = 
         asyncio.run(_clients(url, data[:4], 2, 3, 50))  # warm-up
         out = asyncio.run(_clients(url, data, clients, seconds, max_requests))
         stats = httpx.get(url + "/api/stats").json()
-        out.update(batched=batched, device=stats["device"], mean_batch=stats["mean_batch"], rss_mb=_vm(proc.pid, "VmRSS"),
-                   peak_rss_mb=_vm(proc.pid, "VmHWM"))
+        out.update(batched=batched, args=list(args), device=stats["device"], mean_batch=stats["mean_batch"],
+                   rss_mb=_vm(proc.pid, "VmRSS"), peak_rss_mb=_vm(proc.pid, "VmHWM"))
         return out
     finally:
         proc.terminate()
@@ -100,11 +118,15 @@ def measure(index: str, photos: list[str], clients: int = 200, seconds: float = 
 
 
 def compare(index: str, photos: list[str], clients: int = 200, seconds: float = 60) -> dict:
-    """One query per forward pass, then micro-batched, the same load on each."""
+    """One query per forward pass, then micro-batched, the same load on each; then the default
+    server with a line of 16 (``--max-queue 16``): every answer must be a 200 or a JSON 503 with
+    Retry-After, and health must keep answering."""
     single = measure(index, photos, clients, seconds, batched=False)
     batched = measure(index, photos, clients, seconds, batched=True)
+    queued = measure(index, photos, clients, seconds, batched=True, args=("--max-queue", "16"))
     return {"single": single, "batched": batched, "qps_ratio": batched["qps"] / single["qps"],
-            "p99_ratio": batched["p99_ms"] / single["p99_ms"]}
+            "p99_ratio": batched["p99_ms"] / single["p99_ms"], "max_queue_16": queued,
+            "max_queue_16_only_200_or_503": queued["errors"] == 0}
 
 
 def main():

@@ -80,12 +80,13 @@ def test_index_skips_bad_files_and_search_finds_same_object(workdir, groups):
     assert [r["rank"] for r in res] == [1, 2, 3, 4] and all(isinstance(r["inliers"], int) for r in res)
     # the photos of the same object are ranked above those of the other four, with or without it
     glob = json.loads(run("search", workdir / "index", query, "-k", "4", "--json", "--rerank", "0").stdout)[0]["results"]
-    assert all(a["distance"] <= b["distance"] for a, b in zip(glob, glob[1:])) and "inliers" not in glob[0]
+    assert all(a["distance"] <= b["distance"] for a, b in zip(glob, glob[1:])) and glob[0]["inliers"] is None
     for ranking in (res, glob):
         assert sum(Path(r["path"]).name.startswith(names[1]) for r in ranking[1:]) >= 2, ranking
 
-    table = run("search", workdir / "index", query, "-k", "2").stdout
-    assert table.splitlines()[0] == f"query: {query}" and query.name in table.splitlines()[1]
+    table = run("search", workdir / "index", query, "-k", "2").stdout.splitlines()
+    assert table[0] == f"query: {query}" and table[1].split() == ["rank", "id", "distance", "inliers", "path"]
+    assert table[2].split()[:2] == ["1", str(res[0]["id"])] and query.name in table[2]
 
     # the same index switched to IVF-PQ: the search structure is rebuilt, nothing re-encoded, and
     # on a collection this small the shortlist holds everything: the same results, exact distances
@@ -149,6 +150,40 @@ def test_killed_index_run_resumes_from_checkpoint(workdir, dev_images):
     assert f"60 images ({60 - saved} added, {saved} unchanged" in p.stdout
     assert sorted(stored(out)) == sorted(Path(p).name for p in dev_images[:60])
     assert not [f for f in os.listdir(out) if f.startswith("tmp-")], "temporary files left behind"
+
+
+def test_ctrl_c_during_a_first_index_commits_what_was_encoded(workdir, dev_images, train_images):
+    """SIGINT 10 s into a first index of a few hundred photos, with the default checkpointing (every
+    500 photos or 30 s): what was encoded is committed before the exit, and a rerun adds the rest."""
+    photos = workdir / "interrupted"
+    paths = [Path(p) for p in dev_images] + [Path(p) for p in train_images]  # ~1 000: 20 s or more here
+    link_images(photos, paths)
+    out = workdir / "interrupted.index"
+    proc = subprocess.Popen([*CLI, "index", workdir / "model.npz", photos, "--out", out],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(10)
+    assert proc.poll() is None, "the run ended within 10 s: too few photos for this test"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    saved = len(IndexStore.open(out))
+    assert 0 < saved < len(paths), saved  # the work of those 10 s kept
+    p = run("index", workdir / "model.npz", photos, "--out", out)
+    assert f"{len(paths)} images ({len(paths) - saved} added, {saved} unchanged" in p.stdout
+
+
+def test_index_without_a_model_fits_one_on_the_collection(workdir, groups, tmp_path):
+    photos = tmp_path / "photos"
+    link_images(photos, [f for files in list(groups.values())[:12] for f in files])
+    n = len(list(photos.iterdir()))
+    p = run("index", photos, "--out", tmp_path / "own.index", "--local-features", "50")
+    assert "no model given: fitting the default descriptor on" in p.stderr and f"{n} images ({n} added" in p.stdout
+    # the index keeps its model: a rerun with the folder alone changes nothing, and search works
+    again = run("index", photos, "--out", tmp_path / "own.index")
+    assert f"(0 added, {n} unchanged" in again.stdout and "no model given" not in again.stderr
+    query = next(iter(groups.values()))[0]
+    res = json.loads(run("search", tmp_path / "own.index", query, "-k", "3", "--json").stdout)[0]["results"]
+    assert res[0]["query_itself"] and Path(res[0]["path"]).name == query.name
 
 
 def test_dangling_link_and_loop_are_skipped_each_photo_once(workdir, groups):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convlad.figures import _neighbours, parse_layer_spec, patch_bank, reconstruct
+from convlad.figures import LABEL, _neighbours, clusters_figure, parse_layer_spec, patch_bank, reconstruct
 from convlad.images import load_warped
 
 from .servers import cli
@@ -36,6 +36,15 @@ def test_patches_tile_the_warped_image_and_neighbours_come_from_other_images(lit
     d = ((bank.desc[rows][:, None] - bank.desc[None]) ** 2).sum(-1)
     d[:, bank.image == 0] = np.inf
     np.testing.assert_array_equal(nn[:, 0], d.argmin(1))
+    # Fig. 4 shows, after each sampled reference, exactly its nearest patches of other images
+    fig = np.asarray(clusters_figure([bank], refs=2, neighbours=3, cell=16, seed=5))
+    refs = np.random.default_rng(5).choice(len(bank.desc), size=2, replace=False)
+    near = _neighbours(bank, refs, 3)
+    for r, (ref, row) in enumerate(zip(refs, near)):
+        for c, i in enumerate([ref, *row]):
+            x, y = c * 20 + (8 if c else 0), LABEL + r * 22
+            np.testing.assert_array_equal(fig[y:y + 16, x:x + 16], bank.patches[i])
+        assert (bank.image[row] != bank.image[ref]).all()
 
 
 def test_figure_commands_write_pngs_and_refuse_bad_layers(tmp_path, photos):
@@ -49,7 +58,8 @@ def test_figure_commands_write_pngs_and_refuse_bad_layers(tmp_path, photos):
     assert im.format == "PNG" and im.size == (5 * 166 - 6, 22 + 160)  # image + 2 layers × (1-NN, 5-NN)
     cli("figure", "clusters", "--database", db, "--layers", "block6,block15@2", "--refs", "3", "--neighbours", "4",
         "--out", out4)
-    assert Image.open(out4).format == "PNG"
+    im = Image.open(out4)  # two panels (block6@1, block15@2), each of 3 references × (itself + 4)
+    assert im.format == "PNG" and im.size == (5 * 44 + 8, 2 * (LABEL + 3 * 46 + 16))
     for bad in ("block99@1", "block6@x"):
         p = subprocess.run([sys.executable, "-m", "convlad", "figure", "clusters", "--database", str(db), "--layers", bad],
                            capture_output=True, text=True)

@@ -37,8 +37,10 @@ def server(setup):
 
 
 def search(server, path, k=5, rerank=0):
+    """``rerank`` None: the server's default."""
     with open(path, "rb") as f:
-        r = httpx.post(f"{server.url}/api/search?k={k}&rerank={rerank}", files={"image": (path.name, f, "image/jpeg")}, timeout=60)
+        r = httpx.post(f"{server.url}/api/search?k={k}" + ("" if rerank is None else f"&rerank={rerank}"),
+                       files={"image": (path.name, f, "image/jpeg")}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -60,7 +62,14 @@ def test_search_ranks_the_group_first_and_files_come_by_id(server, setup):
     # the match view of this query against its best result, as data and as a picture
     m = httpx.get(server.url + f"/api/match/{top['id']}?query={res['query']}&format=json", timeout=60).json()
     assert m["matches"] >= m["inliers"] > 0 and len(m["pairs"]) == m["matches"]
-    png = httpx.get(server.url + f"/api/match/{top['id']}", timeout=60)
+    # with the defaults the results are verified, and each one's match view draws that very count
+    ranked = search(server, files[0], k=3, rerank=None)
+    for hit in ranked["results"]:
+        view = httpx.get(server.url + f"/api/match/{hit['id']}?query={ranked['query']}&format=json", timeout=60).json()
+        assert isinstance(hit["inliers"], int) and view["inliers"] == hit["inliers"], (view["inliers"], hit)
+    # a query is reachable only by its id: no "last query" to fall back on
+    assert httpx.get(server.url + f"/api/match/{top['id']}").status_code == 400
+    png = httpx.get(server.url + f"/api/match/{top['id']}?query={res['query']}", timeout=60)
     assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).width > 300
     stats = httpx.get(server.url + "/api/stats").json()
     assert stats["images"] == sum(len(f) - 1 for f in groups.values()) and stats["searches"] >= 1

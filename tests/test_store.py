@@ -181,9 +181,9 @@ def test_walk_reaches_each_file_once_and_reports_bad_links(tmp_path):
 
 
 def test_many_small_commits_are_merged_automatically(tmp_path, monkeypatch):
-    import convlad.store as store_module
+    import convlad.merge as merge
 
-    monkeypatch.setattr(store_module, "MAX_SMALL_SEGMENTS", 8)  # 64 in use; the policy, not the number
+    monkeypatch.setattr(merge, "MAX_SMALL_SEGMENTS", 8)  # 64 in use; the policy, not the number
     X = clustered(40, d=8, seed=4)
     with IndexStore.create(tmp_path / "ix", dim=8) as st:
         for i in range(40):  # one commit per photo, as uploads to the service are
@@ -191,3 +191,16 @@ def test_many_small_commits_are_merged_automatically(tmp_path, monkeypatch):
             assert len(st.m["segments"]) <= 9
         assert len(st) == 40 and [p for _, p, _ in st.items()] == [f"u{i}.jpg" for i in range(40)]
         np.testing.assert_array_equal(st.vectors(range(40)), X)
+
+
+def test_merge_policy_is_a_pure_choice_of_neighbouring_small_or_dirty_segments():
+    from convlad.merge import plan_merges
+
+    # small runs merge up to the target; a large clean segment ends a run and stays
+    assert plan_merges([10, 10, 10, 900, 10, 10], [10, 10, 10, 900, 10, 10], target_rows=1000) == [[0, 1, 2], [4, 5]]
+    # a lone small segment stays; a dirty one is rewritten even alone, large or not
+    assert plan_merges([10, 900], [10, 900], target_rows=1000) == []
+    assert plan_merges([900, 10], [800, 10], target_rows=1000) == [[0, 1]]
+    assert plan_merges([2000], [1999], target_rows=1000) == [[0]]
+    # a run is cut where the target would be passed
+    assert plan_merges([400, 400, 400], [400, 400, 400], target_rows=1000) == [[0, 1]]

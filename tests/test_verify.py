@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from convlad.metrics import bootstrap_difference
+from convlad.search import Settings, search_images
+from convlad.sync import sync
 from convlad.verify import LocalCodes, Verifier, chance_level, select
 
 from .servers import cli, groups_of_dev
@@ -71,7 +74,8 @@ def model(train_images):
 def test_other_views_verify_and_unrelated_photos_stay_at_chance(model):
     groups = list(groups_of_dev().values())[:8]
     paths = [str(f) for files in groups for f in files[:2]]
-    ok, X, errors, L = model.transform(paths, progress=False, local=300)
+    ok, X, errors = enc = model.transform(paths, progress=False, local=300)
+    L = enc.local
     assert not errors and L.codes.shape == (16, 300, 80)
     v = model.verifier()
     assert v.chance == model.chance_
@@ -99,7 +103,7 @@ def test_chance_level_is_what_unrelated_photos_reach(model, train_images):
     from convlad.pipeline import ConvVLAD
 
     # measured at fit on the training photos (one per ImageNet class, so unrelated), and kept
-    _, _, _, L = model.transform(train_images[1::25], progress=False, local=300)
+    L = model.transform(train_images[1::25], progress=False, local=300).local
     assert 3 <= model.chance_ <= 16 and chance_level(L) <= 16
     back = ConvVLAD.from_state(*model.state())
     assert back.chance_ == model.chance_ == back.verifier().chance
@@ -108,7 +112,7 @@ def test_chance_level_is_what_unrelated_photos_reach(model, train_images):
     assert ConvVLAD.from_state(meta, arrays).chance_ == Verifier.chance
     # where the photos are related (eight views of one tree) the same measure comes out far higher
     tree = [str(f) for f in groups_of_dev()["monstree"]]
-    _, _, _, T = model.transform(tree, progress=False, local=300)
+    T = model.transform(tree, progress=False, local=300).local
     assert chance_level(T) > 2 * max(chance_level(L), model.chance_), (chance_level(T), chance_level(L))
 
 
@@ -124,7 +128,7 @@ def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_pa
             (photos / f.name).symlink_to(f)
     with IndexStore.create(tmp_path / "a.index", model=model, root=photos) as st:
         assert st.local_k == 300
-        st.sync(progress=False, commit_every=3, report=lambda *_: None)
+        sync(st, progress=False, commit_every=3, report=lambda *_: None)
         ids = np.array([i for i, _, _ in st.items()])
         before, have = st.local_codes(ids)
         assert have.all() and before.codes.shape[1:] == (300, 80)
@@ -142,18 +146,34 @@ def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_pa
         IndexStore.create(tmp_path / "a.index", model=model, root=photos, local=100)
     queries = [str(files[0]) for files in groups]
     with IndexStore.open(tmp_path / "a.index") as st:
-        plain, _ = st.search_images(queries, k=5)
-        rr, _ = st.search_images(queries, k=5, rerank=20)
-    assert all(n is None for _, hits in plain for *_, n in hits)
-    assert all(isinstance(n, int) for _, hits in rr for *_, n in hits)
+        plain, _ = search_images(st, queries, Settings(k=5, rerank=0))
+        rr, _ = search_images(st, queries, Settings(k=5, rerank=20))
+        enc = model.transform(queries, progress=False, local=300)
+        v = model.verifier()
+        for qi, (_, hits) in enumerate(rr):
+            # each result carries the inliers that the verifier finds for it against the stored
+            # features, and the list is in the verifier's score order
+            codes, have = st.local_codes([h.id for h in hits])
+            assert have.all() and [h.inliers for h in hits] == v.inliers(enc.local.features(qi), codes).tolist()
+            scores = v.scores([h.distance for h in hits], np.array([h.inliers for h in hits]))
+            assert all(a >= b for a, b in zip(scores, scores[1:])), scores
+    assert all(h.inliers is None for _, hits in plain for h in hits)
+    # other views of the query's object come first after verification at least as often as before
+    group_of = {f.name: g for g, files in enumerate(groups) for f in files}
+
+    def firsts(res):
+        return sum(group_of.get(Path(st.path_of(hits[0].id)).name) == group_of[Path(q).name] for q, hits in res)
+
+    with IndexStore.open(tmp_path / "a.index") as st:
+        assert firsts(rr) >= firsts(plain) and firsts(rr) >= 3, (firsts(plain), firsts(rr))
     # a store made without local features re-ranks nothing: the order stays the global one
     with IndexStore.create(tmp_path / "b.index", model=model, root=photos, local=0) as st:
-        st.sync(progress=False, report=lambda *_: None)
+        sync(st, progress=False, report=lambda *_: None)
         assert "local-codes" not in st._segs[0].extra
-        plain, _ = st.search_images(queries, k=5)
-        same, _ = st.search_images(queries, k=5, rerank=20)
-    assert [[h[0] for h in hits] for _, hits in same] == [[h[0] for h in hits] for _, hits in plain]
-    assert all(n is None for _, hits in same for *_, n in hits)
+        plain, _ = search_images(st, queries, Settings(k=5, rerank=0))
+        same, _ = search_images(st, queries, Settings(k=5, rerank=20))
+    assert [[h.id for h in hits] for _, hits in same] == [[h.id for h in hits] for _, hits in plain]
+    assert all(h.inliers is None for _, hits in same for h in hits)
 
 
 @pytest.mark.e2e
@@ -173,7 +193,7 @@ def test_search_rerank_on_the_command_line(tmp_path, train_images):
     assert "inliers" in json.loads(cli("search", index, q, "-k", "2", "--json").stdout)[0]["results"][0]
     bare = tmp_path / "bare.index"
     cli("index", tmp_path / "model.npz", tmp_path / "photos", "--out", bare, "--local-features", "0")
-    assert "inliers" not in json.loads(cli("search", bare, q, "-k", "2", "--json").stdout)[0]["results"][0]
+    assert json.loads(cli("search", bare, q, "-k", "2", "--json").stdout)[0]["results"][0]["inliers"] is None
     p = subprocess.run([sys.executable, "-m", "convlad", "search", str(bare), str(q), "-k", "2", "--rerank", "10", "--json"],
                        capture_output=True, text=True)
     assert p.returncode == 0 and "keeps no local features" in p.stderr and "Traceback" not in p.stderr

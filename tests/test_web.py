@@ -44,15 +44,31 @@ def test_search_click_match_add_and_delete_in_a_browser(browser, site, tmp_path)
     server, groups = site
     shots = Path(os.environ.get("CONVLAD_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # Playwright evaluates its waits as strings, which the page's CSP forbids (no eval): bypassed
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('stats').textContent.includes('photos')")
+
+    # without a query the page browses the collection, a page of 24 at a time
+    total = int(page.locator("#stats").inner_text().split()[0].replace(",", ""))
+    page.wait_for_selector("#grid .card")
+    assert page.locator("#grid .card").count() == min(24, total) and total > 24
+    assert page.locator("#pageinfo").inner_text() == f"page 1 of {-(-total // 24)}"
+    page.locator("#next").click()
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Photos 25–')")
+    assert page.locator("#grid .card").count() == min(24, total - 24) and page.locator("#prev").is_enabled()
 
     # search by upload: the held-out photo's group comes first
     name, files = list(groups.items())[0]
     page.set_input_files("#pick", str(files[0]))
-    page.wait_for_selector("#grid .card")
+    page.wait_for_function("document.getElementById('status').textContent.includes(' ms ·')")
     paths = page.locator("#grid .card .path").all_inner_texts()
+    # plain words, and the order explained: the server's defaults re-rank the top 100
+    labels = page.locator("#grid .card .dist").all_inner_texts()
+    assert len(labels) == 10 and all(t.startswith("distance ") and "matching features" in t for t in labels), labels
+    assert "ordered by matching features" in page.locator("#status").inner_text() and not page.locator("#pager").is_visible()
+    page.locator("#more").click()
+    page.wait_for_function("document.querySelectorAll('#grid .card').length > 10")
     top = paths[:len(files) - 1]
     assert sum(p.startswith(name) for p in top) >= len(files) - 2, paths
     page.wait_for_function("[...document.querySelectorAll('#grid img')].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)")
@@ -62,7 +78,7 @@ def test_search_click_match_add_and_delete_in_a_browser(browser, site, tmp_path)
     second = page.locator("#grid .card").nth(1)
     clicked = second.locator(".path").inner_text()
     second.locator(".thumb").click()
-    page.wait_for_function(f"document.getElementById('status').textContent.includes('nearest photos to photo')")
+    page.wait_for_function(f"document.getElementById('status').textContent.includes('photos like photo')")
     assert clicked not in page.locator("#grid .card .path").all_inner_texts()
 
     # the match view of the first result
@@ -79,7 +95,7 @@ def test_search_click_match_add_and_delete_in_a_browser(browser, site, tmp_path)
     other = list(groups.values())[3][0]
     page.set_input_files("#addfile", str(other))
     page.wait_for_function(f"document.getElementById('stats').textContent.startsWith('{before + 1} ')")
-    page.wait_for_function("document.getElementById('status').textContent.includes('nearest photos to photo')")
+    page.wait_for_function("document.getElementById('status').textContent.includes('photos like photo')")
     page.on("dialog", lambda d: d.accept())
     card = page.locator("#grid .card").first
     gone = card.locator(".path").inner_text()
@@ -96,4 +112,6 @@ def test_search_click_match_add_and_delete_in_a_browser(browser, site, tmp_path)
     page.set_input_files("#pick", str(bad))
     page.wait_for_selector("#error", state="visible")
     assert "not an image" in page.locator("#error").inner_text()
+    # the previous results are gone: nothing is shown under a query that failed
+    assert page.locator("#grid .card").count() == 0 and "failed" in page.locator("#status").inner_text()
     page.close()

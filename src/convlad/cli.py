@@ -1,4 +1,6 @@
-"""Command line: ``convlad train | index | search | info | compact | eval | sweep | table | datasets | backbones``.
+"""Command line: ``convlad train | index | search | explain | info | compact | serve | eval | compare |
+sweep | table | datasets | figure | backbones``. The index and search commands are here; the measuring
+ones in ``cli_study.py``; what they share in ``cli_common.py``.
 
 Every user-facing failure (bad file, missing weights, wrong index) ends in one line on stderr and
 exit status 2, never a traceback.
@@ -14,107 +16,19 @@ from typing import List, Optional
 
 import typer
 
-from .backbones import BACKBONES, DEFAULT_BACKBONE, WeightsError, get_backbone
+from . import cli_study
+from .backbones import BACKBONES, WeightsError, get_backbone
+from .cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, PooledOpt, PowerOpt,
+                         PrecisionOpt, QeOpt, ScalesOpt, SearchRerankOpt, UserError, WaitOpt, WeightsOpt, _check_dim,
+                         _compile, _config, _model, _precision, _settings, _warn)
 from .images import ImageError, list_images
+from .segments import MODEL
 from .storage import FileFormatError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Instance-level image retrieval with VLAD-encoded local CNN features.")
-datasets_app = typer.Typer(no_args_is_help=True, help="Benchmarks: download, check.")
-app.add_typer(datasets_app, name="datasets")
-figure_app = typer.Typer(no_args_is_help=True, help="The paper's Figures 3 and 4 for any backbone, layers and scales.")
-app.add_typer(figure_app, name="figure")
-
-
-class UserError(Exception):
-    pass
-
-
-def _warn(msg: str) -> None:
-    """A line on stderr that does not tear through a progress bar."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def _scales(text: str) -> list[float]:
-    try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--scales {text!r}: expected numbers separated by commas, e.g. 1,2") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise UserError(f"--scales {text!r}: scales must be positive")
-    return scales
-
-
-def _layers(text: Optional[str]) -> Optional[list[str]]:
-    """None → the backbone's default; "none" → no layer; else a comma-separated list."""
-    if text is None:
-        return None
-    return [] if text.strip().lower() == "none" else [s for s in text.split(",") if s]
-
-
-def _config(backbone, layer, pooled, scales, k, dim, weights, power):
-    from .pipeline import Config
-
-    cfg = Config(backbone=backbone, layers=_layers(layer), pooled=_layers(pooled), scales=_scales(scales),
-                 k=k, dim=dim or None, weights=weights, power=None if power == 1 else power)
-    if cfg.layers == [] and cfg.pooled == []:
-        raise UserError("--layer none and --pooled none leave nothing to encode")
-    return cfg
-
-
-def _check_dim(model) -> None:
-    if model.config.dim and model.dim < model.config.dim:
-        _warn(f"warning: PCA-whitening to {model.config.dim}-D needs more than {model.config.dim} training "
-              f"images; {model.n_train_} give {model.dim}-D (train on more images, or --dim 0)")
-
-
-def _compile(value: str):
-    choices = {"auto": "auto", "on": True, "off": False}
-    if value not in choices:
-        raise UserError(f"--compile {value!r}: choose auto, on or off")
-    return choices[value]
-
-
-def _precision(value: str) -> str:
-    from .extract import PRECISIONS
-
-    if value not in PRECISIONS:
-        raise UserError(f"--precision {value!r}: choose {', '.join(PRECISIONS)}")
-    return value
-
-
-def _model(cfg, batch_size: int, device: Optional[str], compile: str = "auto", precision: str = "fp32"):
-    from .pipeline import ConvVLAD
-
-    model = ConvVLAD(cfg)
-    model.batch_size, model.device, model.compile = batch_size, device, _compile(compile)
-    model.precision = _precision(precision)
-    _ = model.backbone  # loads the weights now: a missing file fails before any work is done
-    return model
-
-
-BackboneOpt = typer.Option(DEFAULT_BACKBONE, "--backbone", "-b", help="Network: see `convlad backbones`.")
-LayerOpt = typer.Option(None, "--layer", "-l", help="Layer(s) to VLAD-encode, comma-separated ('none': no VLAD); default: the backbone's.")
-PooledOpt = typer.Option(None, "--pooled", help="Layer(s) mean-pooled beside the VLAD; 'none' for the paper's pure VLAD; default: the backbone's.")
-ScalesOpt = typer.Option("1,2", "--scales", "-s", help="Scales, comma-separated: s warps to (224·s)².")
-KOpt = typer.Option(100, "--k", help="Vocabulary size (k-means centroids) per layer and scale.")
-DimOpt = typer.Option(128, "--dim", help="PCA-whitened dimension; 0 keeps the uncompressed VLAD.")
-WeightsOpt = typer.Option(None, "--weights", help="Weights file (VGG16/GoogLeNet official .pth, ...).")
-PowerOpt = typer.Option(0.5, "--power", help="Signed power on residual sums before intra-norm; 1 = the paper's plain VLAD.")
-RERANK = 100  # +0.055 mAP on mvbench-dev [+0.030, +0.085]; as much on Lite1/2, MobileNetV2, synthetic views (docs/defaults.md)
-RerankOpt = typer.Option(RERANK, "--rerank", help="Re-rank the top N by spatial verification of local features (0: off, the global ranking alone).")
-SearchRerankOpt = typer.Option(None, "--rerank", show_default=False, help="Re-rank the top N by spatial verification "
-                               f"of the local features kept in the index (0: off). Default: {RERANK} where the index keeps them, else 0.")
-BatchOpt = typer.Option(16, "--batch-size", help="Images decoded and encoded per batch (on CPU the network runs "
-                        "them in chunks of 4 at scale 1, 1 at scale 2).")
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...; default: CUDA when present.")
-CompileOpt = typer.Option("auto", "--compile", help="torch.compile the network (1.2–1.5× on 2 CPU cores after 7–30 s "
-                          "of compilation per input size): auto (CPU jobs of 2 000+ images at scales 1+2, "
-                          "10 000+ at scale 1), on, off.")
-PrecisionOpt = typer.Option("fp32", "--precision", help="Network arithmetic: fp32, or bf16/fp16 autocast for "
-                            "GPUs (emulated, so slow, on most CPUs).")
+app.add_typer(cli_study.datasets_app, name="datasets")
+app.add_typer(cli_study.figure_app, name="figure")
 
 
 @app.command()
@@ -145,14 +59,11 @@ def train(
                f"(chance level of spatial verification: {model.chance_} inliers)")
 
 
-WaitOpt = typer.Option(False, "--wait", help="If another process is writing to the index, wait for it "
-                       "instead of failing.")
-
-
 @app.command()
 def index(
-    model: Path = typer.Argument(..., help="Model file from `convlad train`."),
-    folder: Path = typer.Argument(..., help="Folder of photos to index (searched recursively)."),
+    args: List[Path] = typer.Argument(..., metavar="[MODEL] FOLDER", help="A model file from `convlad train` "
+                                      "(without one, a new index fits its own on a sample of FOLDER; an existing "
+                                      "one keeps its model), then the folder of photos to index (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Index folder; if it exists, it is updated."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Commit a segment every N images."),
     ann: Optional[str] = typer.Option(None, "--ann", help="Search structure: exact, ivfpq, or auto (IVF-PQ from "
@@ -169,6 +80,7 @@ def index(
     """Index a folder; run again on a grown folder to add only the new images."""
     from .pipeline import ConvVLAD
     from .store import IndexStore
+    from .sync import sync
 
     if ann is not None and ann not in ("auto", "exact", "ivfpq"):
         raise UserError(f"--ann {ann!r}: choose auto, exact or ivfpq")
@@ -176,10 +88,18 @@ def index(
         raise UserError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
     if local is not None and not 0 <= local <= 65535:
         raise UserError(f"--local-features {local}: must be between 0 and 65535")
+    if len(args) > 2:
+        raise UserError(f"index takes [MODEL] FOLDER, got {len(args)} arguments")
+    model, folder = (None, args[0]) if len(args) == 1 else args
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
-    with IndexStore.create(out, model=ConvVLAD.load(model), root=folder, ann=ann, wait=wait, report=_warn,
-                           local=local) as idx:
+    if model is not None:
+        model = ConvVLAD.load(model)
+    elif (out / MODEL).is_file():  # an index made before keeps the model it was made with
+        model = ConvVLAD.load(out / MODEL)
+    else:
+        model = _fit_on_sample(folder, batch_size, device, compile, precision)
+    with IndexStore.create(out, model=model, root=folder, ann=ann, wait=wait, report=_warn, local=local) as idx:
         idx.model.batch_size, idx.model.device, idx.model.compile = batch_size, device, _compile(compile)
         idx.model.precision = _precision(precision)
         t = time.time()
@@ -191,49 +111,79 @@ def index(
             except RayMissing as e:
                 raise UserError(str(e)) from None
         else:
-            s = idx.sync(commit_every=checkpoint_every, report=_warn)
+            s = sync(idx, commit_every=checkpoint_every, report=_warn)
         search = idx.info()["search"]
         typer.echo(f"{out}: {len(idx)} images ({s['added']} added, {s['kept']} unchanged, {s['removed']} removed, "
                    f"{s['skipped']} skipped) in {time.time() - t:.0f}s; search: {search}")
 
 
+FIT_SAMPLE = 1000  # photos of a collection a model is fitted on when `index` is given none
+
+
+def _fit_on_sample(folder: Path, batch_size: int, device, compile: str, precision: str):
+    """A model of the default descriptor fitted on an even sample of the folder's own photos."""
+    from .pipeline import Config
+
+    paths = [str(folder / p) for p in list_images(folder)]
+    if not paths:
+        raise UserError(f"{folder}: no image files found")
+    sample = paths[::max(1, len(paths) // FIT_SAMPLE)][:FIT_SAMPLE]
+    _warn(f"no model given: fitting the default descriptor on {len(sample)} of the {len(paths)} photos in {folder} "
+          f"(vocabulary, PCA-whitening, chance level); it is kept in the index. For a model of your own: convlad train")
+    m = _model(Config(), batch_size, device, compile, precision)
+    t = time.time()
+    m.fit(sample)
+    _check_dim(m)
+    _warn(f"fitted {m.describe()} on {m.n_train_} photos in {time.time() - t:.0f}s")
+    return m
+
+
 @app.command()
 def search(
     index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Query photo(s)."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Query photo(s), or folders of them (each photo in it searched)."),
     k: int = typer.Option(10, "-k", help="Results per query."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    qe: int = typer.Option(0, "--qe", help="α-query expansion with the top N results (0: off)."),
+    qe: int = QeOpt,
     rerank: Optional[int] = SearchRerankOpt,
     device: Optional[str] = DeviceOpt,
 ):
-    """Rank the indexed photos by similarity to each query photo."""
+    """Rank the indexed photos by similarity to each query photo (ids for `convlad explain --id`)."""
+    from .search import search_images
     from .store import IndexStore
 
-    if k < 1:
-        raise UserError(f"-k {k}: must be at least 1")
-    if rerank is not None and rerank < 0:
-        raise UserError(f"--rerank {rerank}: must be 0 or more")
     idx = IndexStore.open(index_file)
-    if rerank is None:
-        rerank = RERANK if idx.local_k else 0
-    elif rerank and not idx.local_k:
-        _warn(f"warning: {index_file} keeps no local features (indexed with --local-features 0): results in global order")
-        rerank = 0
+    settings = _settings(idx, k, rerank, qe, str(index_file))
     idx.model.device = device
-    results, errors = idx.search_images([str(p) for p in images], k=k, qe=qe, rerank=rerank)
+    queries = []
+    for p in images:  # a folder stands for each photo in it
+        queries += [str(p / q) for q in list_images(p)] if p.is_dir() else [str(p)]
+    if not queries:
+        raise UserError(f"{', '.join(map(str, images))}: no photos to search with")
+    results, errors = search_images(idx, queries, settings)
     for err in errors:
         _warn(f"skipped {err}")
+
+    def same(a, b):
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # an indexed file gone since
+            return False
+
+    def rows(q, hits):
+        return [{**h.to_dict(), "path": idx.path_of(h.id), "query_itself": same(q, idx.path_of(h.id))} for h in hits]
+
     if as_json:
-        typer.echo(json.dumps([{"query": q, "results": [{"rank": r + 1, "id": i, "path": p, "distance": round(d, 6),
-                                                          **({"inliers": n} if rerank else {})}
-                                                         for r, (p, d, i, n) in enumerate(hits)]}
-                               for q, hits in results], indent=1))
+        typer.echo(json.dumps([{"query": q, "results": rows(q, hits)} for q, hits in results], indent=1))
     else:
         for q, hits in results:
             typer.echo(f"query: {q}")
-            for r, (p, d, _, n) in enumerate(hits):
-                typer.echo(f"  {r + 1:3d}  {d:8.4f}  " + (f"{'-' if n is None else n:>4} inliers  " if rerank else "") + p)
+            typer.echo(f"  {'rank':>4}  {'id':>8}  {'distance':>8}  " + (f"{'inliers':>7}  " if settings.rerank else "")
+                       + "path")
+            for r in rows(q, hits):
+                typer.echo(f"  {r['rank']:4d}  {r['id']:8d}  {r['distance']:8.4f}  "
+                           + (f"{'-' if r['inliers'] is None else r['inliers']:>7}  " if settings.rerank else "")
+                           + r["path"] + ("   (the query itself)" if r["query_itself"] else ""))
     if errors and not results:
         raise UserError(f"no query could be read ({len(errors)} skipped)")
 
@@ -275,33 +225,54 @@ def compact(
 def explain(
     index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
     query: Path = typer.Argument(..., metavar="QUERY", help="Query photo."),
-    result: str = typer.Argument(..., metavar="RESULT", help="An indexed photo: its id (from search --json) or a path."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="The result at this rank (1 = first) of `convlad search "
+                                       "INDEX QUERY` with the same options."),
+    id_: Optional[int] = typer.Option(None, "--id", help="The indexed photo with this id (the id column of `search`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: match.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the matches as JSON instead of drawing them."),
-    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer whose local features are matched "
-                                        "(default: the model's first VLAD layer)."),
+    qe: int = QeOpt, rerank: Optional[int] = SearchRerankOpt,
 ):
-    """Why a result matched: local-feature correspondences and their geometric inliers, drawn."""
-    from .explain import draw_matches, match_images
+    """Why a result matched: the spatial verification that ranked it, drawn (give it by --rank or --id)."""
+    from .explain import draw_matches, match_in_index
+    from .search import encode, search_images
     from .store import IndexStore
 
-    idx = IndexStore.open(index_file)
-    if result.isdigit():
-        try:
-            result = idx.path_of(int(result))
-        except KeyError as e:
-            raise UserError(str(e).strip("'\"")) from None
-    elif not Path(result).is_file():
-        raise UserError(f"{result}: no such file (give an indexed photo's id or path)")
+    if (rank is None) == (id_ is None):
+        raise UserError("give the result by --rank N (its place in `convlad search`) or by --id N (its id), one of them")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank {rank}: ranks start at 1")
     if not query.is_file():
         raise UserError(f"{query}: no such file")
-    m = match_images(idx.model, str(query), result, layer=layer)
+    idx = IndexStore.open(index_file)
+    shown = None
+    if rank is not None:
+        settings = _settings(idx, rank, rerank, qe, str(index_file))
+        results, errors = search_images(idx, [str(query)], settings)
+        if errors:
+            raise UserError(str(errors[0]))
+        hits = results[0][1]
+        if len(hits) < rank:
+            raise UserError(f"{index_file}: {len(hits)} results, no rank {rank}")
+        id_, shown = hits[rank - 1].id, hits[rank - 1]
+    try:
+        result = idx.path_of(id_)
+    except KeyError as e:
+        raise UserError(str(e).strip("'\"")) from None
+    enc = encode(idx, [str(query)])
+    if enc.errors:
+        raise UserError(str(enc.errors[0]))
+    if enc.local is None:
+        raise UserError(f"{index_file}: keeps no local features (indexed with --local-features 0): nothing to verify")
+    m = match_in_index(idx, enc.local, str(query), id_)
+    where = {"id": id_, "path": result, **({"rank": shown.rank, "ranked_inliers": shown.inliers} if shown else {})}
     if as_json:
-        typer.echo(json.dumps(m.to_dict(), indent=1))
+        typer.echo(json.dumps({**where, **m.to_dict()}, indent=1))
         return
     out = out or Path("match.png")
     draw_matches(m, str(query), result, out)
-    typer.echo(f"{query} ↔ {result}: {len(m.pairs)} matches, {m.n_inliers} geometric inliers → {out}")
+    at = f"rank {shown.rank}, " if shown else ""
+    typer.echo(f"{query} ↔ {result} ({at}id {id_}): {m.n_inliers} inliers of {m.n_matches} tentative matches "
+               f"(layer {m.layer} at scale {m.scale:g}, affine) → {out}")
 
 
 @app.command()
@@ -319,17 +290,24 @@ def serve(
     max_batch: int = typer.Option(16, "--max-batch", help="Queries encoded in one forward pass, at most."),
     max_upload_mb: int = typer.Option(20, "--max-upload-mb", help="Largest request body accepted."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may stall."),
+    max_active: Optional[int] = typer.Option(None, "--max-active", help="Heavy requests (searches, uploads, match "
+                                             "views) at work at once; default: --max-batch."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Heavy requests waiting beyond those; more get a 503 with "
+                                  "Retry-After at once."),
 ):
     """Serve an index: search API (docs at /docs) and a web page at /."""
     from .serve import serve as run_server
 
     if not 0 < port < 65536:
         raise UserError(f"--port {port}: must be from 1 to 65535")
-    if max_batch < 1 or batch_window_ms < 0 or max_upload_mb < 1 or body_timeout <= 0:
-        raise UserError("--max-batch, --max-upload-mb and --body-timeout must be positive, --batch-window-ms ≥ 0")
+    if max_batch < 1 or batch_window_ms < 0 or max_upload_mb < 1 or body_timeout <= 0 or max_queue < 0 \
+            or (max_active is not None and max_active < 1):
+        raise UserError("--max-batch, --max-active, --max-upload-mb and --body-timeout must be positive, "
+                        "--batch-window-ms and --max-queue ≥ 0")
     run_server(index_file, host=host, port=port, token=token, cors=[c for c in (cors or "").split(",") if c] or None,
                window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
-               body_timeout=body_timeout, log=lambda m: typer.echo(m, err=True))
+               body_timeout=body_timeout, max_active=max_active, max_queue=max_queue,
+               log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()
@@ -348,315 +326,10 @@ def backbones():
         pooled = f", pooled {','.join(bb.default_pooled)}" if bb.default_pooled else ""
         typer.echo(f"{name} (default layer {bb.default_layer}{pooled}; {status})\n  layers: {', '.join(bb.layers)}")
 
-
-def _load_bench(dataset: Path, kind: Optional[str], full_query: bool):
-    from .datasets import open_dataset
-
-    return open_dataset(dataset, kind, full_query=full_query or None)
-
-
-KindOpt = typer.Option(None, "--kind", help="Dataset layout: groups, holidays, oxford-paris, revisited, ukbench (default: detected).")
-FullQueryOpt = typer.Option(False, "--full-query", help="Oxford/Paris: query with the whole image, not its box (the paper's choice).")
-TrainOpt = typer.Option(..., "--train", help="Training photos (a folder, or one with images/), or a benchmark folder "
-                        "whose database is used (Oxford evaluated with Paris, and vice versa).")
-
-
-def _print_metrics(metrics: dict[str, float]) -> None:
-    for name, value in metrics.items():
-        if name != "mAP":
-            typer.echo(f"{name}: {value:.3f}")
-    typer.echo(f"mAP: {metrics['mAP']:.3f}")
-
-
-def _available_memory() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (OSError, ValueError):  # no such figure here (macOS): nothing to hold re-ranking back
-            return float("inf")
-
-
-@app.command("eval")
-def eval_(
-    args: List[str] = typer.Argument(..., metavar="[KIND] DATASET", help="Benchmark folder, optionally after its kind (mvbench/groups, holidays, oxford-paris, revisited, ukbench)."),
-    train_dir: Path = TrainOpt,
-    backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
-    scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
-    power: float = PowerOpt, qe: int = typer.Option(0, "--qe", help="α-query expansion with the top N (0: off)."),
-    rerank: int = RerankOpt,
-    aps_out: Optional[Path] = typer.Option(None, "--aps", help="Also write every query's AP to this JSON file, for `convlad compare`."),
-    full_query: bool = FullQueryOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
-    compile: str = CompileOpt, precision: str = PrecisionOpt,
-):
-    """Measure a descriptor on a benchmark with its official protocol (mAP, and E/M/H, mP@k, N-S where defined)."""
-    from .datasets import training_paths
-    from .evaluate import evaluate_descriptors, extra_query_items
-    import numpy as np
-
-    from .verify import LOCAL_K, LocalCodes
-
-    if len(args) > 2:
-        raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
-    if rerank < 0:
-        raise UserError(f"--rerank must be 0 or more, got {rerank}")
-    kind = {"mvbench": "groups"}.get(args[0], args[0]) if len(args) == 2 else None
-    bench = _load_bench(Path(args[-1]), kind, full_query)
-    train_paths, train_label = training_paths(train_dir)
-    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device, compile,
-                   precision)
-    t = time.time()
-    model.fit(train_paths)
-    _check_dim(model)
-    need = len(bench.paths) * LocalCodes.size(LOCAL_K, model.local_dim)
-    if rerank and need > _available_memory() / 2:
-        _warn(f"warning: re-ranking off: {len(bench.paths)} images would need {need / 2**30:.1f} GiB of local "
-              f"features in memory, more than half of what is free (--rerank 0: the global ranking, without this warning)")
-        rerank = 0
-    local = LOCAL_K if rerank else 0
-    t_enc = time.time()
-    ok, X, errors, *L = model.transform(bench.paths, local=local)
-    t_enc = len(bench.paths) / max(1e-9, time.time() - t_enc)
-    if errors:
-        raise UserError(f"benchmark images unreadable: {errors[0]}")
-    X_q, L_q, crops = None, [None], extra_query_items(bench)
-    if crops:
-        _, X_q, errors, *L_q = model.transform(crops, local=local)
-        if errors:
-            raise UserError(f"query images unreadable: {errors[0]}")
-    t_rank = time.time()
-    res = evaluate_descriptors(bench, X, X_q, qe=qe, rerank=rerank, local=(L or [None])[0], local_q=L_q[0],
-                               verifier=model.verifier())
-    t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
-    typer.echo(f"{bench.describe()}")
-    typer.echo(f"descriptor: {model.describe()}; vocabulary and PCA from {train_label} ({model.n_train_} images)")
-    typer.echo(f"query expansion: {qe or 'off'}  time: {time.time() - t:.0f}s (encoding {t_enc:.1f} images/s)")
-    if rerank:
-        typer.echo(f"re-ranking: top {rerank} by spatial verification ({L[0].bytes_per_image} bytes of local "
-                   f"features per image, layer {'@'.join(f'{v:g}' if isinstance(v, float) else v for v in model.local_key)}, "
-                   f"chance level {model.chance_} inliers); "
-                   f"ranking + verification {t_rank:.1f} ms/query")
-    if aps_out is not None:
-        from .storage import write_durable
-
-        label = f"{model.describe()}" + (f" qe={qe}" if qe else "") + (f" rerank={rerank}" if rerank else "")
-
-        def listed(aps):
-            return [None if np.isnan(a) else float(a) for a in aps]
-
-        doc = {"benchmark": bench.describe(), "descriptor": label, "mAP": res.mAP, "aps": listed(res.aps),
-               "encode_img_per_s": t_enc}
-        if res.aps_without_rerank is not None:
-            doc.update(mAP_without_rerank=res.extra["mAP_without_rerank"], rerank_ms_per_query=t_rank,
-                       aps_without_rerank=listed(res.aps_without_rerank), local_bytes_per_image=L[0].bytes_per_image,
-                       chance_level=model.chance_)
-        write_durable(aps_out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
-        typer.echo(f"per-query APs: {aps_out}")
-    _print_metrics(res.metrics)  # last line: mAP, as scripts expect
-
-
-@app.command()
-def compare(
-    baseline: Path = typer.Argument(..., help="Per-query APs of the baseline (`convlad eval ... --aps FILE`)."),
-    others: List[Path] = typer.Argument(..., help="Per-query APs of the methods to compare with it."),
-    n_boot: int = typer.Option(10000, "--boot", help="Bootstrap resamples."),
-):
-    """Gain of each method over a baseline, with a 95% bootstrap interval over queries: a default
-    changes only when the interval excludes zero."""
-    import numpy as np
-
-    from .metrics import bootstrap_difference
-
-    def read(p: Path) -> dict:
-        try:
-            doc = json.loads(p.read_text())
-            doc["aps"] = np.array([np.nan if a is None else a for a in doc["aps"]], np.float64)
-            return doc
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{p}: not a file of per-query APs from `convlad eval --aps` ({e})") from None
-
-    base = read(baseline)
-    typer.echo(f"baseline: {base['descriptor']}  mAP {np.nanmean(base['aps']):.3f}  ({base['benchmark']})")
-    for p in others:
-        doc = read(p)
-        if doc.get("benchmark") != base.get("benchmark"):
-            raise UserError(f"{p}: measured on {doc.get('benchmark')!r}, the baseline on {base.get('benchmark')!r}")
-        try:
-            mean, lo, hi = bootstrap_difference(base["aps"], doc["aps"], n_boot)
-        except ValueError as e:
-            raise UserError(f"{p}: {e}") from None
-        verdict = "significant" if lo > 0 or hi < 0 else "within noise"
-        typer.echo(f"{doc['descriptor']}  mAP {np.nanmean(doc['aps']):.3f}  gain {mean:+.3f} "
-                   f"[{lo:+.3f}, {hi:+.3f}] 95% ({verdict})")
-
-
-def _default_cache() -> Path:
-    import os
-
-    if os.environ.get("CONVLAD_CACHE"):
-        return Path(os.environ["CONVLAD_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convlad" / "features"
-
-
-@app.command()
-def sweep(
-    dataset: Path = typer.Argument(..., help="Benchmark folder (any layout `convlad eval` reads)."),
-    train_dir: Path = TrainOpt,
-    backbone: str = BackboneOpt,
-    layers: str = typer.Option("all", "--layers", help="Layers to study, comma-separated, or 'all'."),
-    scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
-    power: float = typer.Option(1.0, "--power", help="Signed power on residual sums; 1 = the paper's VLAD (default here)."),
-    kind: Optional[str] = KindOpt, full_query: bool = FullQueryOpt,
-    out: Path = typer.Option(Path("sweeps"), "--out", "-o", help="Folder for the CSV and the PNG."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder (default: $CONVLAD_CACHE or ~/.cache/convlad/features)."),
-    batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
-):
-    """The paper's study: mAP of every layer's VLAD at every scale, uncompressed and PCA-whitened → CSV + PNG."""
-    from .cache import FeatureCache
-    from .datasets import training_paths
-    from .study import plot_sweep, sweep as run_sweep, sweep_title, write_csv
-
-    bench = _load_bench(dataset, kind, full_query)
-    train_paths, train_label = training_paths(train_dir)
-    bb = get_backbone(backbone, weights)
-    fc = FeatureCache(cache or _default_cache(), bb)
-    layer_list = bb.resolve_layers(layers)
-    typer.echo(f"{bench.describe()}; {backbone}: {len(layer_list)} layers × scales {scales}; "
-               f"vocabulary (k={k}) and PCA-whitening from {train_label} ({len(train_paths)} images)")
-    t = time.time()
-
-    def show(row):
-        metrics = "  ".join(f"{key}={val:.3f}" for key, val in row.items() if key.startswith("mAP_") and
-                            key.count("_") == 1)
-        _warn(f"{row['layer']:>12s} @ {row['scale']:<4s} {metrics}")
-
-    rows = run_sweep(bench, train_paths, fc, layer_list, _scales(scales), k=k, dim=dim or None,
-                     power=None if power == 1 else power, batch_size=batch_size, device=device,
-                     compile=_compile(compile),
-                     report=_warn, on_row=show)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{bench.name}-{backbone}"
-    write_csv(rows, stem.with_suffix(".csv"), {"backbone": backbone, "dataset": bench.name, "train": train_label})
-    plot_sweep(rows, stem.with_suffix(".png"), sweep_title(bench.name, backbone, k, train_label), dim=dim or None)
-    typer.echo(f"{len(rows)} rows in {time.time() - t:.0f}s → {stem.with_suffix('.csv')}, {stem.with_suffix('.png')}")
-
-
-@app.command()
-def table(
-    csvs: List[Path] = typer.Argument(..., metavar="CSV...", help="Sweep CSVs from `convlad sweep`."),
-    metric: str = typer.Option("mAP", "--metric", help="Column to compare: mAP, mAP_E, mAP_H, N-S, ..."),
-    dim: int = typer.Option(128, "--dim", help="The compressed dimension the sweeps used."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table to this file."),
-):
-    """Tables 2–3 of the paper from sweeps: best layer per dataset, scale 1 / 2 / both, uncompressed vs compressed."""
-    from .study import markdown_table, read_csv
-
-    tables = []
-    for c in csvs:
-        if not c.is_file():
-            raise UserError(f"{c}: file not found")
-        rows = read_csv(c)
-        if not rows or "layer" not in rows[0] or "backbone" not in rows[0]:
-            raise UserError(f"{c}: not a sweep CSV (no layer/backbone columns)")
-        tables.append(rows)
-    text = markdown_table(tables, metric, dim)
-    typer.echo(text)
-    if out:
-        out.write_text(text + "\n")
-
-
-@datasets_app.command("download")
-def datasets_download(
-    name: str = typer.Argument(..., help="holidays, oxford5k, paris6k, roxford5k, rparis6k, ukbench."),
-    root: Path = typer.Option(Path("data"), "--root", help="Datasets go to ROOT/NAME."),
-):
-    """Fetch a benchmark's official images and ground truth (needs internet)."""
-    from .datasets import download, open_dataset
-
-    out = download(name, root)
-    typer.echo(f"{out}: {open_dataset(out).describe()}")
-
-
-@datasets_app.command("info")
-def datasets_info(
-    dataset: Path = typer.Argument(..., help="Benchmark folder."),
-    kind: Optional[str] = KindOpt, full_query: bool = FullQueryOpt,
-):
-    """Check a benchmark folder: its detected layout, queries and database size."""
-    bench = _load_bench(dataset, kind, full_query)
-    n_pos = [len(p) for p in bench.positives]
-    typer.echo(f"{bench.describe()}; positives per query {min(n_pos)}–{max(n_pos)}")
-
-
-FigLayersOpt = typer.Option(None, "--layers", help="Layers as NAME@SCALE, comma-separated (default: the backbone's "
-                            "VLAD layer at scale 1, its last pooled layer at scales 1 and 2).")
-
-
-def _banks(database: Path, extra: list[Path], backbone: str, weights: Optional[str], layers: Optional[str]):
-    """The images (``extra`` first, then the database folder's) and a patch bank per layer spec."""
-    from .figures import parse_layer_spec, patch_bank
-
-    if not database.is_dir():
-        raise UserError(f"{database}: not a folder")
-    bb = get_backbone(backbone, weights)
-    try:
-        specs = ([parse_layer_spec(t) for t in layers.split(",") if t.strip()] if layers else
-                 [(bb.default_layer or bb.layers[-1], 1.0), *(((bb.default_pooled or bb.layers)[-1], s) for s in (1.0, 2.0))])
-        for layer, _ in specs:
-            bb.resolve_layers(layer)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    seen = {str(p.resolve()) for p in extra}
-    images = [str(p) for p in extra] + [str(database / p) for p in list_images(database)
-                                        if str((database / p).resolve()) not in seen]
-    if len(images) < 2:
-        raise UserError(f"{database}: the database needs at least two images")
-    try:
-        return [patch_bank(bb, images, layer, scale) for layer, scale in specs]
-    except (ValueError, ImageError) as e:
-        raise UserError(str(e)) from None
-
-
-@figure_app.command("correspondence")
-def figure_correspondence(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Photos to rebuild from the database's patches."),
-    database: Path = typer.Option(..., "--database", "-d", help="Folder of photos whose local features stand in."),
-    out: Path = typer.Option(Path("correspondence.png"), "--out", "-o", help="PNG to write."),
-    layers: Optional[str] = FigLayersOpt, backbone: str = BackboneOpt, weights: Optional[str] = WeightsOpt,
-):
-    """Fig. 3: each patch of an image replaced by the mean patch of its 1 and 5 nearest local features
-    in the database: what a layer keeps of local appearance."""
-    from .figures import correspondence_figure
-
-    for p in images:
-        if not p.is_file():
-            raise UserError(f"{p}: no such file")
-    banks = _banks(database, images, backbone, weights, layers)
-    correspondence_figure(banks, list(range(len(images))), out=out)
-    typer.echo(f"{out}: {len(images)} images × {len(banks)} layers, from {len(banks[0].desc) // len(set(banks[0].image))}"
-               f"-feature maps of {len(set(banks[0].image))} images")
-
-
-@figure_app.command("clusters")
-def figure_clusters(
-    database: Path = typer.Option(..., "--database", "-d", help="Folder of photos to sample patches from."),
-    out: Path = typer.Option(Path("clusters.png"), "--out", "-o", help="PNG to write."),
-    refs: int = typer.Option(6, "--refs", help="Reference patches per layer."),
-    neighbours: int = typer.Option(8, "--neighbours", help="Nearest patches shown for each."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the reference sample."),
-    layers: Optional[str] = FigLayersOpt, backbone: str = BackboneOpt, weights: Optional[str] = WeightsOpt,
-):
-    """Fig. 4: sampled reference patches, each followed by the patches of its nearest local features
-    in other images, sorted by L2 distance."""
-    from .figures import clusters_figure
-
-    if refs < 1 or neighbours < 1:
-        raise UserError("--refs and --neighbours must be at least 1")
-    banks = _banks(database, [], backbone, weights, layers)
-    clusters_figure(banks, refs, neighbours, seed=seed, out=out)
-    typer.echo(f"{out}: {refs} references × {neighbours} neighbours for {', '.join(b.label for b in banks)}")
+# the measuring commands, in the order `convlad --help` lists them
+app.command("eval")(cli_study.eval_)
+for _command in (cli_study.compare, cli_study.sweep, cli_study.table):
+    app.command()(_command)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -674,6 +347,11 @@ def _usage_line(e) -> str:
     ctx = getattr(e, "ctx", None)
     path = ctx.command_path if ctx is not None else "convlad"
     return f"error: {path}: {e.format_message()} (see '{path} --help')"
+
+
+# modules of the optional extras (pyproject.toml), for a one-line error where one is missing
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
+          "starlette": "serve", "fastapi_offline": "serve", "ray": "ray", "matplotlib": "plot"}
 
 
 def main(argv=None):
@@ -694,6 +372,11 @@ def main(argv=None):
             sys.exit(2)
         if isinstance(e, (UserError, ImageError, WeightsError, FileFormatError, OSError, ValueError)):
             typer.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in EXTRAS:
+            extra = EXTRAS[e.name.split(".")[0]]
+            typer.echo(f"error: this command needs the '{extra}' extra, which is not installed (no module "
+                       f"{e.name!r}): pip install 'convlad[{extra}]'", err=True)
             sys.exit(2)
         raise
     if rc == 130:  # typer ≥ 0.2x turns ^C into Exit(130), returned in non-standalone mode

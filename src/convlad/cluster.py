@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .sync import Committer, plan_sync
 from .verify import LocalCodes
 
 
@@ -53,14 +54,14 @@ class Encoder:
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
-        ok, X, errors, *L = self.model.transform(paths, progress=False, local=self.local)
-        bad = {e.path: e.reason for e in errors}
+        enc = self.model.transform(paths, progress=False, local=self.local)
+        bad = {e.path: e.reason for e in enc.errors}
         out = {"path": np.array(paths, dtype=object), "x": np.zeros((len(paths), self.model.dim), np.float32),
                "error": np.array([bad.get(p, "") for p in paths], dtype=object)}
-        out["x"][ok] = X
-        for key, a in (L[0].arrays().items() if L else ()):  # each image's local features, for re-ranking
+        out["x"][enc.indices] = enc.X
+        for key, a in (enc.local.arrays().items() if enc.local is not None else ()):  # for re-ranking
             out[key] = np.zeros((len(paths), *a.shape[1:]), a.dtype)
-            out[key][ok] = a
+            out[key][enc.indices] = a
         return out
 
 
@@ -84,7 +85,7 @@ def scan_on_cluster(ray, root: Path) -> list:
 
 def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actors: int | None = None,
                   report=print, progress: bool = True) -> dict:
-    """``IndexStore.sync`` with the encoding on a Ray cluster (``address``: None starts Ray locally,
+    """``sync.sync`` with the encoding on a Ray cluster (``address``: None starts Ray locally,
     ``auto`` or ``ray://host:port`` joins one)."""
     ray = _ray()
     from tqdm.auto import tqdm
@@ -96,7 +97,7 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver shows its own progress bar
     ray.data.DataContext.get_current().enable_progress_bars = False
-    plan = store.plan_sync(report=report, scans=scan_on_cluster(ray, root))
+    plan = plan_sync(store, report=report, scans=scan_on_cluster(ray, root))
     summary, todo, current = plan["summary"], plan["todo"], plan["current"]
     if not todo:
         return summary
@@ -109,7 +110,9 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
     ds = ds.map_batches(Encoder, fn_constructor_args=(state, batch_size, "cuda" if gpus else "cpu", store.local_k),
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
-    have, first = set(), None
+    # the same commit loop as a local sync; each block of Ray's is committed at once (every=1), so
+    # a killed driver loses no more than the block in flight
+    committer, have, first = Committer(store, current, every=1), set(), None
     bar = tqdm(total=len(todo), desc="indexing (ray)", unit="img", disable=None if progress else True, leave=False)
     t = time.monotonic()
     try:
@@ -122,15 +125,16 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
                     summary["skipped"] += 1
             if keep:
                 local = LocalCodes.from_arrays({k: block[k][keep] for k in block if k.startswith("local-")})
-                store.add_vectors(block["x"][keep], [rel[i] for i in keep], [current[rel[i]] for i in keep], local)
+                committer.add([rel[i] for i in keep], block["x"][keep], local)
                 have.update(rel[i] for i in keep)
-                summary["added"] += len(keep)
             bar.update(len(rel))
             if first is None:  # the pipeline is full from here on: Ray and the actors have started
                 first, after = time.monotonic(), 0
             else:
                 after += len(rel)
     finally:
+        committer.flush()
+        summary["added"] = committer.added
         bar.close()
     summary["seconds"] = time.monotonic() - t
     summary["steady_img_per_s"] = after / (time.monotonic() - first) if first and after else None

@@ -1,15 +1,19 @@
-"""Evaluation: exact ranking of a benchmark's database for its queries, and the benchmark's metrics."""
+"""Evaluation: a benchmark's queries ranked by the one search (``search.rank``), its metrics, and
+``evaluate_model``, the whole of ``convlad eval`` (fit, memory check, encode, measure) for scripts."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import faiss
 import numpy as np
 
 from .datasets import RetrievalBenchmark
-from .functional import alpha_query_expansion
 from .metrics import average_precision, ns_score, positive_ranks, precision_at_k
-from .verify import LocalCodes, Verifier
+from .search import RERANK, MemoryIndex, Settings, rank
+from .verify import LOCAL_K, LocalCodes, Verifier
 
 PRECISION_KS = (1, 5, 10)
 
@@ -86,40 +90,123 @@ def extra_query_items(bench: RetrievalBenchmark) -> list:
 def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarray | None = None,
                          qe: int = 0, alpha: float = 3.0, rerank: int = 0, local: LocalCodes | None = None,
                          local_q: LocalCodes | None = None, verifier: Verifier | None = None) -> EvalResult:
-    """Metrics of descriptors ``X`` (one row per database image, aligned with ``bench.paths``).
+    """Metrics of descriptors ``X`` (one row per database image, aligned with ``bench.paths``),
+    ranked by ``search.rank``, the search every door of convlad uses.
 
     ``X_q``: descriptors of the queries that are not database images (``extra_query_items``).
-    ``qe`` > 0: α-query expansion with that many top neighbours (junk excluded, so never the query
-    itself), then a second ranking.
-    ``rerank`` > 0: spatial verification of each query's top ``rerank`` (``verifier``, the model's
-    ``ConvVLAD.verifier()``; without one, Lite0's chance level) with the database's ``local`` codes
-    and, for queries that are not database images, ``local_q``.
+    ``qe`` > 0: α-query expansion with that many top neighbours. ``rerank`` > 0: spatial
+    verification of each query's top ``rerank`` (``verifier``, the model's ``ConvVLAD.verifier()``;
+    without one, Lite0's chance level) with the database's ``local`` codes and, for queries that
+    are not database images, ``local_q``. A query's junk (for a database image, itself) is left out
+    of its ranking before expansion and verification, then put first: junk consumes no rank.
     """
+    if rerank > 0 and local is None:
+        raise ValueError("re-ranking needs the database's local codes (model.transform(..., local=k))")
     Q = query_descriptors(bench, X, X_q)
-    D, ranking = rank_database(X, Q)
-    if qe > 0:
-        tops = []
-        for q in range(bench.n_queries):
-            skip = bench.junk[q]
-            tops.append([r for r in ranking[q][: qe + len(skip) + 1] if r not in skip][:qe])
-        Q = alpha_query_expansion(Q, X[np.array(tops)], alpha)
-        D, ranking = rank_database(X, Q)
-    if rerank > 0:
-        if local is None:
-            raise ValueError("re-ranking needs the database's local codes (model.transform(..., local=k))")
-        verifier = verifier or Verifier()
-        before = query_aps(bench, ranking)
-        j = 0
-        for q, d in enumerate(bench.query_db):
+    index = MemoryIndex(X, local if rerank else None, verifier)
+    feats = None
+    if rerank:
+        feats, j = [], 0
+        for d in bench.query_db:
             if d is None:
-                query, j = local_q.features(j), j + 1
+                feats.append(local_q.features(j))
+                j += 1
             else:
-                query = local.features(d)
-            n = min(rerank + len(bench.junk[q]), ranking.shape[1])  # the query's own row is junk
-            top = ranking[q, :n]
-            ranking[q, :n], _ = verifier.rerank(query, top, D[q, :n], local[top])
-        result = evaluate_ranking(bench, ranking)
+                feats.append(local.features(d))
+    junk = [sorted(j) for j in bench.junk]
+
+    def ranking(settings):
+        hits = rank(index, Q, feats, settings, exclude=junk)
+        return np.array([np.concatenate([np.asarray(j, np.int64), [h.id for h in row]]).astype(np.int64)
+                         for j, row in zip(junk, hits)])
+
+    full = Settings(k=len(X), rerank=rerank, qe=qe, alpha=alpha)
+    result = evaluate_ranking(bench, ranking(full))
+    if rerank > 0:
+        before = evaluate_ranking(bench, ranking(replace(full, rerank=0))).aps
         result.extra["mAP_without_rerank"] = float(np.nanmean(before))
         result.aps_without_rerank = before
-        return result
-    return evaluate_ranking(bench, ranking)
+    return result
+
+
+def available_memory() -> float:
+    """Bytes of memory free for new work (MemAvailable), inf where the system has no such figure."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (OSError, ValueError):  # no such figure here (macOS): nothing to hold re-ranking back
+            return float("inf")
+
+
+@dataclass
+class ModelEvaluation:
+    """What ``evaluate_model`` measured: the metrics, the settings it ran with and its timings."""
+
+    result: EvalResult
+    benchmark: str
+    descriptor: str
+    train: str
+    n_train: int
+    qe: int
+    rerank: int
+    chance: int
+    local_key: tuple
+    local_bytes_per_image: int | None
+    seconds: float
+    encode_img_per_s: float
+    rank_ms_per_query: float
+    warnings: list[str] = field(default_factory=list)
+
+    def aps_document(self) -> dict:
+        """Every query's AP, as ``convlad eval --aps`` writes them for ``convlad compare``."""
+        def listed(aps):
+            return [None if np.isnan(a) else float(a) for a in aps]
+
+        label = self.descriptor + (f" qe={self.qe}" if self.qe else "") + (f" rerank={self.rerank}" if self.rerank else "")
+        res = self.result
+        doc = {"benchmark": self.benchmark, "descriptor": label, "mAP": res.mAP, "aps": listed(res.aps),
+               "encode_img_per_s": self.encode_img_per_s}
+        if res.aps_without_rerank is not None:
+            doc.update(mAP_without_rerank=res.extra["mAP_without_rerank"], rerank_ms_per_query=self.rank_ms_per_query,
+                       aps_without_rerank=listed(res.aps_without_rerank),
+                       local_bytes_per_image=self.local_bytes_per_image, chance_level=self.chance)
+        return doc
+
+
+def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str], train_label: str = "training photos",
+                   qe: int = 0, rerank: int = RERANK, progress: bool = True, fit: bool = True) -> ModelEvaluation:
+    """Fit ``model`` on ``train_paths`` (unless ``fit`` is False), encode the benchmark, and measure
+    it with its protocol, re-ranking the top ``rerank`` (the search's default). Re-ranking is turned
+    off, with a warning in the result, where the local features would need more than half of the
+    free memory."""
+    t = time.time()
+    if fit:
+        model.fit(train_paths, progress=progress)
+    warnings = []
+    need = len(bench.paths) * LocalCodes.size(LOCAL_K, model.local_dim)
+    if rerank and need > available_memory() / 2:
+        warnings.append(f"re-ranking off: {len(bench.paths)} images would need {need / 2**30:.1f} GiB of local "
+                        "features in memory, more than half of what is free (--rerank 0: the global ranking, "
+                        "without this warning)")
+        rerank = 0
+    local = LOCAL_K if rerank else 0
+    t_enc = time.time()
+    enc = model.transform(bench.paths, progress=progress, local=local)
+    t_enc = len(bench.paths) / max(1e-9, time.time() - t_enc)
+    if enc.errors:
+        raise ValueError(f"benchmark images unreadable: {enc.errors[0]}")
+    crops, enc_q = extra_query_items(bench), None
+    if crops:
+        enc_q = model.transform(crops, progress=progress, local=local)
+        if enc_q.errors:
+            raise ValueError(f"query images unreadable: {enc_q.errors[0]}")
+    t_rank = time.time()
+    res = evaluate_descriptors(bench, enc.X, enc_q.X if enc_q else None, qe=qe, rerank=rerank, local=enc.local,
+                               local_q=enc_q.local if enc_q else None, verifier=model.verifier())
+    t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
+    return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,
+                           model.chance_, model.local_key, enc.local.bytes_per_image if enc.local is not None else None,
+                           time.time() - t, t_enc, t_rank, warnings)

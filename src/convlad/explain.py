@@ -1,11 +1,11 @@
-"""Why a result matched: the local features behind two descriptors, matched and verified.
+"""Why a result ranked where it did: the spatial verification that ranked it, drawn.
 
-Each position of a conv layer's feature map is a local descriptor of the image region around it
-(the paper's premise). For a query and a result, the descriptors of the model's VLAD layer at its
-largest scale are matched mutually nearest neighbours, and a homography is fitted to the matches
-with OpenCV's USAC-MAGSAC; its inliers are the correspondences that agree geometrically. The match
-view draws them, coloured by the visual word (the VLAD vocabulary's nearest centroid) of the query
-side.
+The match view shows exactly what re-ranking computed for the pair (``Verifier.match``): the same
+local features (the query's, encoded as every search encodes it, and the result's as the index
+stores them), the same mutual nearest neighbours, the same affine RANSAC on grid cells, so its
+inlier count is the one the ranking used and a search showed. Cells are drawn at their centres
+in each photo's own pixels (EXIF orientation applied); inliers are coloured by the visual word
+(the VLAD vocabulary's nearest centroid) of the query's feature.
 """
 from __future__ import annotations
 
@@ -13,71 +13,42 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .extract import scale_size
-from .images import load_warped
-from .verify import tentative_matches
+from .verify import LocalCodes, PairMatch, Verifier
 
 
 @dataclass
-class LocalFeatures:
-    xy: np.ndarray  # (n, 2) float32: centre of each feature-map cell, in the original image's pixels
-    desc: np.ndarray  # (n, d) float32, L2-normalised
-    words: np.ndarray  # (n,) int: nearest visual word, -1 without a vocabulary for the layer
-    size: tuple[int, int]  # original width, height
+class MatchView:
+    query_xy: np.ndarray  # (m, 2) float32: each tentative match's cell centre in the query's pixels
+    result_xy: np.ndarray  # (m, 2) in the result's pixels
+    similarity: np.ndarray  # (m,) cosine similarity of each pair
+    inliers: np.ndarray  # (m,) bool: consistent with the fitted affine map
+    words: np.ndarray  # (m,) int: the query feature's visual word, -1 without a vocabulary for the layer
+    fitted: bool  # False: too few tentative matches for a fit (the verifier's gate), 0 inliers
+    query_size: tuple[int, int]
+    result_size: tuple[int, int]
     layer: str
     scale: float
-
-
-@dataclass
-class Matches:
-    query: LocalFeatures
-    result: LocalFeatures
-    pairs: np.ndarray  # (m, 2) int: rows of query.desc, rows of result.desc (mutual nearest neighbours)
-    similarity: np.ndarray  # (m,) cosine similarity of each pair
-    inliers: np.ndarray  # (m,) bool: consistent with the fitted homography
-    homography: np.ndarray | None  # 3×3, query → result pixels; None when no model could be fitted
 
     @property
     def n_inliers(self) -> int:
         return int(self.inliers.sum())
 
+    @property
+    def n_matches(self) -> int:
+        return len(self.inliers)
+
     def to_dict(self) -> dict:
-        q, r = self.query.xy[self.pairs[:, 0]], self.result.xy[self.pairs[:, 1]]
-        return {"layer": self.query.layer, "scale": self.query.scale, "matches": len(self.pairs),
-                "inliers": self.n_inliers, "query_size": self.query.size, "result_size": self.result.size,
-                "pairs": [{"query": [round(float(a), 1), round(float(b), 1)], "result": [round(float(c), 1), round(float(d), 1)],
-                           "word": int(self.query.words[i]), "similarity": round(float(s), 4), "inlier": bool(inl)}
-                          for (a, b), (c, d), i, s, inl in zip(q, r, self.pairs[:, 0], self.similarity, self.inliers)]}
+        return {"layer": self.layer, "scale": self.scale, "matches": self.n_matches, "inliers": self.n_inliers,
+                "fitted": self.fitted, "geometry": "affine (RANSAC on the feature map's cells)",
+                "query_size": list(self.query_size), "result_size": list(self.result_size),
+                "pairs": [{"query": [round(float(a), 1), round(float(b), 1)],
+                           "result": [round(float(c), 1), round(float(d), 1)],
+                           "word": int(w), "similarity": round(float(s), 4), "inlier": bool(i)}
+                          for (a, b), (c, d), w, s, i in zip(self.query_xy, self.result_xy, self.words,
+                                                              self.similarity, self.inliers)]}
 
 
-def local_features(model, path, layer: str | None = None, scale: float | None = None) -> LocalFeatures:
-    """The local descriptors of one image at one layer and scale (default: the model's first VLAD
-    layer, or its first mean-pooled one, at its largest scale), with their positions."""
-    _ = model.backbone  # resolves the default layers
-    layer = layer or (model.config.layers or model.config.pooled)[0]
-    scale = float(scale or max(model.config.scales))
-    size = _oriented_size(path)
-    (arr,) = load_warped(path, [scale_size(scale)], model.config.resize)
-    maps = model.extractor(np.array(arr[None]))  # a writable copy: torch warns on a read-only array
-    if layer not in maps:
-        raise ValueError(f"layer {layer!r} is not one the model taps ({', '.join(maps)})")
-    desc = maps[layer][0].float().cpu().numpy()
-    side = int(round(np.sqrt(len(desc))))
-    h = w = side
-    if h * w != len(desc):  # a non-square map ("keep" resize): recover its shape from the image's
-        h = max(1, int(round(np.sqrt(len(desc) * arr.shape[0] / arr.shape[1]))))
-        w = len(desc) // h
-    jj, ii = np.meshgrid(np.arange(w), np.arange(h))
-    xy = np.stack([(jj.ravel() + 0.5) / w * size[0], (ii.ravel() + 0.5) / h * size[1]], 1).astype(np.float32)
-    words = np.full(len(desc), -1)
-    vlad = getattr(model, "vlads_", {}).get(f"{layer}@{scale:g}")
-    if vlad is not None:
-        C = np.asarray(vlad.centroids_, np.float32)
-        words = np.argmax(desc @ C.T, 1)
-    return LocalFeatures(xy, desc, words, size, layer, scale)
-
-
-def _oriented_size(path) -> tuple[int, int]:
+def oriented_size(path) -> tuple[int, int]:
     """Width and height as shown, EXIF orientation applied, from the header alone."""
     from PIL import Image
 
@@ -87,66 +58,89 @@ def _oriented_size(path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def match_features(q: LocalFeatures, r: LocalFeatures, min_similarity: float = 0.5,
-                   threshold: float = 0.06) -> Matches:
-    """Mutual nearest neighbours, then a homography by USAC-MAGSAC; ``threshold`` is the inlier
-    distance as a fraction of the result image's longer side."""
-    import cv2
-
-    S = q.desc @ r.desc.T
-    i, j = tentative_matches(S, min_similarity)
-    pairs = np.stack([i, j], 1) if len(i) else np.zeros((0, 2), int)
-    sim = S[pairs[:, 0], pairs[:, 1]] if len(pairs) else np.zeros(0, np.float32)
-    inliers, H = np.zeros(len(pairs), bool), None
-    if len(pairs) >= 4:
-        src = q.xy[pairs[:, 0]].reshape(-1, 1, 2)
-        dst = r.xy[pairs[:, 1]].reshape(-1, 1, 2)
-        H, mask = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, threshold * max(r.size), maxIters=2000,
-                                     confidence=0.999)
-        if H is not None and mask is not None:
-            inliers = mask.ravel().astype(bool)
-    return Matches(q, r, pairs, sim, inliers, H)
+def _pixels(cells: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    h, w = grid
+    return (cells.astype(np.float32) * np.array([size[0] / w, size[1] / h], np.float32)).astype(np.float32)
 
 
-def match_images(model, query, result, layer: str | None = None, scale: float | None = None) -> Matches:
-    """Local-feature correspondences between two image files, with their geometric inliers."""
-    return match_features(local_features(model, query, layer, scale), local_features(model, result, layer, scale))
+def match_view(model, query: LocalCodes, query_size, result: LocalCodes, result_size,
+               verifier: Verifier | None = None) -> MatchView:
+    """The verification of one query (``query``: its LocalCodes, one row, with its grid) against
+    one result (``result``: one row; its grid, where it carries none, is the query's: photos are
+    warped to one size), placed in each photo's pixels (``*_size``: width, height)."""
+    v = verifier or model.verifier()
+    q = query.features(0)
+    pm: PairMatch = v.match(q, result)
+    grid_q = query.grid
+    grid_r = result.grid or grid_q
+    if grid_q is None or grid_r is None:
+        raise ValueError("the local features' grid is unknown: encode the query with model.transform(..., local=k)")
+    qxy = _pixels(q[1][pm.query_rows], grid_q, query_size)
+    rxy = _pixels(result.features(0)[1][pm.candidate_rows], grid_r, result_size)
+    layer, scale = model.local_key
+    words = np.full(len(pm.query_rows), -1)
+    vlad = getattr(model, "vlads_", {}).get(f"{layer}@{scale:g}")
+    if vlad is not None and len(words):
+        C = np.asarray(vlad.centroids_, np.float32)
+        words = np.argmax(q[0][pm.query_rows] @ C.T, 1)
+    return MatchView(qxy, rxy, pm.similarity, pm.inliers, words, pm.fitted, tuple(query_size), tuple(result_size),
+                     layer, scale)
 
 
-def draw_matches(m: Matches, query_path, result_path, out=None, height: int = 360, max_lines: int = 80):
-    """Query and result side by side, correspondences drawn: inliers bold, coloured by visual word;
-    other matches thin and grey; at most ``max_lines`` inliers and half as many others (the most
-    similar), so that a dense layer stays legible. Returns the PIL image; writes a PNG when ``out``
-    is given."""
-    from PIL import Image, ImageDraw
+def match_in_index(index, query: LocalCodes, query_path, result_id: int) -> MatchView:
+    """The match view of a query against an indexed image, with the local features the index
+    stores for it (encoded afresh, the query's way, where it keeps none)."""
+    model = index.model
+    result_path = index.path_of(result_id)
+    codes, have = index.local_codes([result_id])
+    if not have[0]:
+        codes = model.transform([result_path], progress=False, local=query.codes.shape[1]).local
+        if codes is None or not len(codes):
+            raise ValueError(f"{result_path}: cannot be read to draw its matches")
+    elif model.config.resize != "warp":  # its own map shape: from a fresh pass over its photo
+        fresh = model.transform([result_path], progress=False, local=1).local
+        codes = LocalCodes(codes.codes, codes.cells, codes.count, fresh.grid if fresh is not None else None)
+    return match_view(model, query, oriented_size(query_path), codes, oriented_size(result_path))
+
+
+def draw_matches(m: MatchView, query_path, result_path, out=None, height: int = 360, max_lines: int = 80):
+    """Query and result side by side, the tentative matches drawn: inliers bold, coloured by visual
+    word; other matches thin and grey; at most ``max_lines`` inliers and half as many others (the
+    most similar). A caption says what was measured. Returns the PIL image; writes a PNG when
+    ``out`` is given."""
+    from PIL import Image, ImageDraw, ImageFont
 
     from .images import load_image
 
     ims = [load_image(p) for p in (query_path, result_path)]
     scaled = [im.resize((max(1, round(im.width * height / im.height)), height)) for im in ims]
-    gap, bar = 12, 28
-    canvas = Image.new("RGB", (scaled[0].width + gap + scaled[1].width, height + bar), "white")
+    gap, bar = 12, 34
+    canvas = Image.new("RGB", (max(640, scaled[0].width + gap + scaled[1].width), height + bar), "white")
     canvas.paste(scaled[0], (0, bar))
     canvas.paste(scaled[1], (scaled[0].width + gap, bar))
     draw = ImageDraw.Draw(canvas)
-    # the features' positions are in each image's own pixels (EXIF orientation applied)
-    fq = np.array([scaled[0].width / m.query.size[0], height / m.query.size[1]])
-    fr = np.array([scaled[1].width / m.result.size[0], height / m.result.size[1]])
+    fq = np.array([scaled[0].width / m.query_size[0], height / m.query_size[1]])
+    fr = np.array([scaled[1].width / m.result_size[0], height / m.result_size[1]])
     best = np.argsort(-m.similarity, kind="stable")
-    shown = np.concatenate([best[~m.inliers[best]][:max_lines // 2], best[m.inliers[best]][:max_lines]])
+    shown = np.concatenate([best[~m.inliers[best]][:max_lines // 2], best[m.inliers[best]][:max_lines]]).astype(int)
     for k in shown:  # outliers first, inliers drawn on top
-        a = m.query.xy[m.pairs[k, 0]] * fq + (0, bar)
-        b = m.result.xy[m.pairs[k, 1]] * fr + (scaled[0].width + gap, bar)
+        a = m.query_xy[k] * fq + (0, bar)
+        b = m.result_xy[k] * fr + (scaled[0].width + gap, bar)
         if m.inliers[k]:
-            colour = _word_colour(int(m.query.words[m.pairs[k, 0]]))
+            colour = _word_colour(int(m.words[k]))
             draw.line([tuple(a), tuple(b)], fill=colour, width=2)
             for p in (a, b):
                 draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], outline=colour, width=2)
         else:
             draw.line([tuple(a), tuple(b)], fill=(170, 170, 170), width=1)
-    note = f" (the {min(max_lines, m.n_inliers)} most similar inliers drawn)" if m.n_inliers > max_lines else ""
-    draw.text((6, 7), f"{len(m.pairs)} matches, {m.n_inliers} geometric inliers{note}  ·  layer {m.query.layer} "
-                      f"at scale {m.query.scale:g}  ·  colour: visual word", fill="black")
+    note = f" ({min(max_lines, m.n_inliers)} most similar drawn)" if m.n_inliers > max_lines else ""
+    gate = "" if m.fitted else " (too few for a fit: 0 inliers)"
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1: the bitmap font only
+        font = ImageFont.load_default()
+    draw.text((6, 8), f"{m.n_inliers} matching features (verified inliers) of {m.n_matches} tentative{gate}{note}"
+                      f"  ·  layer {m.layer} at scale {m.scale:g}", fill="black", font=font)
     if out is not None:
         canvas.save(out, format="PNG")
     return canvas
@@ -161,4 +155,4 @@ def _word_colour(word: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-__all__ = ["LocalFeatures", "Matches", "draw_matches", "local_features", "match_features", "match_images"]
+__all__ = ["MatchView", "draw_matches", "match_in_index", "match_view", "oriented_size"]

@@ -334,6 +334,8 @@ def lower_thread_priority(step: int = DECODE_NICENESS) -> bool:
 
 
 def _decode(item, sizes, mode):
+    if isinstance(item, (list, tuple)) and item and isinstance(item[0], np.ndarray):
+        return item  # decoded already, one array per size (a service's queries)
     path, box = (item, None) if isinstance(item, (str, os.PathLike)) else item
     try:
         return load_warped(path, sizes, mode, box)
@@ -354,8 +356,8 @@ def iter_batches(
     """Decode in a thread pool (the decoders release the GIL) at a lower priority, while the network
     runs on the previous batch.
 
-    ``paths`` items are file paths, or ``(path, box)`` pairs to crop to a box (x1, y1, x2, y2) first,
-    as for Oxford/Paris queries. Unreadable images do not stop the run: they come back in
+    ``paths`` items are file paths, ``(path, box)`` pairs to crop to a box (x1, y1, x2, y2) first,
+    as for Oxford/Paris queries, or images decoded already (``load_warped``'s arrays, one per scale). Unreadable images do not stop the run: they come back in
     ``Batch.errors`` with their index.
     With ``resize="keep"`` images of different shapes are split into one sub-batch per shape, so a
     Batch's ``indices`` are not always consecutive. ``progress`` (tqdm-like) advances per image.

@@ -1,6 +1,6 @@
 """Search structures over float32 descriptors: exact L2 (a threaded matrix product) and IVF-PQ
-(faiss) whose shortlist is re-ranked with exact distances. The index on disk, its segments and its
-writer live one floor up, in ``store.py``.
+(faiss) whose shortlist is made exact (``refine``). ``IndexStore`` (``store.py``, one floor up)
+keeps the IVF-PQ in step with its segments and serves both; this module has no state of its own.
 """
 from __future__ import annotations
 
@@ -22,48 +22,24 @@ ANN_MIN_SHORTLIST = 256  # and at least this many: re-ranking them costs microse
 CHECKPOINT_SPACING = 10.0  # index checkpoints: at least this many times the last save's duration apart
 
 
-class AnnIndex:
-    """IVF-PQ (faiss) over the index's descriptors, its shortlist re-ranked with exact distances.
+def refine(Q: np.ndarray, candidates: list[np.ndarray], rows, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """An approximate shortlist made exact: each query's ``candidates`` (positions) ordered by
+    their exact squared L2 distance, from their full vectors (``rows(positions)``); the k nearest,
+    (distances, positions), padded with inf and -1. So the distances reported are exact, only
+    the shortlist is approximate."""
+    D = np.full((len(Q), k), np.inf, np.float32)
+    P = np.full((len(Q), k), -1, np.int64)
+    for i, c in enumerate(candidates):
+        d = ((rows(c) - Q[i]) ** 2).sum(1)
+        order = np.argsort(d, kind="stable")[:k]
+        D[i, :len(order)], P[i, :len(order)] = d[order], c[order]
+    return D, P
 
-    The PQ codes (32 bytes per image) find ``k · ANN_RERANK`` candidates among the ``nprobe``
-    nearest of about √n inverted lists; their exact L2 distances, from the full vectors the index
-    keeps anyway, give the final order. So the distances reported are exact, only the shortlist is
-    approximate.
-    """
 
-    def __init__(self, ivf, X: np.ndarray, factory: str):
-        self.ivf, self.X, self.factory = ivf, X, factory
-        self.set_nprobe(default_nprobe(faiss.extract_index_ivf(ivf).nlist))
-
-    def set_nprobe(self, nprobe: int) -> None:
-        faiss.extract_index_ivf(self.ivf).nprobe = nprobe
-
-    @property
-    def ntotal(self) -> int:
-        return self.ivf.ntotal
-
-    def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        Q = np.ascontiguousarray(Q, dtype=np.float32)
-        _, cand = self.ivf.search(Q, min(self.ntotal, max(k * ANN_RERANK, ANN_MIN_SHORTLIST)))
-        D = np.full((len(Q), k), np.inf, np.float32)
-        I = np.full((len(Q), k), -1, np.int64)
-        for i, c in enumerate(cand):
-            c = c[c >= 0]
-            d = ((self.X[c] - Q[i]) ** 2).sum(1)
-            order = np.argsort(d, kind="stable")[:k]
-            D[i, :len(order)], I[i, :len(order)] = d[order], c[order]
-        return D, I
-
-    def add(self, X_new: np.ndarray, X_all: np.ndarray) -> None:
-        self.ivf.add(np.ascontiguousarray(X_new, dtype=np.float32))
-        self.X = X_all
-
-    def to_array(self) -> np.ndarray:
-        return faiss.serialize_index(self.ivf)
-
-    @classmethod
-    def from_array(cls, data: np.ndarray, X: np.ndarray, factory: str) -> "AnnIndex":
-        return cls(faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8)), X, factory)
+def encode_codes(trained: faiss.Index, X: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """The IVF-PQ codes of ``X`` (n, sa_code_size) uint8, encoded a chunk at a time."""
+    return np.concatenate([trained.sa_encode(np.ascontiguousarray(X[c:c + chunk], np.float32))
+                           for c in range(0, len(X), chunk)] or [np.zeros((0, trained.sa_code_size()), np.uint8)])
 
 
 class ExactIndex:
@@ -89,7 +65,13 @@ class ExactIndex:
             for s in range(0, len(Q), block):
                 q = Q[s:s + block]
                 dist = torch.addmm(self.sq, q, self.X.T, alpha=-2)  # ‖x‖² − 2 q·x, (nq, n)
-                d, i = torch.topk(dist, k, dim=1, largest=False)  # sorted, nearest first
+                d, i = torch.topk(dist, k, dim=1, largest=False)
+                # nearest first, ties by row order (topk leaves their order open): rankings and
+                # the APs computed from them are the same on every run and every door
+                i, by_row = i.sort(dim=1)
+                d = d.gather(1, by_row)
+                d, by_d = d.sort(dim=1, stable=True)
+                i = i.gather(1, by_d)
                 D.append((d + (q * q).sum(1, keepdim=True)).clamp_(min=0))
                 I.append(i)
         return torch.cat(D).numpy(), torch.cat(I).numpy()
@@ -116,15 +98,4 @@ def ivfpq_sample_size(ivf: faiss.Index) -> int:
     return max(64 * faiss.extract_index_ivf(ivf).nlist, 10_000)
 
 
-def build_ann(X: np.ndarray, seed: int = 0) -> AnnIndex:
-    """Train an IVF-PQ on (a sample of) ``X`` and add all of it."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    n, d = X.shape
-    ivf, factory = new_ivfpq(n, d)
-    sample = X[np.random.default_rng(seed).choice(n, size=min(n, ivfpq_sample_size(ivf)), replace=False)]
-    ivf.train(sample)
-    ivf.add(X)
-    return AnnIndex(ivf, X, factory)
-
-
-__all__ = ["AnnIndex", "ExactIndex", "build_ann", "new_ivfpq"]
+__all__ = ["ExactIndex", "encode_codes", "ivfpq_sample_size", "new_ivfpq", "refine"]

@@ -16,7 +16,6 @@ from . import functional as Fn
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .encoding import PCAWhitening, VLAD
 from .extract import Batch, FeatureExtractor, iter_batches, want_compile
-from .images import ImageError
 from .storage import atomic_savez, load_npz
 from .verify import LOCAL_K, LocalCodes, Verifier, chance_level, select
 
@@ -40,6 +39,38 @@ class Config:
     shrinkage: float = 0.0
     weights: str | None = None  # a weights file for the backbone (VGG16, GoogLeNet, custom)
     seed: int = 0
+
+
+@dataclass
+class Encoded:
+    """What encoding a list of images gives: the positions of the readable ones (``indices``, in
+    input order), their descriptors ``X`` (n, dim) float32, the ``errors`` (``ImageError`` each) and,
+    when asked for, their local features (``local``, ``verify.LocalCodes``; else None). It unpacks
+    as ``indices, X, errors``."""
+
+    indices: list[int]
+    X: np.ndarray
+    errors: list
+    local: LocalCodes | None = None
+
+    def __iter__(self):
+        return iter((self.indices, self.X, self.errors))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @staticmethod
+    def concat(parts: list["Encoded"], dim: int, local: int = 0, local_dim: int = 0) -> "Encoded":
+        """Batches joined and put in input order (sub-batches by shape may come out of it); ``dim``,
+        ``local`` and ``local_dim`` shape the result when there is nothing to join."""
+        ok = [i for p in parts for i in p.indices]
+        order = np.argsort(ok, kind="stable")
+        X = np.concatenate([p.X for p in parts]) if parts else np.zeros((0, dim), np.float32)
+        codes = None
+        if local:
+            have = [p.local for p in parts if len(p)]
+            codes = (LocalCodes.concat(have) if have else LocalCodes.empty(local, local_dim))[order]
+        return Encoded([ok[i] for i in order], X[order], [e for p in parts for e in p.errors], codes)
 
 
 def _key(layer: str, scale: float) -> str:
@@ -114,7 +145,7 @@ class ConvVLAD:
         _ = self.backbone
         return (self.config.layers or self.config.pooled)[0], float(max(self.config.scales))
 
-    def _batches(self, paths, desc: str | None, progress: bool, norms=()):
+    def _batches(self, paths, desc: str | None, progress: bool, norms=(), batch_size: int | None = None):
         ex = self.extractor
         ex.precision = self.precision
         if self.compile is False:
@@ -127,7 +158,7 @@ class ConvVLAD:
         # disable=None: bars only on a terminal, so logs and pipes stay clean
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True, leave=False)
         try:
-            yield from iter_batches(self.extractor, paths, self.config.scales, self.batch_size,
+            yield from iter_batches(self.extractor, paths, self.config.scales, batch_size or self.batch_size,
                                     self.workers, progress=bar, resize=self.config.resize, norms=norms)
         finally:
             bar.close()
@@ -193,7 +224,7 @@ class ConvVLAD:
                                for i in range(n_batches)]).numpy()
             else:
                 del stored
-                _, V, _ = self.transform_vlad([paths[i] for i in kept], progress=progress)
+                V = self.transform_vlad([paths[i] for i in kept], progress=progress).X
             self.pca_ = PCAWhitening(cfg.dim, cfg.whiten_power, cfg.shrinkage).fit(V)
         self.chance_ = chance_level(LocalCodes.concat(local), seed=cfg.seed) if local else Verifier.chance
         self.n_train_ = len(kept)
@@ -212,50 +243,47 @@ class ConvVLAD:
         v = torch.cat(parts, dim=1)
         return Fn.l2n(v) if len(parts) > 1 else v
 
-    def iter_vlad(self, paths, progress=True, desc="VLAD", local: int = 0):
-        """Yield ``(indices, VLADs, errors)``, and with ``local`` = k > 0 a fourth item: the
-        batch's ``verify.LocalCodes`` (its k strongest local features of ``local_key``)."""
-        key = self.local_key if local else None
-        for batch in self._batches(paths, desc, progress, norms=[key] if key else ()):
-            v = self._concat(batch.features) if batch.indices else None
-            if not local:
-                yield batch.indices, v, batch.errors
-                continue
-            codes = (select(batch.features[key], batch.norms[key], batch.grids[key], local) if batch.indices
-                     else None)
-            yield batch.indices, v, batch.errors, codes
+    def _batch_output(self, batch: Batch, local: int, pca: bool = True):
+        """One batch's descriptors (B, dim) float32 numpy (the VLADs before PCA with ``pca`` False)
+        and, with ``local`` = k > 0, its ``LocalCodes``: the one encoder behind paths and pixels."""
+        if not batch.indices:
+            return None, None
+        v = self._concat(batch.features)
+        if pca and self.pca_ is not None:
+            v = self.pca_.encode(v)
+        codes = None
+        if local:
+            key = self.local_key
+            codes = select(batch.features[key], batch.norms[key], batch.grids[key], local)
+        return v.float().cpu().numpy(), codes
 
-    def iter_transform(self, paths, progress=True, desc="descriptors", local: int = 0):
-        """Yield ``(indices, descriptors (B, dim) float32 numpy, errors)`` batch by batch (and the
-        batch's ``LocalCodes`` with ``local`` = k > 0, see ``iter_vlad``)."""
+    def iter_transform(self, items, progress=True, desc="descriptors", local: int = 0, pca: bool = True,
+                       batch_size: int | None = None) -> Iterator[Encoded]:
+        """One ``Encoded`` per batch. ``items``: image paths, ``(path, box)`` crops, or images
+        already decoded and resized (``images.load_warped`` at each of the model's scale sizes);
+        ``local`` = k > 0: each image's k strongest local features of ``local_key`` too."""
         if not hasattr(self, "vlads_"):
             raise RuntimeError("model is not fitted: call fit() or ConvVLAD.load()")
-        for idx, v, errors, *rest in self.iter_vlad(paths, progress, desc, local):
-            if v is not None and self.pca_ is not None:
-                v = self.pca_.encode(v)
-            yield (idx, (v.cpu().numpy() if v is not None else None), errors, *rest)
+        norms = [self.local_key] if local else ()
+        for batch in self._batches(items, desc, progress, norms=norms, batch_size=batch_size):
+            X, codes = self._batch_output(batch, local, pca)
+            if X is None:
+                X = np.zeros((0, self.dim if pca else self.vlad_dim), np.float32)
+                codes = LocalCodes.empty(local, self.local_dim) if local else None
+            yield Encoded(list(batch.indices), X, [e for _, e in batch.errors], codes)
 
-    def _collect(self, it, local: int = 0):
-        ok, out, errors, codes = [], [], [], []
-        for idx, X, errs, *rest in it:
-            ok += idx
-            errors += [e for _, e in errs]
-            if X is not None:
-                out.append(np.asarray(X, dtype=np.float32) if not torch.is_tensor(X) else X.cpu().numpy())
-                if rest:
-                    codes.append(rest[0])
-        X = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-        order = np.argsort(ok, kind="stable")  # sub-batches by shape may come out of input order
-        result = [ok[i] for i in order], X[order], errors
-        if not local:
-            return result
-        L = LocalCodes.concat(codes) if codes else LocalCodes.empty(local, self.local_dim)
-        return (*result, L[order])
+    def transform(self, items, progress=True, local: int = 0) -> Encoded:
+        """Descriptors of ``items`` (paths, crops or decoded images, see ``iter_transform``):
+        ``Encoded`` — ``ok, X, errors = model.transform(paths)`` unpacks the readable items'
+        indices, their (n, dim) float32 descriptors and the errors; ``.local`` holds their
+        ``verify.LocalCodes`` when ``local`` = k > 0 (k features each, for re-ranking)."""
+        return Encoded.concat(list(self.iter_transform(items, progress, local=local)), self.dim, local, self.local_dim)
 
-    def transform(self, paths, progress=True, local: int = 0):
-        """Descriptors of ``paths``: (indices of the readable ones, (n, dim) float32, errors); with
-        ``local`` = k > 0 also their ``verify.LocalCodes`` (k features each, for re-ranking)."""
-        return self._collect(self.iter_transform(paths, progress, local=local), local)
+    def transform_decoded(self, decoded: Sequence[Sequence[np.ndarray]], local: int = 0) -> Encoded:
+        """``transform`` of images already decoded, in one forward pass per shape: what a service
+        batching queries from many clients calls. Every item is encoded (rows in input order)."""
+        parts = list(self.iter_transform(decoded, False, local=local, batch_size=max(1, len(decoded))))
+        return Encoded.concat(parts, self.dim, local, self.local_dim)
 
     @property
     def local_dim(self) -> int:
@@ -265,45 +293,19 @@ class ConvVLAD:
             return int(self.vlads_[key].centroids_.shape[1])
         return int(self.pooled_dims_[key])
 
-    def transform_decoded(self, decoded: Sequence[Sequence[np.ndarray]], local: int = 0):
-        """Descriptors of images already decoded and resized (``images.load_warped`` at each of the
-        model's scale sizes), in one forward pass per shape: what a service batching queries from
-        many clients calls. Returns (len(decoded), dim) float32 in input order, and with ``local``
-        = k > 0 also their ``LocalCodes`` (see ``iter_vlad``)."""
-        if not hasattr(self, "vlads_"):
-            raise RuntimeError("model is not fitted: call fit() or ConvVLAD.load()")
-        out = np.zeros((len(decoded), self.dim), np.float32)
-        codes = [None] * len(decoded)
-        key = self.local_key if local else None
-        by_shape: dict[tuple, list[int]] = {}
-        for i, d in enumerate(decoded):
-            by_shape.setdefault(tuple(a.shape for a in d), []).append(i)
-        self.extractor.precision = self.precision
-        with torch.inference_mode():
-            for idx in by_shape.values():
-                batch = Batch(indices=idx, features={})
-                for si, scale in enumerate(self.config.scales):
-                    batch.add_maps(self.extractor.feature_maps(np.stack([decoded[i][si] for i in idx])), scale,
-                                   [key] if key else ())
-                v = self._concat(batch.features)
-                if self.pca_ is not None:
-                    v = self.pca_.encode(v)
-                out[idx] = v.cpu().numpy()
-                if key:
-                    L = select(batch.features[key], batch.norms[key], batch.grids[key], local)
-                    for j, i in enumerate(idx):
-                        codes[i] = L[[j]]
-        return (out, LocalCodes.concat(codes)) if local else out
+    @property
+    def vlad_dim(self) -> int:
+        return sum(v.dim for v in self.vlads_.values()) + sum(self.pooled_dims_.values())
 
-    def transform_vlad(self, paths, progress=True):
+    def transform_vlad(self, paths, progress=True) -> Encoded:
         """Uncompressed (concatenated, L2-normalised) VLADs, before PCA-whitening."""
-        return self._collect(self.iter_vlad(paths, progress))
+        return Encoded.concat(list(self.iter_transform(paths, progress, desc="VLAD", pca=False)), self.vlad_dim)
 
     @property
     def dim(self) -> int:
         if getattr(self, "pca_", None) is not None:
             return self.pca_.n_components_
-        return sum(v.dim for v in self.vlads_.values()) + sum(self.pooled_dims_.values())
+        return self.vlad_dim
 
     # -- persistence -----------------------------------------------------------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:

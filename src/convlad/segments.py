@@ -1,5 +1,18 @@
 """The files of an index store: immutable segments, an atomically replaced manifest, a writer lock.
 
+The one module that names the files inside an index folder:
+
+    INDEX/MANIFEST        generation, segments, tombstones, IVF-PQ, model fingerprint (JSON, replaced by rename)
+    INDEX/LOCK            flock of the single writer, naming it
+    INDEX/model.npz       the model that made the descriptors (so searching needs nothing else)
+    INDEX/seg-*/          X.npy (n, d) float32 · ids.npy · stamps.npy · offsets.npy + paths.bin ·
+                          x-NAME.npy per-row extras (x-local-codes, x-local-cells, x-local-count)
+    INDEX/ivf-*/          trained.faiss (an empty trained IVF-PQ) and SEGMENT.npy, its codes per segment
+    INDEX/dead-*.npy      ids deleted since their segment was written (tombstones)
+    INDEX/tmp-*           a write under way (``storage.write_durable``, ``write_segment``): garbage once
+                          its writer is gone
+    INDEX/uploads/        photos added through ``convlad serve``, under server-chosen names
+
 Durability follows the usual recipe: every file is written under a temporary name, fsynced, renamed
 into place, and the directory fsynced, so after a crash a name either holds a whole file or does not
 exist. Nothing here knows about images or models; ``store.py`` builds the index on top.
@@ -10,6 +23,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -24,6 +38,9 @@ from .storage import FileFormatError, check_header, create_file, fsync_dir, writ
 
 MANIFEST = "MANIFEST"
 LOCK = "LOCK"
+MODEL = "model.npz"
+UPLOADS = "uploads"
+TRAINED = "trained.faiss"
 FORMAT = "convlad-store"
 FORMAT_VERSION = 1
 # names the writer may delete when no manifest refers to them (never anything else in the folder)
@@ -167,6 +184,23 @@ def write_segment(folder: Path, X: np.ndarray, ids: np.ndarray, stamps: np.ndarr
     return name
 
 
+def merged_extras(segs: list, rows: list[np.ndarray], order: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The per-row extra arrays of merged segments, in the merged order; rows of a segment without
+    an array that others have get zeros (for local features: a count of 0, nothing to verify)."""
+    like = {}
+    for seg in segs:
+        for key, a in seg.extra.items():
+            like.setdefault(key, a)
+    if not like:
+        return None
+    out = {}
+    for key, a in like.items():
+        parts = [np.asarray(seg.extra[key][r]) if key in seg.extra else np.zeros((len(r), *a.shape[1:]), a.dtype)
+                 for seg, r in zip(segs, rows)]
+        out[key] = np.concatenate(parts)[order]
+    return out
+
+
 # -- manifest -----------------------------------------------------------------------------------
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
@@ -210,12 +244,40 @@ def collect_garbage(folder: Path, m: dict) -> int:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
             removed += 1
     if m.get("ivf"):
-        live = {f"{s['name']}.npy" for s in m["segments"]} | {"trained.faiss"}
+        live = {f"{s['name']}.npy" for s in m["segments"]} | {TRAINED}
         for entry in (folder / m["ivf"]["dir"]).iterdir():
             if entry.name not in live:
                 entry.unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+# -- names --------------------------------------------------------------------------------------
+def new_tombstones_name() -> str:
+    return f"dead-{os.urandom(8).hex()}.npy"
+
+
+def new_ivf_dir() -> str:
+    return f"ivf-{os.urandom(8).hex()}"
+
+
+def codes_file(folder: Path, ivf_dir: str, segment: str) -> Path:
+    """The IVF-PQ codes of one segment."""
+    return folder / ivf_dir / f"{segment}.npy"
+
+
+def trained_file(folder: Path, ivf_dir: str) -> Path:
+    return folder / ivf_dir / TRAINED
+
+
+def new_upload_name(ext: str) -> str:
+    """A server-chosen name for an uploaded photo (never the client's)."""
+    return f"{uuid.uuid4().hex[:16]}{ext}"
+
+
+def is_upload_file(name: str) -> bool:
+    """An upload's name, or the temporary name of one being written (``storage.write_durable``)."""
+    return re.fullmatch(r"(tmp-[0-9a-f]{12}-)?[0-9a-f]{16}\.\w+", name) is not None
 
 
 # -- the writer lock ----------------------------------------------------------------------------

@@ -1,23 +1,26 @@
 """The index on disk: a folder of immutable segments and a manifest, one writer, many readers.
 
-    INDEX/MANIFEST        generation, segments, tombstones, IVF-PQ, model fingerprint (JSON, replaced by rename)
-    INDEX/model.npz       the model that made the descriptors (so searching needs nothing else)
-    INDEX/seg-*/          X.npy (n, d) float32 · ids.npy · stamps.npy · offsets.npy + paths.bin
-    INDEX/ivf-*/          trained.faiss (an empty trained IVF-PQ) and one codes file per segment
-    INDEX/dead-*.npy      ids deleted since their segment was written (tombstones)
-    INDEX/LOCK            flock of the single writer, naming it
+``segments.py`` names and writes the files of the folder; this module is ``IndexStore``, the
+reader and single writer over them: the current generation, rows by id, the search structures
+(exact, or IVF-PQ kept in step with every commit) and the writes (add, remove, compact). What to
+merge is ``merge.py``'s choice, bringing a folder in line is ``sync.py``'s, and ranking with
+verification is ``search.py``'s.
 
 Adding photos writes one new segment and a new manifest: a checkpoint costs O(new), not O(n).
 Deletes are tombstones; ``compact`` merges small segments and drops dead rows. A reader pins the
 generation it opened (its segments stay mapped even if a compaction deletes them) until
 ``refresh()``. Crash safety is the manifest rename: what it names is complete on disk, and what it
 does not name is garbage the next writer deletes.
+
+Why one class of some 600 lines: a generation's state (segments, liveness, offsets, the IVF-PQ and
+the exact index) is swapped whole under one lock by ``_install``, and the writer's commits extend
+it in place (O(new) per commit); readers and the writer share that state, so it stays in one
+class rather than being spread over modules that would each reach into it.
 """
 from __future__ import annotations
 
 import mmap
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -25,21 +28,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import legacy
 from . import segments as S
-from .images import merge_scans, scan_images
-from .index import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, default_nprobe, ivfpq_sample_size,
-                    new_ivfpq)
-from .storage import FileFormatError, load_npz
-from .verify import LOCAL_K, LocalCodes, Verifier
+from .index import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, default_nprobe, encode_codes,
+                    ivfpq_sample_size, new_ivfpq, refine)
+from .merge import COMPACT_TARGET, needs_compaction, plan_merges
+from .storage import FileFormatError
+from .verify import LOCAL_K, LocalCodes
 
-MODEL = "model.npz"
+MODEL = S.MODEL
 RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
-COMPACT_TARGET = 1_000_000  # rows per segment that compaction builds up to; larger clean segments stay
-COMMIT_EVERY = 500  # images per segment while indexing a folder
-# A reader maps about 6 files per segment, each holding a file descriptor: beyond this many small
-# segments (one per upload, one per 500 images indexed) a commit compacts them, as Lucene's merge
-# policy does, so millions of photos stay a few hundred segments.
-MAX_SMALL_SEGMENTS = 64
 ENCODE_CHUNK = 65_536
 
 
@@ -198,14 +196,14 @@ class IndexStore:
             segs.append(seg)
         codes = {}
         if m.get("ivf"):
-            d = self.path / m["ivf"]["dir"]
+            d = m["ivf"]["dir"]
             for s in m["segments"]:
-                key = (m["ivf"]["dir"], s["name"])
+                key = (d, s["name"])
                 codes[key] = self._codes_cache.get(key)
                 if codes[key] is None:
-                    codes[key] = np.load(d / f"{s['name']}.npy", mmap_mode="r")
+                    codes[key] = np.load(S.codes_file(self.path, d, s["name"]), mmap_mode="r")
             same = self.m.get("ivf") == m["ivf"] and self._trained is not None
-            trained = self._trained if same else faiss.read_index(str(d / "trained.faiss"))
+            trained = self._trained if same else faiss.read_index(str(S.trained_file(self.path, d)))
         dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
         # liveness per segment, recomputed only for new segments or new tombstones (O(new) commits)
         live = []
@@ -394,14 +392,7 @@ class IndexStore:
                 want = max(k * ANN_RERANK, ANN_MIN_SHORTLIST)
                 want += min(self._n_dead, want)
                 _, cand = self._ivf.search(Q, min(int(self._offsets[-1]), want))
-                D = np.full((len(Q), k), np.inf, np.float32)
-                P = np.full((len(Q), k), -1, np.int64)
-                for i, c in enumerate(cand):
-                    c = c[c >= 0]
-                    c = c[self._is_live(c)]
-                    d = ((self._rows(c) - Q[i]) ** 2).sum(1)
-                    order = np.argsort(d, kind="stable")[:k]
-                    D[i, :len(order)], P[i, :len(order)] = d[order], c[order]
+                D, P = refine(Q, [c[self._is_live(c)] for c in (c[c >= 0] for c in cand)], self._rows, k)
             else:
                 D, J = self._exact.search(Q, k)
                 P = self._exact_pos[J]
@@ -413,41 +404,6 @@ class IndexStore:
         seg, row = self._locate(P[ok])
         out[ok] = [self._segs[s].ids[r] for s, r in zip(seg, row)]
         return out
-
-    def search_images(self, images: list[str], k: int = 10, qe: int = 0, progress=False, rerank: int = 0,
-                      verifier: Verifier | None = None):
-        """Rank the index for each query image: ([(query, [(path, distance, id, inliers), ...]), ...],
-        errors). ``qe`` > 0: α-query expansion with the top ``qe`` results, then a second search.
-        ``rerank`` > 0: the top ``rerank`` re-ranked by spatial verification (``verify.Verifier``)
-        against the local features stored with each image; ``inliers`` is None without it."""
-        ok, Q, errors, *L = self.model.transform(images, progress=progress, local=LOCAL_K if rerank else 0)
-        results = []
-        if len(ok):
-            if qe > 0 and len(self):
-                from .functional import alpha_query_expansion
-
-                _, top = self.search(Q, qe)
-                Q = alpha_query_expansion(Q, self.vectors(top.ravel()).reshape(len(Q), top.shape[1], -1))
-            D, I = self.search(Q, max(k, rerank))
-            for row, qi in enumerate(ok):
-                keep = I[row] >= 0
-                ids, dist, inl = I[row][keep], D[row][keep], [None] * int(keep.sum())
-                if rerank:
-                    ids, dist, inl = self.rerank(L[0].features(row), ids, dist, rerank, verifier)
-                results.append((images[qi], [(self.path_of(int(j)), float(d), int(j), n)
-                                             for d, j, n in zip(dist[:k], ids[:k], inl[:k])]))
-        return results, errors
-
-    def rerank(self, query, ids: np.ndarray, distances: np.ndarray, n: int = 100, verifier: Verifier | None = None):
-        """Spatial verification of the first ``n`` of a result list against ``query`` (its
-        descriptors and cells, ``LocalCodes.features``): (ids, distances, inliers) reordered, the
-        rest after them unchanged (inliers None there)."""
-        head = np.asarray(ids[:n])
-        codes, stored = self.local_codes(head)
-        order, counts = (verifier or self.model.verifier()).order(query, distances[:n], codes, stored)
-        ids = np.concatenate([head[order], ids[n:]])
-        distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
-        return ids, distances, [int(counts[o]) if stored[o] else None for o in order] + [None] * (len(ids) - n)
 
     def local_codes(self, ids) -> tuple[LocalCodes, np.ndarray]:
         """The stored local features of ``ids`` (zero where none) and a mask of the ids that have them."""
@@ -499,12 +455,10 @@ class IndexStore:
         S.collect_garbage(self.path, m)
 
     def _write_codes(self, ivf: dict, seg_name: str, X: np.ndarray, trained=None) -> None:
-        d = self.path / ivf["dir"]
-        trained = trained if trained is not None else faiss.read_index(str(d / "trained.faiss"))
-        codes = np.concatenate([trained.sa_encode(np.ascontiguousarray(X[c:c + ENCODE_CHUNK], np.float32))
-                                for c in range(0, len(X), ENCODE_CHUNK)] or
-                               [np.zeros((0, trained.sa_code_size()), np.uint8)])
-        S.write_durable(d / f"{seg_name}.npy", lambda f: S.save_npy(f, codes))
+        if trained is None:
+            trained = faiss.read_index(str(S.trained_file(self.path, ivf["dir"])))
+        codes = encode_codes(trained, X, ENCODE_CHUNK)
+        S.write_durable(S.codes_file(self.path, ivf["dir"], seg_name), lambda f: S.save_npy(f, codes))
 
     def _train_ivf(self, m: dict, live: int) -> dict:
         """Train an IVF-PQ on a sample of the live rows and encode every segment with it."""
@@ -518,10 +472,10 @@ class IndexStore:
         sample = np.concatenate([np.asarray(segs[s].X[lives[s][pick[which == s] - offsets[s]]])
                                  for s in np.unique(which)]).astype(np.float32)
         index.train(sample)
-        ivf = {"dir": f"ivf-{os.urandom(8).hex()}", "factory": factory, "trained_on": int(live)}
+        ivf = {"dir": S.new_ivf_dir(), "factory": factory, "trained_on": int(live)}
         d = self.path / ivf["dir"]
         d.mkdir()
-        S.write_durable(d / "trained.faiss", lambda f: f.write(faiss.serialize_index(index).tobytes()))
+        S.write_durable(S.trained_file(self.path, ivf["dir"]), lambda f: f.write(faiss.serialize_index(index).tobytes()))
         S.crash_point("ivf-train")
         for s in segs:
             self._write_codes(ivf, s.name, s.X, index)
@@ -543,7 +497,7 @@ class IndexStore:
         name = S.write_segment(self.path, X, ids, stamps, list(paths), local.arrays() if local is not None else None)
         self._commit(dict(m, next_id=int(ids[-1]) + 1,
                           segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments={name: X})
-        if sum(s["rows"] < COMPACT_TARGET // 2 for s in self.m["segments"]) > MAX_SMALL_SEGMENTS:
+        if needs_compaction([s["rows"] for s in self.m["segments"]]):
             self.compact()
         return ids
 
@@ -555,17 +509,17 @@ class IndexStore:
         if not len(gone):
             return 0
         dead = np.union1d(self._dead, gone)
-        name = f"dead-{os.urandom(8).hex()}.npy"
+        name = S.new_tombstones_name()
         S.write_durable(self.path / name, lambda f: S.save_npy(f, dead))
         self._commit(dict(self.m, tombstones=name, n_dead=self.n_dead + len(gone)), new_segments={})
         return len(gone)
 
     def add(self, paths: list[str], progress: bool = False) -> tuple[np.ndarray, list]:
         """Encode image files with the store's model and add them: (ids, errors)."""
-        ok, X, errors, *L = self.model.transform([str(p) for p in paths], progress=progress, local=self.local_k)
-        kept = [self._stored_path(str(paths[i])) for i in ok]
-        stamps = [_stamp(str(paths[i])) for i in ok]
-        return self.add_vectors(X, kept, stamps, *L), errors
+        enc = self.model.transform([str(p) for p in paths], progress=progress, local=self.local_k)
+        kept = [self._stored_path(str(paths[i])) for i in enc.indices]
+        stamps = [_stamp(str(paths[i])) for i in enc.indices]
+        return self.add_vectors(enc.X, kept, stamps, enc.local), enc.errors
 
     def _stored_path(self, p: str) -> str:
         if self.root:
@@ -579,27 +533,8 @@ class IndexStore:
         live rows, dropping the dead ones; one commit. Readers keep searching throughout."""
         self._need_writer()
         m = self.m
-        groups, cur, cur_rows = [], [], 0
-
-        def dirty(i):
-            return self._live[i] is not None and not self._live[i].all()
-
-        def close():
-            if len(cur) > 1 or (cur and dirty(cur[0])):
-                groups.append(list(cur))
-
-        for i, s in enumerate(self._segs):
-            live = len(self._live_positions(i))
-            if not (len(s) < target_rows // 2 or dirty(i)):
-                close()
-                cur, cur_rows = [], 0
-                continue
-            if cur and cur_rows + live > target_rows:
-                close()
-                cur, cur_rows = [], 0
-            cur.append(i)
-            cur_rows += live
-        close()
+        groups = plan_merges([len(seg) for seg in self._segs], [len(self._live_positions(i)) for i in range(len(self._segs))],
+                             target_rows)
         before = len(self._segs)
         if not groups:
             return {"segments_before": before, "segments_after": before, "dropped": 0, "merged": 0}
@@ -616,13 +551,13 @@ class IndexStore:
                 replaced.update({i: None for i in g})
                 continue
             order = np.argsort(ids, kind="stable")
-            extra = _merged_extras([self._segs[i] for i in g], rows, order)
+            extra = S.merged_extras([self._segs[i] for i in g], rows, order)
             name = S.write_segment(self.path, X[order], ids[order], stamps[order], [paths[j] for j in order], extra)
             S.crash_point("compact-segment")
             if ivf:
                 codes = np.concatenate([np.asarray(self._codes_cache[(ivf["dir"], self._segs[i].name)][r])
                                         for i, r in zip(g, rows)])[order]
-                S.write_durable(self.path / ivf["dir"] / f"{name}.npy", lambda f, c=codes: S.save_npy(f, c))
+                S.write_durable(S.codes_file(self.path, ivf["dir"], name), lambda f, c=codes: S.save_npy(f, c))
             replaced.update({i: name for i in g})
             new_entries[name] = {"name": name, "rows": len(ids)}
         segments, seen = [], set()
@@ -637,67 +572,12 @@ class IndexStore:
         dead = np.setdiff1d(self._dead, gone)
         tomb = None
         if len(dead):
-            tomb = f"dead-{os.urandom(8).hex()}.npy"
+            tomb = S.new_tombstones_name()
             S.write_durable(self.path / tomb, lambda f: S.save_npy(f, dead))
         self._commit(dict(m, segments=segments, tombstones=tomb, n_dead=self.n_dead - dropped),
                      new_segments={})  # their codes are copied above
         return {"segments_before": before, "segments_after": len(segments), "dropped": dropped,
                 "merged": sum(len(g) for g in groups)}
-
-    def plan_sync(self, report=print, scans=None) -> dict:
-        """The first half of a sync: walk the folder, delete (tombstone) vanished or changed files
-        and duplicates, and list what is left to encode. {"summary", "todo", "current" stamps}.
-        ``scans``: the folder already walked, as ``images.scan_images`` results (by a cluster)."""
-        self._need_writer()
-        root = Path(self.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: the indexed folder is gone")
-        current, notes = merge_scans(scans if scans is not None else [scan_images(root)])
-        for msg in notes:
-            report(f"skipped {msg}")
-        skipped = notes
-        stale, have = [], set()
-        for id_, p, st in self.items():
-            if current.get(p) == st and p not in have:
-                have.add(p)
-            else:
-                stale.append(id_)
-        removed = self.remove(stale) if stale else 0
-        summary = {"kept": len(have), "removed": removed, "added": 0, "skipped": len(skipped)}
-        return {"summary": summary, "todo": [p for p in sorted(current) if p not in have], "current": current}
-
-    def sync(self, progress=True, commit_every: int = COMMIT_EVERY, commit_seconds: float = 120.0,
-             report=print) -> dict:
-        """Bring the store in line with its folder: vanished or changed files removed, new ones
-        encoded and committed a segment at a time (each ``commit_every`` images or seconds), so a
-        killed run loses at most one segment's work and a rerun goes on from there."""
-        plan = self.plan_sync(report)
-        summary, todo, current, root = plan["summary"], plan["todo"], plan["current"], Path(self.root)
-        if not todo:
-            return summary
-        batch_paths, batch_X, batch_L, last = [], [], [], time.monotonic()
-
-        def flush():
-            nonlocal batch_paths, batch_X, batch_L, last
-            if batch_paths:
-                self.add_vectors(np.concatenate(batch_X), batch_paths, [current[p] for p in batch_paths],
-                                 LocalCodes.concat(batch_L) if batch_L else None)
-                summary["added"] += len(batch_paths)
-            batch_paths, batch_X, batch_L, last = [], [], [], time.monotonic()
-
-        for idx, X, errors, *L in self.model.iter_transform([str(root / p) for p in todo], progress=progress,
-                                                            desc="indexing", local=self.local_k):
-            for _, err in errors:
-                report(f"skipped {err}")
-                summary["skipped"] += 1
-            if X is not None and len(idx):
-                batch_paths += [todo[i] for i in idx]
-                batch_X.append(np.asarray(X, np.float32))
-                batch_L += L
-            if len(batch_paths) >= commit_every or time.monotonic() - last > commit_seconds:
-                flush()
-        flush()
-        return summary
 
     # -- information -----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -713,74 +593,28 @@ class IndexStore:
                 if ivf and self._uses_ivf() else "exact", "bytes": size}
 
 
-def _merged_extras(segs: list, rows: list[np.ndarray], order: np.ndarray) -> dict[str, np.ndarray] | None:
-    """The per-row extra arrays of merged segments, in the merged order; rows of a segment without
-    an array that others have get zeros (for local features: a count of 0, nothing to verify)."""
-    like = {}
-    for seg in segs:
-        for key, a in seg.extra.items():
-            like.setdefault(key, a)
-    if not like:
-        return None
-    out = {}
-    for key, a in like.items():
-        parts = [np.asarray(seg.extra[key][r]) if key in seg.extra else np.zeros((len(r), *a.shape[1:]), a.dtype)
-                 for seg, r in zip(segs, rows)]
-        out[key] = np.concatenate(parts)[order]
-    return out
-
-
-# -- single-file indexes of convlad 0.1 -------------------------------------------------------------
-LEGACY_FORMAT = "convlad-index"
-
-
-def _legacy_arrays(path: Path):
-    from .pipeline import ConvVLAD
-
-    meta, arrays = load_npz(path, LEGACY_FORMAT, 1)
-    model = ConvVLAD.from_state(meta["model"], {k[6:]: v for k, v in arrays.items() if k.startswith("model/")})
-    return meta, model, arrays["X"].astype(np.float32), [str(p) for p in arrays["paths"]], \
-        arrays["stamps"].astype(np.int64)
-
-
+# -- single-file indexes of convlad 0.1 (``legacy.py`` reads them) -----------------------------------
 def _open_legacy(path: Path) -> IndexStore:
     """A single-file index, read-only and in memory."""
-    meta, model, X, paths, stamps = _legacy_arrays(path)
     store = IndexStore(path)
-    encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in encoded])]).astype(np.int64)
-    seg = S.Segment("legacy", X, np.arange(len(X), dtype=np.int64), stamps.reshape(-1, 2), offsets,
-                    np.frombuffer(b"".join(encoded), np.uint8))
-    store._model = model
-    store.m = {"generation": 0, "dim": model.dim, "root": meta["root"], "model": "(inside the file)",
-               "model_fingerprint": model.fingerprint(), "ann": "exact", "segments": [{"name": "legacy", "rows": len(X)}],
-               "tombstones": None, "n_dead": 0, "ivf": None, "next_id": len(X)}
+    store._model, store.m, seg = legacy.read(path)
     store._segs, store._dead, store._live = [seg], np.zeros(0, np.int64), [None]
-    store._offsets = np.array([0, len(X)], np.int64)
+    store._offsets = np.array([0, len(seg)], np.int64)
     return store
 
 
-def _converting(path: Path) -> Path:
-    return path.with_name(path.name + ".converting")
-
-
 def _interrupted_conversion(path: Path) -> bool:
-    return not path.exists() and _converting(path).is_dir() and path.with_name(path.name + ".v1").is_file()
+    return legacy.interrupted_conversion(path)
 
 
 def _convert_legacy(path: Path, report) -> None:
     """Rewrite a single-file index as a store at the same path; the old file stays beside it as
     PATH.v1. A crash part-way leaves PATH or PATH.v1 + PATH.converting, which the next run finishes."""
-    old, tmp = path.with_name(path.name + ".v1"), _converting(path)
-    if path.is_file():
-        meta, model, X, paths, stamps = _legacy_arrays(path)
-        shutil.rmtree(tmp, ignore_errors=True)
+    def build(tmp, meta, model, X, paths, stamps):
         with IndexStore.create(tmp, model=model, root=meta["root"], ann=meta.get("ann", "auto"), report=report) as st:
             st.add_vectors(X, paths, stamps)
-        os.replace(path, old)
-    os.rename(tmp, path)
-    S.fsync_dir(path.parent)
-    report(f"{path}: converted a single-file index to a segment store (the old file is kept as {old})")
+
+    legacy.convert(path, build, report)
 
 
 __all__ = ["IndexStore", "StoreLocked"]

@@ -43,6 +43,7 @@ class LocalCodes:
     codes: np.ndarray
     cells: np.ndarray
     count: np.ndarray
+    grid: tuple[int, int] | None = None  # the map's (h, w) the cells lie on, where known (not stored)
 
     def __len__(self) -> int:
         return len(self.count)
@@ -58,7 +59,7 @@ class LocalCodes:
 
     def __getitem__(self, i) -> "LocalCodes":
         idx = np.atleast_1d(np.asarray(i))
-        return LocalCodes(self.codes[idx], self.cells[idx], self.count[idx])
+        return LocalCodes(self.codes[idx], self.cells[idx], self.count[idx], self.grid)
 
     def features(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image ``i``'s descriptors (m, d) float32, unit length, and cells (m, 2) float32."""
@@ -82,7 +83,9 @@ class LocalCodes:
 
     @staticmethod
     def concat(parts: list["LocalCodes"]) -> "LocalCodes":
-        return LocalCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "cells", "count")))
+        grids = {p.grid for p in parts}
+        return LocalCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "cells", "count")),
+                          grids.pop() if len(grids) == 1 else None)
 
     @staticmethod
     def empty(k: int, d: int) -> "LocalCodes":
@@ -113,7 +116,7 @@ def select(desc, norms, grid: tuple[int, int], k: int = LOCAL_K) -> LocalCodes:
     t = top.cpu().numpy()
     cells = np.zeros((B, k, 2), np.uint8)
     cells[:, :m, 0], cells[:, :m, 1] = t % w, t // w
-    return LocalCodes(codes, cells, np.full(B, m, np.uint16))
+    return LocalCodes(codes, cells, np.full(B, m, np.uint16), (h, w))
 
 
 def tentative_matches(S: np.ndarray, min_similarity: float) -> tuple[np.ndarray, np.ndarray]:
@@ -124,19 +127,44 @@ def tentative_matches(S: np.ndarray, min_similarity: float) -> tuple[np.ndarray,
     return i, fwd[i]
 
 
-def fit_inliers(src: np.ndarray, dst: np.ndarray, threshold: float) -> int:
-    """Inliers of an affine map fitted robustly (OpenCV's RANSAC) to matched points (m, 2); 0 with
-    fewer than 3 points or no consensus."""
+def fit_affine(src: np.ndarray, dst: np.ndarray, threshold: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """An affine map fitted robustly (OpenCV's RANSAC) to matched points (m, 2): (2×3 map or None,
+    inlier mask (m,) bool); no map with fewer than 3 points or no consensus."""
     import cv2
 
     if len(src) < 3:
-        return 0
+        return None, np.zeros(len(src), bool)
     # 500 iterations find an all-inlier 3-point sample with 0.999 confidence down to 25% inliers;
     # fewer inliers than that among the tentative matches is no match worth ranking up. On
     # mvbench-dev mAP was the same as with 2 000 (0.8665 and 0.8666), for less time per query.
-    _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=500,
+    A, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=500,
                                    confidence=0.999)
-    return 0 if mask is None else int(mask.sum())
+    if mask is None:
+        return None, np.zeros(len(src), bool)
+    return A, mask.ravel().astype(bool)
+
+
+def fit_inliers(src: np.ndarray, dst: np.ndarray, threshold: float) -> int:
+    """How many of the matched points (m, 2) agree with one affine map (``fit_affine``)."""
+    return int(fit_affine(src, dst, threshold)[1].sum())
+
+
+@dataclass
+class PairMatch:
+    """The verification of one query against one candidate, as the ranking computed it: tentative
+    matches (rows of the query's and the candidate's features), which of them are inliers, the
+    affine map (query cells → candidate cells), and whether a fit was tried at all (the gate)."""
+
+    query_rows: np.ndarray  # (m,) int
+    candidate_rows: np.ndarray  # (m,) int
+    similarity: np.ndarray  # (m,) float32
+    inliers: np.ndarray  # (m,) bool
+    affine: np.ndarray | None  # 2×3
+    fitted: bool
+
+    @property
+    def n_inliers(self) -> int:
+        return int(self.inliers.sum())
 
 
 @dataclass
@@ -168,8 +196,10 @@ class Verifier:
         with ThreadPoolExecutor(n) as pool:
             return np.concatenate(list(pool.map(lambda idx: self._inliers(query, candidates[idx]), parts)))
 
-    def _inliers(self, query, candidates: LocalCodes) -> np.ndarray:
-        dq, xq = query
+    def _tentative(self, query, candidates: LocalCodes):
+        """Mutual nearest neighbours above ``min_similarity`` of every pair at once: (fwd (n, m), the
+        candidate feature each query feature is nearest to; ok (n, m) bool; best (n, m) similarity)."""
+        dq, _ = query
         # one batched product for all pairs, laid out (pair, query feature, candidate feature) so
         # that both maxima read memory in order; unused slots are zero vectors, whose similarity 0
         # never reaches min_similarity
@@ -177,17 +207,41 @@ class Verifier:
         fwd = S.argmax(2)  # each query feature's nearest candidate feature
         best = np.take_along_axis(S, fwd[..., None], 2)[..., 0]
         mutual = best >= np.take_along_axis(S.max(1), fwd, 1)  # ... and it is that feature's nearest
-        ok = mutual & (best >= self.min_similarity)
+        return fwd, mutual & (best >= self.min_similarity), best
+
+    def _gate(self, n_tentative: int) -> bool:
+        # RANSAC is most of the time left: a fit is worth it only where more than half of twice
+        # the chance level could agree; on mvbench-dev this gate changed the order of one query
+        # in 191 against a gate at the chance level itself (mAP 0.8665 both), 57 → 42 ms a query
+        return n_tentative > 2 * self.chance
+
+    def _inliers(self, query, candidates: LocalCodes) -> np.ndarray:
+        xq = query[1]
+        fwd, ok, _ = self._tentative(query, candidates)
         cells = candidates.cells.astype(np.float32) + 0.5
         out = np.zeros(len(candidates), np.int64)
         for j in range(len(candidates)):
-            # RANSAC is most of the time left: a fit is worth it only where more than half of
-            # twice the chance level could agree; on mvbench-dev this gate changed the order of
-            # one query in 191 against a gate at the chance level itself (mAP 0.8665 both), and
-            # took 57 → 42 ms a query
-            if ok[j].sum() > 2 * self.chance:
+            if self._gate(int(ok[j].sum())):
                 out[j] = fit_inliers(xq[ok[j]], cells[j, fwd[j, ok[j]]], self.threshold)
         return out
+
+    def match(self, query, candidate: LocalCodes) -> PairMatch:
+        """The verification of ``query`` (descriptors, cells) against one image (``candidate``, a
+        LocalCodes of one row) in full: the same computation, step for step, as ``inliers``, so its
+        ``n_inliers`` is the count the ranking used."""
+        xq = query[1]
+        if len(candidate) != 1:
+            raise ValueError(f"match takes one candidate, not {len(candidate)}")
+        if len(query[0]) < 3:
+            z = np.zeros(0, np.int64)
+            return PairMatch(z, z, np.zeros(0, np.float32), np.zeros(0, bool), None, False)
+        fwd, ok, best = self._tentative(query, candidate)
+        rows = np.flatnonzero(ok[0])
+        cols = fwd[0, rows]
+        cells = candidate.cells.astype(np.float32) + 0.5
+        fitted = self._gate(len(rows))
+        A, mask = fit_affine(xq[ok[0]], cells[0, cols], self.threshold) if fitted else (None, np.zeros(len(rows), bool))
+        return PairMatch(rows, cols, best[0, rows].astype(np.float32), mask, A, fitted)
 
     def scores(self, distances: np.ndarray, inliers: np.ndarray) -> np.ndarray:
         """Higher is better. ``distances``: squared L2 between unit descriptors (cosine = 1 − d/2)."""
@@ -240,4 +294,5 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
     return int(np.ceil(np.percentile(np.concatenate(counts), percentile)))
 
 
-__all__ = ["LOCAL_K", "LocalCodes", "Verifier", "chance_level", "fit_inliers", "select", "tentative_matches"]
+__all__ = ["LOCAL_K", "LocalCodes", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers", "select",
+           "tentative_matches"]

@@ -1,0 +1,99 @@
+"""One search behind every door: the same photo through the command line, the HTTP API and the
+library, with default settings, gets the same ids in the same order with the same inliers, on an
+index of all of mvbench-dev; and mAP through the index is eval's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from convlad.search import DEFAULTS, Settings, rank, search_ids, search_images
+from convlad.store import IndexStore
+
+from .conftest import MVBENCH_DEV, need
+from .servers import Server, cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def dev_index(tmp_path_factory, train_images):
+    """A small model (scale 1, 32-D) and two indexes of mvbench-dev's 408 photos (groups and
+    distractors): one with the default local features, one with 120 of them."""
+    wd = tmp_path_factory.mktemp("doors")
+    (wd / "train").mkdir()
+    for p in train_images[::12]:
+        (wd / "train" / Path(p).name).symlink_to(p)
+    cli("train", "--images", wd / "train", "--out", wd / "model.npz", "--layer", "block11", "--scales", "1",
+        "--k", "16", "--dim", "32")
+    photos = wd / "photos"
+    photos.mkdir()
+    for sub in ("images", "distractors"):
+        (photos / sub).symlink_to(need(MVBENCH_DEV) / sub)
+    cli("index", wd / "model.npz", photos, "--out", wd / "default.index")
+    cli("index", wd / "model.npz", photos, "--out", wd / "local120.index", "--local-features", "120")
+    return wd
+
+
+QUERIES = ["images/bundler_kermit_00.jpg", "images/box_in_scene_01.jpg"]
+
+
+def _doors(index: Path, query: Path):
+    """(CLI, API, library) results for one photo, each as [(id, inliers)], and the library's hits."""
+    by_cli = json.loads(cli("search", index, query, "--json").stdout)[0]["results"]
+    server = Server(index)
+    try:
+        with open(query, "rb") as f:
+            r = httpx.post(f"{server.url}/api/search", files={"image": (query.name, f, "image/jpeg")}, timeout=60)
+        assert r.status_code == 200, r.text
+        by_api = r.json()["results"]
+        config = httpx.get(f"{server.url}/api/config").json()
+    finally:
+        server.stop()
+    st = IndexStore.open(index)
+    (_, hits), = search_images(st, [query])[0]
+    return ([(h["id"], h["inliers"]) for h in by_cli], [(h["id"], h["inliers"]) for h in by_api],
+            [(h.id, h.inliers) for h in hits], by_cli, by_api, hits, config, st)
+
+
+@pytest.mark.parametrize("name", ["default.index", "local120.index"])
+def test_the_same_photo_ranks_alike_through_every_door(dev_index, name):
+    index = dev_index / name
+    for rel in QUERIES:
+        query = need(MVBENCH_DEV) / rel
+        c, a, lib, by_cli, by_api, hits, config, st = _doors(index, query)
+        assert c == a == lib, (c, a, lib)
+        assert len(c) == DEFAULTS.k == config["k"] and config["rerank"] == 100
+        assert all(isinstance(n, int) for _, n in c)  # the defaults re-rank, everywhere
+        assert st.local_k == (300 if name == "default.index" else 120) == config["local_features"]
+        assert [h["distance"] for h in by_cli] == pytest.approx([h["distance"] for h in by_api], abs=1e-5)
+        assert Path(by_cli[0]["path"]).name == query.name  # the photo itself is in the index
+        assert by_api[0]["path"] == rel  # the service shows paths relative to the indexed folder
+
+
+def test_map_through_the_index_is_evals(dev_index):
+    """Ranking every mvbench-dev query by its id through the store is ``eval``'s ranking of the same
+    descriptors: one search, the same APs, re-ranked or not."""
+    from convlad.datasets import load_groups
+    from convlad.evaluate import evaluate_descriptors, evaluate_ranking
+
+    st = IndexStore.open(dev_index / "default.index")
+    bench = load_groups(need(MVBENCH_DEV))
+    id_of = {p: i for i, p, _ in st.items()}  # paths relative to the indexed folder, as dev's own
+    ids = np.array([id_of[str(Path(p).relative_to(need(MVBENCH_DEV)))] for p in bench.paths])
+    local, have = st.local_codes(ids)
+    assert have.all()
+    res = evaluate_descriptors(bench, st.vectors(ids), rerank=100, local=local, verifier=st.model.verifier())
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    for settings, want in ((Settings(k=len(st)), res.mAP), (Settings(k=len(st), rerank=0), res.extra["mAP_without_rerank"])):
+        hits = search_ids(st, ids[bench.query_db], settings)
+        ranking = np.array([[bench.query_db[q]] + [row_of[h.id] for h in row] for q, row in enumerate(hits)])
+        assert evaluate_ranking(bench, ranking).mAP == pytest.approx(want, abs=1e-9)
+    assert res.mAP > res.extra["mAP_without_rerank"] + 0.01  # and re-ranking helps, even this small model
+    # one query through `rank` with its stored features is the same as through `search_ids`
+    q = int(ids[bench.query_db[0]])
+    codes, _ = st.local_codes([q])
+    assert rank(st, st.vectors([q]), [codes.features(0)], exclude=[[q]])[0] == search_ids(st, [q])[0]
