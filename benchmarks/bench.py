@@ -597,7 +597,14 @@ def main():
     # 64: a pipeline that overlaps decoding with the network needs a few batches to reach its steady
     # state, which is what a collection of thousands of photos sees
     holidays = (holidays * 64)[:16 if a.quick else 64]
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "e2e": {}}
+    import torch
+
+    from convlad.extract import cpu_flags, resolve_precision
+
+    # every speed figure with the CPU's flags and the arithmetic `--precision auto` picks here
+    machine = {"cpus": os.cpu_count(), "cpu_flags": list(cpu_flags()),
+               "precision_auto": resolve_precision("auto", torch.device("cpu"))}
+    results: dict = {"machine": machine, "e2e": {}}
     if parts != {"e2e", "forward", "search", "store", "serve", "ray", "rerank"} and Path(a.out).is_file():
         results = json.loads(Path(a.out).read_text())
     if "e2e" in parts:
@@ -618,6 +625,7 @@ def main():
         results["ray"] = measure_ray(a.quick)
     if "rerank" in parts:
         results["rerank"] = measure_rerank(a.quick)
+    results["machine"] = machine
     Path(a.out).write_text(json.dumps(results, indent=1))
     print_table(results)
     print(f"\nwrote {a.out}")

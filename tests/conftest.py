@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The suite's figures and references are fp32's: `--precision auto` would run bf16 on a CPU with
+# AMX. Tests of auto itself (test_extract) clear this and force the CPU detection both ways.
+os.environ.setdefault("CONVLAD_PRECISION", "fp32")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CONVLAD_SHARED", REPO.parent / "shared")).resolve()
 DATA = SHARED / "data"

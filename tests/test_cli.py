@@ -123,6 +123,8 @@ def test_index_grows_incrementally_and_drops_removed(workdir, groups):
     assert f"{n0 + n1 - 1} images (0 added, {n0 + n1 - 1} unchanged, 1 removed" in p.stdout
     info = json.loads(run("info", out, "--json").stdout)
     assert info["images"] == n0 + n1 - 1 and info["dead"] == 1 and info["segments"] == 2
+    # the arithmetic encoding runs in here, and the CPU flags it was chosen by (auto; the suite pins fp32)
+    assert info["precision"] == "fp32 (auto on this machine)" and "torch:" in info["cpu_flags"]
     p = run("compact", out)
     assert "2 → 1 segments, 1 dead rows dropped" in p.stdout
     info = json.loads(run("info", out, "--json").stdout)

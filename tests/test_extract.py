@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from convlad.backbones import from_module
-from convlad.extract import COMPILE_MIN_WORK, FeatureExtractor, lower_thread_priority, want_compile
+from convlad.extract import COMPILE_MIN_WORK, PRECISIONS, FeatureExtractor, lower_thread_priority, want_compile
 from convlad.images import load_warped
 
 
@@ -138,6 +138,35 @@ def test_reduced_precision_keeps_the_local_descriptors(lite0, dev_images):
     assert maps["bf16"].dtype == torch.bfloat16 and maps["fp16"].dtype == torch.float16
     with pytest.raises(ValueError, match="precision must be one of"):
         ex.precision = "int8"
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_an_engine_for_it(lite0, dev_images, monkeypatch):
+    """`--precision auto`: bf16 on a CPU with AMX-BF16 or AVX512-BF16, fp32 on one without, the
+    detection forced both ways here (CONVLAD_CPU_BF16) so both paths run on any machine; and what
+    the detection reads is this machine's /proc/cpuinfo."""
+    from convlad.extract import BF16_FLAGS, cpu_flags, resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("CONVLAD_PRECISION", raising=False)
+    monkeypatch.delenv("CONVLAD_CPU_BF16", raising=False)
+    with open("/proc/cpuinfo") as f:
+        has = any(flag in f.read().split() for flag in BF16_FLAGS)
+    assert resolve_precision("auto", cpu) == ("bf16" if has else "fp32"), cpu_flags()
+    assert any(f.startswith("torch:") for f in cpu_flags())
+    x = _photos(dev_images, 1, 224)
+    out = {}
+    for forced, want in (("0", "fp32"), ("1", "bf16")):
+        monkeypatch.setenv("CONVLAD_CPU_BF16", forced)
+        ex = FeatureExtractor(lite0, ["block6"], device="cpu")  # precision "auto", the default
+        assert ex.precision_setting == "auto" and ex.precision == want
+        out[want] = ex.feature_maps(x)["block6"]
+        assert out[want].dtype == (PRECISIONS[want] or torch.float32)
+    cos = torch.nn.functional.cosine_similarity(out["bf16"].float().flatten(2), out["fp32"].flatten(2), dim=1)
+    assert cos.mean() > 0.99
+    # an explicit setting is kept, and CONVLAD_PRECISION forces what auto means
+    assert resolve_precision("fp16", cpu) == "fp16"
+    monkeypatch.setenv("CONVLAD_PRECISION", "fp32")
+    assert resolve_precision("auto", cpu) == "fp32"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="niceness is per thread only on Linux")

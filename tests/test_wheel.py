@@ -18,8 +18,13 @@ from .servers import free_port, groups_of_dev
 pytestmark = pytest.mark.e2e
 
 
+def clean_env() -> dict:
+    """This environment without what would let the new venv see this tree (PYTHONPATH, a venv)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+
+
 def sh(*args, env=None, check=True, timeout=900):
-    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout)
+    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env or clean_env(), timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     return p
@@ -35,7 +40,7 @@ def test_the_built_wheel_works_as_installed(tmp_path):
     pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "-c", REPO / "constraints.txt"]
     sh(*pip, "torch")  # the CPU wheel first, as the README says
     sh(*pip, wheel)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = clean_env()
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     convlad = venv / "bin" / "convlad"
 
@@ -62,7 +67,7 @@ def test_the_built_wheel_works_as_installed(tmp_path):
     assert "Traceback" not in p.stderr
     sh(*pip, f"{wheel}[serve]")
     port = free_port()
-    server = subprocess.Popen([convlad, "serve", tmp_path / "x.index", "--port", str(port)], env=env,
+    server = subprocess.Popen([str(convlad), "serve", str(tmp_path / "x.index"), "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90

@@ -196,7 +196,13 @@ def info(
     """Describe an index: model, images, segments, dead rows, generation, size on disk."""
     from .store import IndexStore
 
-    d = IndexStore.open(index_file).info()
+    from .extract import cpu_flags, default_device, resolve_precision
+
+    store = IndexStore.open(index_file)
+    d = store.info()
+    if store.m.get("model"):  # what encoding with it runs in here: `--precision auto` resolved on this machine
+        d["precision"] = f"{resolve_precision(store.model.precision, default_device())} ({store.model.precision} on this machine)"
+        d["cpu_flags"] = " ".join(cpu_flags())
     if as_json:
         typer.echo(json.dumps(d, indent=1))
         return

@@ -62,14 +62,14 @@ def _compile(value: str):
 
 
 def _precision(value: str) -> str:
-    from .extract import PRECISIONS
+    from .extract import PRECISION_SETTINGS
 
-    if value not in PRECISIONS:
-        raise UserError(f"--precision {value!r}: choose {', '.join(PRECISIONS)}")
+    if value not in PRECISION_SETTINGS:
+        raise UserError(f"--precision {value!r}: choose {', '.join(PRECISION_SETTINGS)}")
     return value
 
 
-def _model(cfg, batch_size: int, device: Optional[str], compile: str = "auto", precision: str = "fp32"):
+def _model(cfg, batch_size: int, device: Optional[str], compile: str = "auto", precision: str = "auto"):
     from .pipeline import ConvVLAD
 
     model = ConvVLAD(cfg)
@@ -98,8 +98,8 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...; default:
 CompileOpt = typer.Option("auto", "--compile", help="torch.compile the network (1.2–1.5× on 2 CPU cores after 7–30 s "
                           "of compilation per input size): auto (CPU jobs of 2 000+ images at scales 1+2, "
                           "10 000+ at scale 1), on, off.")
-PrecisionOpt = typer.Option("fp32", "--precision", help="Network arithmetic: fp32, or bf16/fp16 autocast for "
-                            "GPUs (emulated, so slow, on most CPUs).")
+PrecisionOpt = typer.Option("auto", "--precision", help="Network arithmetic: auto (bf16 on a CPU with AMX-BF16 or "
+                            "AVX512-BF16 and on CUDA, else fp32; CONVLAD_PRECISION forces one), fp32, bf16, fp16.")
 
 
 WaitOpt = typer.Option(False, "--wait", help="If another process is writing to the index, wait for it "

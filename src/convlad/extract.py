@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -43,10 +44,55 @@ GPU_BATCH_PIXELS = 64 * BASE_SIZE * BASE_SIZE
 
 _malloc_tuned = False
 
-# Network arithmetic: "bf16"/"fp16" run it under autocast (for GPUs with tensor cores; on a CPU
-# without native bf16 it is slower than fp32). Feature maps come back in that precision and are
-# turned to float32 before VLAD.
+# Network arithmetic: "bf16"/"fp16" run it under autocast; feature maps come back in that precision
+# and are turned to float32 before VLAD. "auto" (the default) picks where the hardware has a matrix
+# engine for it: bf16 on a CPU with AMX-BF16 or AVX512-BF16 (a 2048² matmul ran 5.9× fp32 on two
+# cores of one such CPU), bf16 or fp16 on CUDA, fp32 elsewhere (a CPU without native bf16
+# emulates it, slower than fp32). CONVLAD_PRECISION forces a precision where the setting is auto;
+# CONVLAD_CPU_BF16=1 or 0 forces the CPU detection (tests cover both paths on any machine).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_SETTINGS = ("auto", *PRECISIONS)
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> tuple[str, ...]:
+    """The CPU's matrix and vector features that matter here (from /proc/cpuinfo), and torch's
+    kernel level, e.g. ('amx_bf16', 'amx_int8', 'amx_tile', 'avx2', 'avx512_bf16', 'avx512f', 'torch:AVX512')."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+        flags = set(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    keep = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "avx_vnni")))
+    try:
+        keep.append(f"torch:{torch.backends.cpu.get_cpu_capability()}")
+    except (AttributeError, RuntimeError):
+        pass
+    return tuple(keep)
+
+
+def cpu_has_bf16_engine() -> bool:
+    forced = os.environ.get("CONVLAD_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return any(f in cpu_flags() for f in BF16_FLAGS)
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """The arithmetic a setting means on ``device``: itself, or for "auto" what the hardware runs fastest."""
+    if setting not in PRECISION_SETTINGS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_SETTINGS)}, not {setting!r}")
+    if setting != "auto":
+        return setting
+    forced = os.environ.get("CONVLAD_PRECISION", "").strip()
+    if forced in PRECISIONS:
+        return forced
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16_engine() else "fp32"
 
 
 def keep_freed_memory() -> bool:
@@ -162,7 +208,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, backbone: Backbone, layers: Sequence[str] | str | None = None, device=None,
-                 compile: bool = False, max_batch_pixels: int | None = None, precision: str = "fp32"):
+                 compile: bool = False, max_batch_pixels: int | None = None, precision: str = "auto"):
         self.backbone = backbone
         self.layers = backbone.resolve_layers(layers if layers is None or isinstance(layers, str) else list(layers))
         self.device = torch.device(device) if device is not None else default_device()
@@ -196,13 +242,13 @@ class FeatureExtractor:
 
     @property
     def precision(self) -> str:
+        """The arithmetic the network runs in (the setting resolved for this device)."""
         return self._precision
 
     @precision.setter
     def precision(self, value: str) -> None:
-        if value not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {value!r}")
-        self._precision = value
+        self.precision_setting = value
+        self._precision = resolve_precision(value, self.device)
 
     @property
     def can_compile(self) -> bool:

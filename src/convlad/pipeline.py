@@ -106,8 +106,9 @@ class ConvVLAD:
         # torch.compile for the forward pass: True, False, or "auto" (CPU jobs large enough to pay
         # back the one-off compilation; see extract.COMPILE_MIN_WORK)
         self.compile: bool | str = "auto"
-        # the network's arithmetic: "fp32", or "bf16"/"fp16" autocast (for GPUs; see extract.PRECISIONS)
-        self.precision = "fp32"
+        # the network's arithmetic: "auto" (bf16 where the CPU or GPU has an engine for it, else fp32),
+        # "fp32", "bf16" or "fp16" (autocast; see extract.resolve_precision)
+        self.precision = "auto"
 
     # -- plumbing --------------------------------------------------------------------------------
     @property

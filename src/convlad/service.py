@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import search as S
-from .extract import scale_size
+from .extract import cpu_flags, scale_size
 from .images import ImageError, load_image, load_warped
 from .segments import UPLOADS, StoreLocked, is_upload_file, new_upload_name
 from .storage import write_durable
@@ -433,7 +433,9 @@ class Service:
                 "searches": self.n_search, "batches": self.batcher.batches,
                 "mean_batch": round(self.batcher.items / self.batcher.batches, 2) if self.batcher.batches else None,
                 "latency": pct, "uptime_s": round(time.time() - self.started, 1), "rss_bytes": rss,
-                "in_flight": self.admission.inflight, "refused_busy": self.admission.refused}
+                "in_flight": self.admission.inflight, "refused_busy": self.admission.refused,
+                "precision": self.model.extractor.precision, "precision_setting": self.model.precision,
+                "cpu_flags": list(cpu_flags())}
 
 
 def decoded_pixels(w: int, h: int, fmt: str, size: int) -> int:
