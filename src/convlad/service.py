@@ -176,6 +176,8 @@ class Service:
         self.sizes = [scale_size(s) for s in self.model.config.scales]
         self._grid = None
         self.decoders = ThreadPoolExecutor(2, thread_name_prefix="convlad-decode")
+        # each request runs its verification in a decoder thread: no second level of threads
+        self.verifier = self.model.verifier(threads=1)
         self.net_lock = threading.Lock()
         self.batcher = MicroBatcher(self._encode, window_ms / 1000, max_batch)
         self.write_lock = threading.Lock()
@@ -189,6 +191,8 @@ class Service:
         self.started = time.time()
         self.n_search = 0
         self._collect_orphan_uploads()
+        # a warm-up pass, so that the first client does not wait for the network's first run
+        self.batcher.submit([np.zeros((n, n, 3), np.uint8) for n in self.sizes]).result()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _encode(self, decoded: list) -> list:
@@ -301,7 +305,7 @@ class Service:
         for attempt in range(3):
             try:
                 (hits,) = S.rank(self.store, q[None], [local.features(0) if local is not None else None], settings,
-                                 exclude=[list(exclude)])
+                                 exclude=[list(exclude)], verifier=self.verifier)
                 break
             except KeyError:  # a neighbour deleted by a write that committed meanwhile: rank again
                 if attempt == 2:
