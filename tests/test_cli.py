@@ -246,6 +246,13 @@ def test_user_errors_are_one_line(workdir, tmp_path):
     other.mkdir()
     p = run("index", workdir / "model.npz", other, "--out", workdir / "index", check=False)
     assert p.returncode == 2 and "index of another folder" in p.stderr
+    # an existing file as --out, with a model or without (before any fitting): convlad's own sentence
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    for args in ((workdir / "model.npz", other), (other,)):
+        p = run("index", *args, "--out", notes, check=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and str(notes) in p.stderr, p.stderr
+        assert "allow_pickle" not in p.stderr and "fitting" not in p.stderr and notes.read_text() == "my notes\n"
 
 
 def test_too_few_training_images_for_the_dimension_is_said(tmp_path, train_images):

@@ -325,7 +325,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(setup, tmp_p
     shutil.copytree(setup[1], wd)  # writes go to a copy: its deletes and uploads stay there
     s = Server(wd, "--token", TOKEN)
     try:
-        common = [st, "run", f"{s.url}/openapi.json", "--seed", "7", "-n", "20", "--max-time", "60",
+        common = [st, "run", f"{s.url}/openapi.json", "--seed", "7", "-n", "15", "--max-time", "45",
                   "-H", f"Authorization: Bearer {TOKEN}", "--request-timeout", "60", "--no-shrink"]
         one_of = r"^/api/(search|images|match/\{image_id\})$"
         runs = [common + ["--checks", "all", "--exclude-path-regex", one_of],

@@ -98,6 +98,9 @@ def index(
     elif (out / MODEL).is_file():  # an index made before keeps the model it was made with
         model = ConvVLAD.load(out / MODEL)
     else:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "MANIFEST").exists():
+            raise UserError(f"{out}: exists and is not an index; choose another --out (or give a model, to "
+                            "convert an index of convlad 0.1)")
         model = _fit_on_sample(folder, batch_size, device, compile, precision)
     with IndexStore.create(out, model=model, root=folder, ann=ann, wait=wait, report=_warn, local=local) as idx:
         idx.model.batch_size, idx.model.device, idx.model.compile = batch_size, device, _compile(compile)

@@ -65,7 +65,9 @@ def load_npz(path, fmt: str, max_version: int) -> tuple[dict, dict[str, np.ndarr
             meta = json.loads(str(z["__meta__"]))
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
-        raise FileFormatError(f"{path}: not a convlad file ({type(e).__name__}: {e})") from None
+        # numpy's own message (advice about allow_pickle, say) means nothing to a user
+        what = "no convlad header" if isinstance(e, KeyError) else "not an .npz of arrays"
+        raise FileFormatError(f"{path}: not a convlad file ({what})") from None
     check_header(path, meta, fmt, max_version)
     return meta, arrays
 
