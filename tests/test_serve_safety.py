@@ -198,6 +198,13 @@ def test_a_file_named_as_markup_shows_as_text_in_the_page(setup, tmp_path):
             assert evil in page.locator("#grid .card .path").all_inner_texts()
             assert page.evaluate("window.pwned") is None
             assert page.locator("#grid .card img").count() == 2  # the thumbnails, no injected <img>
+            # and under its own CSP the page works: its script and style load, no violation is reported
+            strict, said = b.new_page(), []
+            strict.on("console", lambda m: said.append(m.text))
+            strict.goto(s.url + "/")
+            strict.wait_for_selector("#grid .card")  # the collection, browsed by app.js
+            assert strict.locator("#grid .card").count() == 2 and evil in strict.locator("#grid .card .path").all_inner_texts()
+            assert not [m for m in said if "Content Security Policy" in m], said
             b.close()
     finally:
         s.stop()
