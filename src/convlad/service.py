@@ -192,7 +192,9 @@ class Service:
         self.n_search = 0
         self._collect_orphan_uploads()
         # a warm-up pass, so that the first client does not wait for the network's first run
-        self.batcher.submit([np.zeros((n, n, 3), np.uint8) for n in self.sizes]).result()
+        _, local = self.batcher.submit([np.zeros((n, n, 3), np.uint8) for n in self.sizes]).result()
+        if local is not None:  # the same pass gives the grid the stored local features lie on
+            self._grid = local.grid
 
     # -- helpers ---------------------------------------------------------------------------------
     def _encode(self, decoded: list) -> list:
