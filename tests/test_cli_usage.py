@@ -88,3 +88,20 @@ def test_search_with_no_readable_query_exits_2(tmp_path):
     bad.write_text("hello")
     p = _run(["search", str(tmp_path / "missing.index"), str(bad)])
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "missing.index" in p.stderr
+
+
+def test_flags_show_as_flags_in_every_help():
+    """A flag takes no value, so its help shows no type (typer's own labels it ``<bool>``); options
+    that take a value keep theirs."""
+    from typer.testing import CliRunner
+
+    runner, flags = CliRunner(), 0
+    for path, cmd in _commands():
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).output
+        assert "<bool>" not in out, (path, out)
+        flags += sum(1 for p in cmd.params if getattr(p, "is_flag", False))
+        valued = [p for p in cmd.params if p.opts and p.opts[0].startswith("--") and not getattr(p, "is_flag", False)
+                  and isinstance(p.default, int) and not isinstance(p.default, bool)]
+        if valued:
+            assert "<int>" in out, (path, out)
+    assert flags >= 5  # --json, --wait, --full-query ... exist, so the check above checked something

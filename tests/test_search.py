@@ -97,3 +97,36 @@ def test_map_through_the_index_is_evals(dev_index):
     q = int(ids[bench.query_db[0]])
     codes, _ = st.local_codes([q])
     assert rank(st, st.vectors([q]), [codes.features(0)], exclude=[[q]])[0] == search_ids(st, [q])[0]
+
+
+def test_the_grid_of_eval_folds_ranks_as_the_one_search(dev_index):
+    """``eval --folds`` scores its candidates without a call to ``rank`` per candidate: evidence once
+    per geometry, a higher gate and a shorter shortlist applied afterwards. Each candidate's APs
+    must still be those of ``rank`` with that verifier."""
+    from dataclasses import replace
+
+    from convlad.datasets import load_groups
+    from convlad.evaluate import evaluate_descriptors
+    from convlad.folds import SearchGrid, _truncate
+
+    st = IndexStore.open(dev_index / "default.index")
+    bench = load_groups(need(MVBENCH_DEV))
+    id_of = {p: i for i, p, _ in st.items()}
+    ids = np.array([id_of[str(Path(p).relative_to(need(MVBENCH_DEV)))] for p in bench.paths])
+    X, (local, _) = st.vectors(ids), st.local_codes(ids)
+    v = st.model.verifier()
+    q = slice(0, 191, 3)  # a third of the queries: the same code path, a third of the time
+    bench = replace(bench, query_items=bench.query_items[q], positives=bench.positives[q], junk=bench.junk[q],
+                    query_db=bench.query_db[q], groups=bench.groups[q])
+    grid = SearchGrid(bench, X, local=local, verifier=v)
+    candidates = [{}, {"min_tentative": 4}, {"min_tentative": 12, "per": 5.0}, {"rerank": 40, "chance": 5},
+                  {"features": 150}, {"score": "significance", "level": 2.0, "min_tentative": 6},
+                  {"min_similarity": 0.7, "cap": 1.0}]
+    grid.prepare(candidates)
+    for c in candidates:
+        c = dict(c)
+        depth, features = c.pop("rerank", 100), c.pop("features", 300)
+        want = evaluate_descriptors(bench, X, rerank=depth, local=_truncate(local, features),
+                                    verifier=replace(v, **c)).aps
+        np.testing.assert_array_equal(grid.aps({"rerank": depth, "features": features, **c}), want)
+    assert not np.array_equal(grid.aps({}), grid.aps({"rerank": 0}))

@@ -94,7 +94,7 @@ class FeatureCache:
              workers: int = 2, device=None, progress: bool = True, compile: bool | str = "auto") -> list[ImageError]:
         """Extract what is missing: one forward pass per image and scale, every layer tapped.
         ``compile``: torch.compile the forward pass (True/False, or "auto": large CPU jobs)."""
-        from tqdm.auto import tqdm
+        from . import progress as P
 
         layers = self.backbone.resolve_layers(list(layers))
         errors: dict[str, ImageError] = {}
@@ -108,8 +108,7 @@ class FeatureCache:
                 if want_compile(compile, extractor, len(todo), [scale]):
                     extractor.compile = True
                 sub = [items[i] for i in todo]
-                with tqdm(total=len(sub), desc=f"features @ scale {scale:g}", unit="img",
-                          disable=None if progress else True, leave=False) as bar:
+                with P.bar(len(sub), f"features @ scale {scale:g}", "img", enabled=progress) as bar:
                     for batch in iter_batches(extractor, sub, [scale], batch_size, workers, progress=bar,
                                               resize=self.resize):
                         for i, err in batch.errors:

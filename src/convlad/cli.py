@@ -25,6 +25,24 @@ from .images import ImageError, list_images
 from .segments import MODEL
 from .storage import FileFormatError
 
+def _flags_as_flags():
+    """Typer ≥ 0.2x labels every option with its type, so a flag reads ``--json <bool>`` as if it took
+    a value; it has no hook for this, hence the patch: a flag shows no type."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "convlad", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.convlad = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_as_flags()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Instance-level image retrieval with VLAD-encoded local CNN features.")
 app.add_typer(cli_study.datasets_app, name="datasets")
@@ -225,7 +243,7 @@ def compact(
 
     t = time.time()
     with IndexStore.open(index_file, write=True, wait=wait) as idx:
-        s = idx.compact()
+        s = idx.compact(progress=True)
         typer.echo(f"{index_file}: {s['segments_before']} → {s['segments_after']} segments, {s['dropped']} dead rows "
                    f"dropped, {len(idx)} images, in {time.time() - t:.1f}s")
 

@@ -2,7 +2,6 @@
 progress bars, the options of the descriptor and of the search, and their parsing."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,9 +15,9 @@ class UserError(Exception):
 
 def _warn(msg: str) -> None:
     """A line on stderr that does not tear through a progress bar."""
-    from tqdm.auto import tqdm
+    from .progress import write
 
-    tqdm.write(msg, file=sys.stderr)
+    write(msg)
 
 
 def _scales(text: str) -> list[float]:

@@ -29,6 +29,14 @@ def eval_(
     aps_out: Optional[Path] = typer.Option(None, "--aps", help="Also write every query's AP to this JSON file, for `convlad compare`."),
     full_query: bool = FullQueryOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
     compile: str = CompileOpt, precision: str = PrecisionOpt,
+    folds: int = typer.Option(0, "--folds", help="Choose among the --grid candidates by group-wise K-fold "
+                              "cross-validation and report the out-of-fold mAP (0: off)."),
+    grid: List[str] = typer.Option([], "--grid", help="With --folds: KEY=V1,V2,... candidates (repeatable; the "
+                                   "first value of each is the baseline). Keys: layer, pooled, power, rerank, "
+                                   "features, min_similarity, threshold, min_tentative, score, chance, level, per, cap."),
+    fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the deal of groups into folds."),
+    folds_out: Optional[Path] = typer.Option(None, "--folds-out", help="With --folds: write every candidate's "
+                                             "per-query APs, the folds and the choices to this JSON file."),
 ):
     """Measure a descriptor on a benchmark with its official protocol (mAP, and E/M/H, mP@k, N-S where defined)."""
     from .datasets import training_paths
@@ -38,9 +46,18 @@ def eval_(
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
     if rerank < 0:
         raise UserError(f"--rerank must be 0 or more, got {rerank}")
+    if grid and not folds:
+        raise UserError("--grid needs --folds K: candidates are chosen by cross-validation")
+    if folds < 0 or folds == 1:
+        raise UserError(f"--folds must be 0 (off) or 2 or more, got {folds}")
     kind = {"mvbench": "groups"}.get(args[0], args[0]) if len(args) == 2 else None
     bench = _load_bench(Path(args[-1]), kind, full_query)
     train_paths, train_label = training_paths(train_dir)
+    if folds:
+        return _eval_folds(bench, train_paths, train_label, grid, folds, fold_seed, folds_out, rerank,
+                           lambda o: _model(_config(backbone, o.get("layer", layer), o.get("pooled", pooled), scales,
+                                                    k, dim, weights, o.get("power", power)), batch_size, device,
+                                            compile, precision))
     model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device, compile,
                    precision)
     t = time.time()
@@ -64,6 +81,41 @@ def eval_(
         write_durable(aps_out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
         typer.echo(f"per-query APs: {aps_out}")
     _print_metrics(ev.result.metrics)  # last line: mAP, as scripts expect
+
+
+def _eval_folds(bench, train_paths, train_label, grid_specs, k, seed, out, rerank, make_model):
+    from .folds import cross_validate_model, parse_grid
+    from .storage import write_durable
+
+    if not bench.groups or len(set(bench.groups)) < k:
+        raise UserError(f"{bench.name}: --folds {k} needs at least {k} groups of queries")
+    try:
+        grid = parse_grid(grid_specs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    grid.setdefault("rerank", [rerank])
+    try:
+        rep = cross_validate_model(make_model, bench, train_paths, grid, k, seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    typer.echo(f"{rep.benchmark}; vocabulary and PCA from {train_label}")
+    for d in rep.descriptors:
+        typer.echo(f"descriptor {d}")
+    typer.echo(f"{k} folds of whole groups (seed {seed}); {len(rep.reranked.aps)} re-ranked candidates, "
+               f"{len(rep.global_.aps)} global; chosen on {k - 1} folds, scored on the held one ({rep.seconds:.0f}s)")
+    for name, cv in (("re-ranked", rep.reranked), ("global", rep.global_)):
+        mean, lo, hi = cv.gain()
+        typer.echo(f"{name}: out-of-fold mAP {cv.mAP:.4f}; baseline ({cv.baseline}) {cv.full_map(cv.baseline):.4f}; "
+                   f"gain of choosing {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] 95%")
+        for f, c in enumerate(cv.chosen):
+            typer.echo(f"  fold {f}: {c}")
+    mean, lo, hi = rep.rerank_gain()
+    typer.echo(f"re-ranking's gain out of fold: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] 95%")
+    if out is not None:
+        doc = rep.document()
+        write_durable(out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
+        typer.echo(f"candidates' per-query APs and the choices: {out}")
+    typer.echo(f"mAP: {rep.reranked.mAP:.4f} (out of fold)")
 
 
 def compare(
@@ -220,7 +272,7 @@ def _banks(database: Path, extra: list[Path], backbone: str, weights: Optional[s
     if len(images) < 2:
         raise UserError(f"{database}: the database needs at least two images")
     try:
-        return [patch_bank(bb, images, layer, scale) for layer, scale in specs]
+        return [patch_bank(bb, images, layer, scale, progress=True) for layer, scale in specs]
     except (ValueError, ImageError) as e:
         raise UserError(str(e)) from None
 

@@ -88,7 +88,7 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
     """``sync.sync`` with the encoding on a Ray cluster (``address``: None starts Ray locally,
     ``auto`` or ``ray://host:port`` joins one)."""
     ray = _ray()
-    from tqdm.auto import tqdm
+    from . import progress as P
 
     root = Path(store.root)
     if not ray.is_initialized():
@@ -113,7 +113,7 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
     # the same commit loop as a local sync; each block of Ray's is committed at once (every=1), so
     # a killed driver loses no more than the block in flight
     committer, have, first = Committer(store, current, every=1), set(), None
-    bar = tqdm(total=len(todo), desc="indexing (ray)", unit="img", disable=None if progress else True, leave=False)
+    bar = P.bar(len(todo), "indexing (ray)", "img", enabled=progress)
     t = time.monotonic()
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):

@@ -339,13 +339,13 @@ DOWNLOADS: dict[str, list[tuple[str, str]]] = {
 
 def _fetch(url: str, dest: Path, progress: bool = True) -> None:
     """Download ``url`` to ``dest`` through a temporary file, so a broken transfer leaves nothing."""
-    from tqdm.auto import tqdm
+    from . import progress as P
 
     tmp = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None if progress else True) as bar:
+            with P.bar(total, dest.name, "B", enabled=progress, unit_scale=True) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))

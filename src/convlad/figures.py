@@ -49,11 +49,14 @@ def parse_layer_spec(text: str) -> tuple[str, float]:
         raise ValueError(f"{text!r}: give a layer as NAME or NAME@SCALE (e.g. block6@2)") from None
 
 
-def patch_bank(backbone, paths, layer: str, scale: float, device=None) -> PatchBank:
+def patch_bank(backbone, paths, layer: str, scale: float, device=None, progress: bool = False) -> PatchBank:
     """Local features of ``layer`` at ``scale`` for every image of ``paths`` (warped to n×n), with
     the centre patch of each one's receptive field."""
+    from . import progress as P
+
     n = scale_size(scale)
     ex = FeatureExtractor(backbone, [layer], device=device or "cpu")
+    bar = P.bar(len(paths), f"patches of {layer} @ {scale:g}", "img", enabled=progress)
     try:
         desc, patches, image, grid = [], [], [], None
         for i, path in enumerate(paths):
@@ -68,7 +71,9 @@ def patch_bank(backbone, paths, layer: str, scale: float, device=None) -> PatchB
             desc.append(d)
             patches.append(arr.reshape(side, p, side, p, 3).transpose(0, 2, 1, 3, 4).reshape(-1, p, p, 3))
             image.append(np.full(len(d), i))
+            bar.update(1)
     finally:
+        bar.close()
         ex.close()
     return PatchBank(layer, float(scale), np.concatenate(desc), np.concatenate(patches), np.concatenate(image), grid)
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from . import functional as Fn
+from . import progress as P
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .encoding import PCAWhitening, VLAD
 from .extract import Batch, FeatureExtractor, iter_batches, want_compile
@@ -154,10 +152,8 @@ class ConvVLAD:
         elif not ex.compile and want_compile(self.compile, ex, len(paths), self.config.scales):
             ex.compile = True  # kept on: later small jobs run eager chunk by chunk anyway
             if progress and ex.compile:
-                tqdm.write("torch.compile: compiling the network for this machine (7–30 s per input size) ...",
-                           file=sys.stderr)
-        # disable=None: bars only on a terminal, so logs and pipes stay clean
-        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True, leave=False)
+                P.write("torch.compile: compiling the network for this machine (7–30 s per input size) ...")
+        bar = P.bar(len(paths), desc, "img", enabled=progress)
         try:
             yield from iter_batches(self.extractor, paths, self.config.scales, batch_size or self.batch_size,
                                     self.workers, progress=bar, resize=self.config.resize, norms=norms)
@@ -212,10 +208,12 @@ class ConvVLAD:
         if not kept:
             raise ValueError("no readable training image")
         self.vlads_ = {}
-        for key in self.keys:
-            X = np.concatenate(samples[key])
-            self.vlads_[_key(*key)] = VLAD(cfg.k, power=cfg.power, intra=cfg.intra,
-                                           residual_norm=cfg.residual_norm, seed=cfg.seed).fit(X)
+        with P.bar(len(self.keys), f"vocabularies (k-means, k={cfg.k})", "vocabulary", enabled=progress) as bar:
+            for key in self.keys:
+                X = np.concatenate(samples[key])
+                self.vlads_[_key(*key)] = VLAD(cfg.k, power=cfg.power, intra=cfg.intra,
+                                               residual_norm=cfg.residual_norm, seed=cfg.seed).fit(X)
+                bar.update(1)
         self.pooled_dims_ = {_key(*key): int(pooled[key][0].shape[1]) for key in self.pooled_keys}
         self.pca_ = None
         if cfg.dim:
@@ -226,8 +224,13 @@ class ConvVLAD:
             else:
                 del stored
                 V = self.transform_vlad([paths[i] for i in kept], progress=progress).X
-            self.pca_ = PCAWhitening(cfg.dim, cfg.whiten_power, cfg.shrinkage).fit(V)
-        self.chance_ = chance_level(LocalCodes.concat(local), seed=cfg.seed) if local else Verifier.chance
+            with P.step(f"PCA-whitening ({V.shape[1]} → {cfg.dim})", enabled=progress):
+                self.pca_ = PCAWhitening(cfg.dim, cfg.whiten_power, cfg.shrinkage).fit(V)
+        self.chance_ = Verifier.chance
+        if local:
+            codes = LocalCodes.concat(local)
+            with P.bar(len(codes), "chance level (random pairs)", "img", enabled=progress) as bar:
+                self.chance_ = chance_level(codes, seed=cfg.seed, progress=bar)
         self.n_train_ = len(kept)
         return self
 

@@ -528,9 +528,11 @@ class IndexStore:
                 return os.path.relpath(a, self.root)
         return os.path.abspath(p)
 
-    def compact(self, target_rows: int = COMPACT_TARGET) -> dict:
+    def compact(self, target_rows: int = COMPACT_TARGET, progress: bool = False) -> dict:
         """Merge runs of small segments (and any with dead rows) into segments of up to ``target_rows``
         live rows, dropping the dead ones; one commit. Readers keep searching throughout."""
+        from . import progress as P
+
         self._need_writer()
         m = self.m
         groups = plan_merges([len(seg) for seg in self._segs], [len(self._live_positions(i)) for i in range(len(self._segs))],
@@ -540,26 +542,31 @@ class IndexStore:
             return {"segments_before": before, "segments_after": before, "dropped": 0, "merged": 0}
         ivf = m.get("ivf")
         replaced, new_entries, dropped = {}, {}, 0
-        for g in groups:
-            rows = [self._live_positions(i) for i in g]
-            X = np.concatenate([np.asarray(self._segs[i].X[r]) for i, r in zip(g, rows)])
-            ids = np.concatenate([np.asarray(self._segs[i].ids[r]) for i, r in zip(g, rows)])
-            stamps = np.concatenate([np.asarray(self._segs[i].stamps[r]) for i, r in zip(g, rows)])
-            paths = [p for i, r in zip(g, rows) for p in np.array(self._segs[i].paths(), dtype=object)[r]]
-            dropped += sum(len(self._segs[i]) for i in g) - len(ids)
-            if not len(ids):  # nothing left alive: the segments just go
-                replaced.update({i: None for i in g})
-                continue
-            order = np.argsort(ids, kind="stable")
-            extra = S.merged_extras([self._segs[i] for i in g], rows, order)
-            name = S.write_segment(self.path, X[order], ids[order], stamps[order], [paths[j] for j in order], extra)
-            S.crash_point("compact-segment")
-            if ivf:
-                codes = np.concatenate([np.asarray(self._codes_cache[(ivf["dir"], self._segs[i].name)][r])
-                                        for i, r in zip(g, rows)])[order]
-                S.write_durable(S.codes_file(self.path, ivf["dir"], name), lambda f, c=codes: S.save_npy(f, c))
-            replaced.update({i: name for i in g})
-            new_entries[name] = {"name": name, "rows": len(ids)}
+        bar = P.bar(sum(len(self._segs[i]) for g in groups for i in g), "compacting", "row", enabled=progress)
+        try:
+            for g in groups:
+                rows = [self._live_positions(i) for i in g]
+                X = np.concatenate([np.asarray(self._segs[i].X[r]) for i, r in zip(g, rows)])
+                ids = np.concatenate([np.asarray(self._segs[i].ids[r]) for i, r in zip(g, rows)])
+                stamps = np.concatenate([np.asarray(self._segs[i].stamps[r]) for i, r in zip(g, rows)])
+                paths = [p for i, r in zip(g, rows) for p in np.array(self._segs[i].paths(), dtype=object)[r]]
+                dropped += sum(len(self._segs[i]) for i in g) - len(ids)
+                if not len(ids):  # nothing left alive: the segments just go
+                    replaced.update({i: None for i in g})
+                    continue
+                order = np.argsort(ids, kind="stable")
+                extra = S.merged_extras([self._segs[i] for i in g], rows, order)
+                name = S.write_segment(self.path, X[order], ids[order], stamps[order], [paths[j] for j in order], extra)
+                S.crash_point("compact-segment")
+                if ivf:
+                    codes = np.concatenate([np.asarray(self._codes_cache[(ivf["dir"], self._segs[i].name)][r])
+                                            for i, r in zip(g, rows)])[order]
+                    S.write_durable(S.codes_file(self.path, ivf["dir"], name), lambda f, c=codes: S.save_npy(f, c))
+                replaced.update({i: name for i in g})
+                new_entries[name] = {"name": name, "rows": len(ids)}
+                bar.update(sum(len(self._segs[i]) for i in g))
+        finally:
+            bar.close()
         segments, seen = [], set()
         for i, s in enumerate(m["segments"]):
             if i in replaced:

@@ -76,7 +76,7 @@ def sweep(bench: RetrievalBenchmark, train_items: Sequence, cache: FeatureCache,
           compile: bool | str = "auto", report: Callable[[str], None] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per (layer, scale) and per layer for the concatenation of all scales ("1+2"), with
     the benchmark's metrics on the uncompressed VLAD (``*_full``) and PCA-whitened to ``dim``."""
-    from tqdm.auto import tqdm
+    from . import progress as P
 
     layers = cache.backbone.resolve_layers(list(layers))
     scales = [float(s) for s in scales]
@@ -94,8 +94,7 @@ def sweep(bench: RetrievalBenchmark, train_items: Sequence, cache: FeatureCache,
     db_ok = np.array([p not in bad for p in db])
     db_items = [p for p, ok in zip(db, db_ok) if ok]
     rows: list[dict] = []
-    bar = tqdm(total=len(layers) * len(scales), desc="layers", unit="layer·scale", disable=None if progress else True,
-               leave=False)
+    bar = P.bar(len(layers) * len(scales), "layers", "layer·scale", enabled=progress)
     steps = [(layer, s) for layer in layers for s in scales]
     # loader threads (file reads release the GIL) stay one step ahead: while one (layer, scale) is
     # encoded, the next one's training features are read

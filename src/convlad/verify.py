@@ -92,6 +92,16 @@ class LocalCodes:
         return LocalCodes(np.zeros((0, k, d), np.int8), np.zeros((0, k, 2), np.uint8), np.zeros(0, np.uint16))
 
 
+def _spanned(codes: "LocalCodes") -> np.ndarray:
+    """Grid cells each image's features span (their bounding box), at least 1."""
+    n = codes.count.astype(np.int64)
+    valid = np.arange(codes.cells.shape[1])[None, :] < n[:, None]
+    c = codes.cells.astype(np.float64)
+    w = np.where(valid, c[..., 0], 0).max(1, initial=0) + 1
+    h = np.where(valid, c[..., 1], 0).max(1, initial=0) + 1
+    return np.maximum(w * h, 1.0)
+
+
 def _unit(codes: np.ndarray) -> np.ndarray:
     d = codes.astype(np.float32)
     d /= np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-6)
@@ -167,34 +177,90 @@ class PairMatch:
         return int(self.inliers.sum())
 
 
+_LOG_FACTORIAL = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, 4 * LOCAL_K + 2)))])
+
+
+def _log_choose(n, k):
+    return _LOG_FACTORIAL[n] - _LOG_FACTORIAL[k] - _LOG_FACTORIAL[n - k]
+
+
+def significance(inliers, tentative, p) -> np.ndarray:
+    """How unlikely each pair's inliers are by chance, as −log10 of the a-contrario number of false
+    alarms (Moisan & Stival 2004; ORSA): NFA = (n − 3)·C(n, 3)·P[Bin(n − 3, p) ≥ m − 3] for m inliers
+    among n tentative matches, where an affine map is fixed by 3 of them and a chance match falls
+    within the inlier tolerance with probability ``p``. Positive: fewer than one such pair expected
+    by chance. 12 inliers of 15 tentative matches score far above 12 of 250: a global inlier
+    count treats them alike. 0 where no map was fitted (m < 3)."""
+    m = np.asarray(inliers, np.int64)
+    n = np.maximum(np.asarray(tentative, np.int64), m)
+    p = np.broadcast_to(np.clip(np.asarray(p, np.float64), 1e-9, 0.5), m.shape)
+    out = np.zeros(m.shape, np.float64)
+    for j in np.flatnonzero(m >= 3):
+        N, lo = int(n[j]) - 3, int(m[j]) - 3
+        k = np.arange(lo, N + 1)
+        terms = _log_choose(N, k) + k * np.log(p[j]) + (N - k) * np.log1p(-p[j])
+        top = terms.max()
+        log_tail = top + np.log(np.exp(terms - top).sum())
+        log_nfa = np.log(max(N, 1)) + _log_choose(int(n[j]), 3) + log_tail
+        out[j] = -log_nfa / np.log(10)
+    return out
+
+
+@dataclass
+class Evidence:
+    """What verifying a shortlist found, per candidate: ``inliers``, ``tentative`` matches, and
+    ``area``, the grid cells its features span (the room a chance match has to land in)."""
+
+    inliers: np.ndarray
+    tentative: np.ndarray
+    area: np.ndarray
+
+    def __getitem__(self, i) -> "Evidence":
+        return Evidence(self.inliers[i], self.tentative[i], self.area[i])
+
+    @staticmethod
+    def empty(n: int) -> "Evidence":
+        return Evidence(np.zeros(n, np.int64), np.zeros(n, np.int64), np.ones(n, np.float64))
+
+
 @dataclass
 class Verifier:
-    """Re-ranks a shortlist: score = cosine similarity + min(max(inliers − chance, 0) / per, cap)."""
+    """Re-ranks a shortlist: score = cosine similarity + min(max(e − level, 0) / per, cap), where the
+    evidence e is a pair's inliers (``score="inliers"``, level = ``chance``) or their
+    ``significance`` (``score="significance"``, level = ``level``)."""
 
     min_similarity: float = 0.6
     threshold: float = 1.5  # grid cells
     chance: int = 8  # inliers unrelated photos reach: fitted per model (chance_level); 8 is Lite0's
-    per: float = 10.0  # inliers beyond chance worth one unit of cosine similarity
+    per: float = 10.0  # evidence beyond the level worth one unit of cosine similarity
     cap: float = 4.0
     threads: int = 2
+    score: str = "inliers"
+    level: float = 0.0  # significance (−log10 NFA) beyond which a pair counts
+    min_tentative: int | None = None  # fit only above this many tentative matches (None: 2 × chance)
 
     def inliers(self, query: tuple[np.ndarray, np.ndarray], candidates: LocalCodes) -> np.ndarray:
         """Inliers between ``query`` (descriptors, cells) and each image of ``candidates``; 0 where
-        there are no more than twice ``chance`` tentative matches (no model is fitted for those)."""
+        there are too few tentative matches (``min_tentative``: no model is fitted for those)."""
+        return self.evidence(query, candidates).inliers
+
+    def evidence(self, query: tuple[np.ndarray, np.ndarray], candidates: LocalCodes) -> Evidence:
+        """Inliers, tentative matches and the cells spanned, for ``query`` against each candidate."""
         import cv2
 
         m = len(candidates)
         if m == 0 or len(query[0]) < 3:
-            return np.zeros(m, np.int64)
+            return Evidence.empty(m)
         cv2.setNumThreads(1)  # parallel across candidates instead: each fit is small
         n = max(1, min(self.threads, m // 8))
         if n == 1:
-            return self._inliers(query, candidates)
+            return self._evidence(query, candidates)
         # numpy's stacked product runs one small GEMM after another on one core: a thread per
         # slice of candidates (numpy and OpenCV release the GIL) uses the others
         parts = np.array_split(np.arange(m), n)
         with ThreadPoolExecutor(n) as pool:
-            return np.concatenate(list(pool.map(lambda idx: self._inliers(query, candidates[idx]), parts)))
+            got = list(pool.map(lambda idx: self._evidence(query, candidates[idx]), parts))
+        return Evidence(*(np.concatenate([getattr(e, f) for e in got]) for f in ("inliers", "tentative", "area")))
 
     def _tentative(self, query, candidates: LocalCodes):
         """Mutual nearest neighbours above ``min_similarity`` of every pair at once: (fwd (n, m), the
@@ -213,17 +279,21 @@ class Verifier:
         # RANSAC is most of the time left: a fit is worth it only where more than half of twice
         # the chance level could agree; on mvbench-dev this gate changed the order of one query
         # in 191 against a gate at the chance level itself (mAP 0.8665 both), 57 → 42 ms a query
-        return n_tentative > 2 * self.chance
+        return n_tentative > self._gate_value()
 
-    def _inliers(self, query, candidates: LocalCodes) -> np.ndarray:
+    def _gate_value(self) -> int:
+        return 2 * self.chance if self.min_tentative is None else max(2, self.min_tentative)
+
+    def _evidence(self, query, candidates: LocalCodes) -> Evidence:
         xq = query[1]
         fwd, ok, _ = self._tentative(query, candidates)
         cells = candidates.cells.astype(np.float32) + 0.5
         out = np.zeros(len(candidates), np.int64)
+        tentative = ok.sum(1).astype(np.int64)
         for j in range(len(candidates)):
-            if self._gate(int(ok[j].sum())):
+            if self._gate(int(tentative[j])):
                 out[j] = fit_inliers(xq[ok[j]], cells[j, fwd[j, ok[j]]], self.threshold)
-        return out
+        return Evidence(out, tentative, _spanned(candidates))
 
     def match(self, query, candidate: LocalCodes) -> PairMatch:
         """The verification of ``query`` (descriptors, cells) against one image (``candidate``, a
@@ -243,9 +313,21 @@ class Verifier:
         A, mask = fit_affine(xq[ok[0]], cells[0, cols], self.threshold) if fitted else (None, np.zeros(len(rows), bool))
         return PairMatch(rows, cols, best[0, rows].astype(np.float32), mask, A, fitted)
 
-    def scores(self, distances: np.ndarray, inliers: np.ndarray) -> np.ndarray:
-        """Higher is better. ``distances``: squared L2 between unit descriptors (cosine = 1 − d/2)."""
-        bonus = np.minimum(np.maximum(inliers - self.chance, 0) / self.per, self.cap)
+    def strength(self, ev: "Evidence | np.ndarray") -> np.ndarray:
+        """Each pair's evidence beyond its level, in the score's units (0: none)."""
+        if not isinstance(ev, Evidence):  # inlier counts alone
+            ev = Evidence(np.asarray(ev, np.int64), np.asarray(ev, np.int64), np.full(len(ev), 1.0))
+        if self.score == "significance":
+            p = np.pi * self.threshold ** 2 / np.maximum(ev.area, 1.0)
+            return np.maximum(significance(ev.inliers, ev.tentative, p) - self.level, 0)
+        if self.score != "inliers":
+            raise ValueError(f"unknown verification score {self.score!r} (inliers, significance)")
+        return np.maximum(np.asarray(ev.inliers) - self.chance, 0).astype(np.float64)
+
+    def scores(self, distances: np.ndarray, evidence) -> np.ndarray:
+        """Higher is better. ``distances``: squared L2 between unit descriptors (cosine = 1 − d/2);
+        ``evidence``: an ``Evidence`` (or, for the inliers score, the inlier counts)."""
+        bonus = np.minimum(self.strength(evidence) / self.per, self.cap)
         return 1.0 - np.asarray(distances, np.float64) / 2 + bonus
 
     def order(self, query, distances: np.ndarray, candidates: LocalCodes,
@@ -253,11 +335,16 @@ class Verifier:
         """The new order of a shortlist (positions into it, best first) and each position's
         inliers. ``candidates``: the shortlist's local codes, row for row; ``stored`` (bool,
         optional): False where an image has none (it keeps zero inliers)."""
-        inl = np.zeros(len(distances), np.int64)
+        ev = Evidence.empty(len(distances))
         have = np.arange(len(distances)) if stored is None else np.flatnonzero(stored)
         if len(have):
-            inl[have] = self.inliers(query, candidates[have])
-        return np.argsort(-self.scores(distances, inl), kind="stable"), inl
+            got = self.evidence(query, candidates[have])
+            ev.inliers[have], ev.tentative[have], ev.area[have] = got.inliers, got.tentative, got.area
+        return self.order_by(distances, ev), ev.inliers
+
+    def order_by(self, distances: np.ndarray, ev: Evidence) -> np.ndarray:
+        """The order (best first) of a verified shortlist: what ``order`` ends with."""
+        return np.argsort(-self.scores(distances, ev), kind="stable")
 
     def rerank(self, query, ids: np.ndarray, distances: np.ndarray, candidates: LocalCodes,
                stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -267,7 +354,8 @@ class Verifier:
         return np.asarray(ids)[order], inl[order]
 
 
-def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float = 99, seed: int = 0) -> int:
+def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float = 99, seed: int = 0,
+                 progress=None) -> int:
     """Inliers that unrelated photos reach: the ``percentile`` over random pairs of the images of
     ``codes`` (training photos). Each image is paired only beyond its max(10, n/20) nearest by the
     mean of its local descriptors, so that a training set with small groups of related photos does
@@ -291,8 +379,10 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
         far = by_similarity[i, skip:]
         others = rng.choice(far, min(pairs_per_image, len(far)), replace=False)
         counts.append(raw.inliers(codes.features(i), codes[others]))
+        if progress is not None:
+            progress.update(1)
     return int(np.ceil(np.percentile(np.concatenate(counts), percentile)))
 
 
-__all__ = ["LOCAL_K", "LocalCodes", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers", "select",
-           "tentative_matches"]
+__all__ = ["Evidence", "LOCAL_K", "LocalCodes", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers",
+           "select", "significance", "tentative_matches"]

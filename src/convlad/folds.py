@@ -1,0 +1,287 @@
+"""Choosing settings without tuning to the benchmark: group-wise K-fold cross-validation.
+
+A setting picked on a benchmark's full set is scored on the photos that picked it, and on photos
+nobody tuned on its gain shrinks (on a held-out benchmark, dev-tuned gains kept a third). Here the
+benchmark's groups (an object or place each) are dealt into K folds; for each fold, the candidate
+with the best mAP on the other K − 1 is chosen and scored on the held one. The held-out scores of
+all folds, together, are the out-of-fold APs: what the procedure "choose by mAP on this benchmark"
+is worth on queries it did not see, with a bootstrap interval over queries.
+
+Candidates are a grid (``parse_grid``): descriptor keys (``layer``, ``pooled``, ``power``) need a
+model fitted and the benchmark encoded each; the search's and the verifier's keys (``rerank``,
+``features``, ``min_similarity``, ``threshold``, ``min_tentative``, ``score``, ``chance``,
+``level``, ``per``, ``cap``) are re-scored on one encoding, and each verification geometry is
+computed once (``SearchGrid``), the order then by ``Verifier.order_by``, as ``search.rank`` ends.
+The first value of every key is the baseline.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import progress as P
+from .evaluate import query_aps, query_descriptors
+from .metrics import bootstrap_difference
+from .search import MemoryIndex, Settings, rank
+from .verify import Evidence, LocalCodes, Verifier
+
+DESCRIPTOR_KEYS = ("layer", "pooled", "power")
+SEARCH_KEYS = ("rerank", "features", "min_similarity", "threshold", "min_tentative", "score", "chance", "level",
+               "per", "cap")
+_INT = {"rerank", "features", "min_tentative", "chance"}
+_STR = {"layer", "pooled", "score"}
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+    """``["per=5,10", "score=inliers,significance"]`` → {"per": [5.0, 10.0], ...}, keys in order."""
+    grid: dict[str, list] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in DESCRIPTOR_KEYS + SEARCH_KEYS:
+            raise ValueError(f"--grid {spec!r}: expected KEY=V1,V2,... with KEY one of "
+                             f"{', '.join(DESCRIPTOR_KEYS + SEARCH_KEYS)}")
+        out = []
+        for v in values.split(","):
+            v = v.strip()
+            try:
+                out.append(v if key in _STR else None if v == "auto" and key in ("chance", "min_tentative")
+                           else int(v) if key in _INT else float(v))
+            except ValueError:
+                raise ValueError(f"--grid {spec!r}: {v!r} is not a number") from None
+        if key == "score" and set(out) - {"inliers", "significance"}:
+            raise ValueError(f"--grid {spec!r}: score is inliers or significance")
+        if not out or key in grid:
+            raise ValueError(f"--grid {spec!r}: give each key once, with at least one value")
+        grid[key] = out
+    return grid
+
+
+def combinations(grid: dict[str, list], keys) -> list[dict]:
+    """Every combination of the grid's values for ``keys`` (the first one: each key's first value)."""
+    ks = [k for k in grid if k in keys]
+    return [dict(zip(ks, vals)) for vals in itertools.product(*(grid[k] for k in ks))]
+
+
+def group_folds(groups: list, k: int = 5, seed: int = 0) -> np.ndarray:
+    """Each query's fold (0 … k−1): whole groups dealt at random, largest first, each to the fold
+    with the fewest queries so far, so folds are balanced and no group is split."""
+    names = sorted(set(groups))
+    if k < 2 or k > len(names):
+        raise ValueError(f"{k} folds need 2 to {len(names)} (the number of groups)")
+    sizes = {g: groups.count(g) for g in names}
+    rng = np.random.default_rng(seed)
+    order = [names[i] for i in rng.permutation(len(names))]
+    order.sort(key=lambda g: -sizes[g])  # stable: random among groups of one size
+    load, fold_of = np.zeros(k, int), {}
+    for g in order:
+        f = int(np.argmin(load))
+        fold_of[g] = f
+        load[f] += sizes[g]
+    return np.array([fold_of[g] for g in groups])
+
+
+@dataclass
+class CrossValidation:
+    """Out-of-fold result of choosing among ``aps`` (name → per-query APs) by mAP."""
+
+    folds: np.ndarray
+    chosen: list[str]  # per fold
+    oof_aps: np.ndarray
+    baseline: str
+    aps: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def mAP(self) -> float:
+        return float(np.nanmean(self.oof_aps))
+
+    def full_map(self, name: str) -> float:
+        return float(np.nanmean(self.aps[name]))
+
+    def gain(self, over: np.ndarray | None = None, n_boot: int = 10_000) -> tuple[float, float, float]:
+        """Out-of-fold mAP minus ``over``'s APs (default: the baseline's): mean and 95% interval."""
+        return bootstrap_difference(self.aps[self.baseline] if over is None else over, self.oof_aps, n_boot)
+
+
+def cross_validate(aps: dict[str, np.ndarray], folds: np.ndarray, baseline: str | None = None) -> CrossValidation:
+    """Pick, for each fold, the candidate of best mAP on the other folds (ties: the earlier, so the
+    baseline wins a tie), and score it on the held fold."""
+    names = list(aps)
+    baseline = baseline or names[0]
+    A = np.stack([np.asarray(aps[n], np.float64) for n in names])
+    oof = np.full(A.shape[1], np.nan)
+    chosen = []
+    for f in range(int(folds.max()) + 1):
+        held = folds == f
+        best = int(np.argmax(np.round(np.nanmean(A[:, ~held], axis=1), 12)))
+        chosen.append(names[best])
+        oof[held] = A[best, held]
+    return CrossValidation(folds, chosen, oof, baseline, aps)
+
+
+def candidate_name(params: dict) -> str:
+    return " ".join(f"{k}={'auto' if v is None else f'{v:g}' if isinstance(v, float) else v}"
+                    for k, v in params.items()) or "baseline"
+
+
+class SearchGrid:
+    """One encoded benchmark, ranked under many search settings: each query's global shortlist
+    once, the verification's evidence once per geometry (``features``, ``min_similarity``,
+    ``threshold``, at the grid's lowest gate, a higher gate applied afterwards from the tentative
+    counts), then each scoring re-ordered by ``Verifier.order_by``."""
+
+    def __init__(self, bench, X, X_q=None, local: LocalCodes | None = None, local_q: LocalCodes | None = None,
+                 verifier: Verifier | None = None, progress: bool = False):
+        self.bench, self.verifier, self.progress = bench, verifier or Verifier(), progress
+        self.local, self.local_q = local, local_q
+        self.junk = [sorted(j) for j in bench.junk]
+        index = MemoryIndex(X, None)
+        Q = query_descriptors(bench, X, X_q)
+        hits = rank(index, Q, None, Settings(k=len(X), rerank=0), exclude=self.junk)
+        self.ids = [np.array([h.id for h in row], np.int64) for row in hits]
+        self.dist = [np.array([h.distance for h in row], np.float64) for row in hits]
+        self._evidence: dict = {}
+
+    def _features(self, q: int, k: int):
+        d = self.bench.query_db[q]
+        if d is None:
+            j = sum(1 for x in self.bench.query_db[:q] if x is None)
+            dq, xq = self.local_q.features(j)
+        else:
+            dq, xq = self.local.features(d)
+        return dq[:k], xq[:k]
+
+    def evidence(self, depth: int, features: int, v: Verifier) -> list[Evidence]:
+        key = (features, v.min_similarity, v.threshold)
+        have = self._evidence.get(key)
+        if have is None or have[0] < depth or have[1] > v._gate_value():
+            gate = v._gate_value() if have is None else min(have[1], v._gate_value())
+            depth = max(depth, have[0] if have else 0)
+            fit = replace(v, min_tentative=gate, score="inliers")
+            codes = _truncate(self.local, features)
+            ev = []
+            with P.bar(len(self.ids), f"verifying (features={features}, min_similarity={v.min_similarity:g}, "
+                       f"threshold={v.threshold:g})", "query", enabled=self.progress) as bar:
+                for q in range(len(self.ids)):
+                    ev.append(fit.evidence(self._features(q, features), codes[self.ids[q][:depth]]))
+                    bar.update(1)
+            self._evidence[key] = have = (depth, gate, ev)
+        return have[2]
+
+    def prepare(self, candidates: list[dict]):
+        """Compute each geometry's evidence once, at the deepest shortlist and lowest gate asked."""
+        need: dict = {}
+        for params in candidates:
+            depth, features, v = self._settings(params)
+            if depth and self.local is not None:
+                key = (features, v.min_similarity, v.threshold)
+                d, g, _ = need.get(key, (0, 10**9, None))
+                need[key] = (max(d, depth), min(g, v._gate_value()), v)
+        for (features, _, _), (depth, gate, v) in need.items():
+            self.evidence(depth, features, replace(v, min_tentative=gate))
+
+    def _settings(self, params: dict):
+        p = dict(params)
+        depth = int(p.pop("rerank", 100))
+        features = int(p.pop("features", self.local.codes.shape[1] if self.local is not None else 0))
+        # chance=auto (None): the model's own level
+        given = {k: val for k, val in p.items() if k in SEARCH_KEYS and (val is not None or k == "min_tentative")}
+        return depth, features, replace(self.verifier, **given)
+
+    def aps(self, params: dict) -> np.ndarray:
+        """Per-query APs under ``params`` (search keys; missing ones: the defaults)."""
+        depth, features, v = self._settings(params)
+        rankings = []
+        evs = self.evidence(depth, features, v) if depth and self.local is not None else None
+        for q in range(len(self.ids)):
+            ids = self.ids[q]
+            if evs is not None:
+                ev = evs[q][:depth]
+                keep = ev.tentative > v._gate_value()
+                ev = Evidence(np.where(keep, ev.inliers, 0), ev.tentative, ev.area)
+                order = v.order_by(self.dist[q][:depth], ev)
+                ids = np.concatenate([ids[:depth][order], ids[depth:]])
+            rankings.append(np.concatenate([np.asarray(self.junk[q], np.int64), ids]))
+        return query_aps(self.bench, rankings)
+
+
+def _truncate(local: LocalCodes, k: int) -> LocalCodes:
+    """The first ``k`` (strongest) features of each image."""
+    if k >= local.codes.shape[1]:
+        return local
+    return LocalCodes(local.codes[:, :k], local.cells[:, :k], np.minimum(local.count, k).astype(local.count.dtype),
+                      local.grid)
+
+
+__all__ = ["CrossValidation", "DESCRIPTOR_KEYS", "FoldReport", "cross_validate_model", "SEARCH_KEYS", "SearchGrid", "candidate_name", "combinations",
+           "cross_validate", "group_folds", "parse_grid"]
+
+
+@dataclass
+class FoldReport:
+    """What ``cross_validate_model`` measured: the re-ranked and global choices out of fold."""
+
+    benchmark: str
+    k: int
+    seed: int
+    reranked: CrossValidation
+    global_: CrossValidation
+    descriptors: list[str]
+    seconds: float
+
+    def rerank_gain(self, n_boot: int = 10_000):
+        """Out of fold: the re-ranked choice's APs over the global choice's (mean, 95% interval)."""
+        return bootstrap_difference(self.global_.oof_aps, self.reranked.oof_aps, n_boot)
+
+    def document(self) -> dict:
+        def listed(a):
+            return [None if np.isnan(x) else round(float(x), 6) for x in a]
+
+        def cv(c: CrossValidation) -> dict:
+            mean, lo, hi = c.gain()
+            return {"oof_mAP": c.mAP, "baseline": c.baseline, "baseline_mAP": c.full_map(c.baseline),
+                    "gain_over_baseline": [mean, lo, hi], "chosen": c.chosen, "oof_aps": listed(c.oof_aps),
+                    "candidates": {n: {"mAP": float(np.nanmean(a)), "aps": listed(a)} for n, a in c.aps.items()}}
+
+        return {"benchmark": self.benchmark, "folds": self.k, "seed": self.seed,
+                "fold_of_query": self.reranked.folds.tolist(), "rerank_gain": list(self.rerank_gain()),
+                "reranked": cv(self.reranked), "global": cv(self.global_), "descriptors": self.descriptors}
+
+
+def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], k: int = 5, seed: int = 0,
+                         progress: bool = True) -> FoldReport:
+    """Every candidate of ``grid`` on ``bench``, then group-wise K-fold choice among them, for the
+    re-ranked ranking and for the global one (rerank = 0). ``make_model(overrides)`` returns an
+    unfitted ``ConvVLAD`` for a dict of descriptor keys (``DESCRIPTOR_KEYS``)."""
+    import time
+
+    from .evaluate import extra_query_items
+    from .verify import LOCAL_K
+
+    t = time.time()
+    folds = group_folds(bench.groups, k, seed)
+    searches = combinations(grid, SEARCH_KEYS)
+    reranked = [s for s in searches if s.get("rerank", 100)]
+    if not reranked:
+        raise ValueError("--grid rerank: give at least one depth above 0 (0, the global ranking, is measured anyway)")
+    aps_r, aps_g, names = {}, {}, []
+    for desc in combinations(grid, DESCRIPTOR_KEYS):
+        model = make_model(desc).fit(train_paths, progress=progress)
+        enc = model.transform(bench.paths, progress=progress, local=LOCAL_K)
+        if enc.errors:
+            raise ValueError(f"benchmark images unreadable: {enc.errors[0]}")
+        crops, enc_q = extra_query_items(bench), None
+        if crops:
+            enc_q = model.transform(crops, progress=progress, local=LOCAL_K)
+        g = SearchGrid(bench, enc.X, enc_q.X if enc_q else None, enc.local, enc_q.local if enc_q else None,
+                       model.verifier(), progress=progress)
+        g.prepare(reranked)
+        prefix = candidate_name(desc) + " | " if desc else ""
+        names.append(f"{candidate_name(desc)}: {model.describe()}, chance level {model.chance_}")
+        aps_g[prefix + "rerank=0"] = g.aps({"rerank": 0})
+        for s in reranked:
+            aps_r[prefix + candidate_name(s)] = g.aps(s)
+    return FoldReport(bench.describe(), k, seed, cross_validate(aps_r, folds), cross_validate(aps_g, folds), names,
+                      time.time() - t)
