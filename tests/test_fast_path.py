@@ -28,8 +28,13 @@ def test_batched_vlad_equals_the_per_image_loop(train_images):
     np.testing.assert_allclose(fast, plain, atol=2e-5)
 
 
-def test_fast_path_keeps_the_map_on_mvbench(train_images):
-    bench = load_groups(need(MVBENCH_DEV))
+def test_fast_path_keeps_the_map_on_mvbench(train_images, tmp_path):
+    # mvbench-dev's 191 grouped photos without its 217 distractors: the same comparison of two
+    # encoders at half the encoding time (the suite's time budget)
+    for name in ("images", "groups.json"):
+        (tmp_path / name).symlink_to(need(MVBENCH_DEV) / name)
+    bench = load_groups(tmp_path)
+    assert len(bench.paths) == 191
     model = ConvVLAD().fit(train_images[::3], progress=False)  # the defaults: block6 + mean block15, scales 1, 2
     model.compile = True  # the path of large jobs (fit above ran eager)
     _, fast, errors = model.transform(bench.paths, progress=False)

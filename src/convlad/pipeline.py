@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+
 from . import functional as Fn
 from . import progress as P
 from .backbones import DEFAULT_BACKBONE, get_backbone
