@@ -177,10 +177,13 @@ class PairMatch:
         return int(self.inliers.sum())
 
 
-_LOG_FACTORIAL = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, 4 * LOCAL_K + 2)))])
+_LOG_FACTORIAL = np.zeros(1)
 
 
 def _log_choose(n, k):
+    global _LOG_FACTORIAL
+    if n >= len(_LOG_FACTORIAL):  # grown as needed: an index may keep any number of local features
+        _LOG_FACTORIAL = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, max(2 * n, 4 * LOCAL_K) + 1)))])
     return _LOG_FACTORIAL[n] - _LOG_FACTORIAL[k] - _LOG_FACTORIAL[n - k]
 
 
