@@ -143,14 +143,13 @@ class SearchGrid:
         self.ids = [np.array([h.id for h in row], np.int64) for row in hits]
         self.dist = [np.array([h.distance for h in row], np.float64) for row in hits]
         self._evidence: dict = {}
+        # each query's local features: its database row's, or its row among the extra queries
+        extra = np.cumsum([d is None for d in bench.query_db]) - 1
+        self._rows = [(local_q, int(e)) if d is None else (local, d) for d, e in zip(bench.query_db, extra)]
 
     def _features(self, q: int, k: int):
-        d = self.bench.query_db[q]
-        if d is None:
-            j = sum(1 for x in self.bench.query_db[:q] if x is None)
-            dq, xq = self.local_q.features(j)
-        else:
-            dq, xq = self.local.features(d)
+        codes, row = self._rows[q]
+        dq, xq = codes.features(row)
         return dq[:k], xq[:k]
 
     def evidence(self, depth: int, features: int, v: Verifier) -> list[Evidence]:
