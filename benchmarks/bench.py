@@ -195,6 +195,14 @@ def job_forward(backbone: str, size: int, batch: int = 16, reps: int = 7) -> dic
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     matmul = 2 * 2048 ** 3 / _median_s(lambda: a @ b, reps) / 1e9
+    # the bf16 ceiling of the same run: native on AMX-BF16/AVX512-BF16; emulated elsewhere, where a
+    # 2048² product took 100 s (0.17 GFLOP/s) on this AVX2 machine, so a 512² one is timed once
+    from convlad.extract import cpu_has_bf16_engine
+
+    engine = cpu_has_bf16_engine()
+    n16 = 2048 if engine else 512
+    a16, b16 = a[:n16, :n16].bfloat16(), b[:n16, :n16].bfloat16()
+    matmul_bf16 = 2 * n16 ** 3 / _median_s(lambda: a16 @ b16, reps if engine else 1) / 1e9
 
     bb = get_backbone(backbone)
     layers = [bb.default_layer, *bb.default_pooled] if bb.default_layer else [bb.layers[-1]]
@@ -235,11 +243,29 @@ def job_forward(backbone: str, size: int, batch: int = 16, reps: int = 7) -> dic
     achieved = gflop / total_s
     ex.compile = True
     compiled_s = _median_s(lambda: ex.feature_maps(x), reps)
-    return {"matmul_gflop_per_s": matmul, "forward_gflop": gflop, "forward_s": total_s, "batch": batch,
-            "size": size, "img_per_s": batch / total_s, "forward_gflop_per_s": achieved,
-            "fraction_of_matmul": achieved / matmul, "non_conv_share": 1 - conv_s / total_s, "by_kind": kinds,
-            "compiled": {"forward_s": compiled_s, "img_per_s": batch / compiled_s,
-                         "forward_gflop_per_s": gflop / compiled_s, "fraction_of_matmul": gflop / compiled_s / matmul},
+    # the same passes under bf16 autocast, against the bf16 ceiling. Without a bf16 engine it is
+    # emulated, 20× slower than fp32 here: one eager pass shows that, and the compiled one (which
+    # ran for more than 15 min) is left out
+    ex.compile, ex.precision = False, "bf16"
+    bf16_s = _median_s(lambda: ex.feature_maps(x), reps if engine else 1)
+    bf16_compiled_s = None
+    if engine:
+        ex.compile = True
+        bf16_compiled_s = _median_s(lambda: ex.feature_maps(x), reps)
+
+    def rate(seconds: float | None, ceiling: float) -> dict | None:
+        if seconds is None:
+            return None
+        return {"forward_s": seconds, "img_per_s": batch / seconds, "forward_gflop_per_s": gflop / seconds,
+                "fraction_of_matmul": gflop / seconds / ceiling}
+
+    return {"matmul_gflop_per_s": matmul, "matmul_bf16_gflop_per_s": matmul_bf16, "matmul_bf16_size": n16,
+            "forward_gflop": gflop,
+            "forward_s": total_s, "batch": batch, "size": size, "img_per_s": batch / total_s,
+            "forward_gflop_per_s": achieved, "fraction_of_matmul": achieved / matmul,
+            "non_conv_share": 1 - conv_s / total_s, "by_kind": kinds, "compiled": rate(compiled_s, matmul),
+            "bf16": {"engine": engine, "eager": rate(bf16_s, matmul_bf16),
+                     "compiled": rate(bf16_compiled_s, matmul_bf16)},
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -440,8 +466,9 @@ JOBS = {"index": job_index, "forward": job_forward, "search": job_search, "store
 
 
 def measure_serve(quick: bool) -> dict:
-    """`convlad serve` under 200 concurrent clients (benchmarks/load.py): micro-batched against one
-    query per forward pass, on an index of mvbench-dev with the default descriptor."""
+    """`convlad serve` under 200 concurrent clients (benchmarks/load.py): the default server
+    (micro-batched, compiled, precision auto) against one query per eager fp32 pass, on an index of
+    mvbench-dev with the default descriptor."""
     from load import compare
 
     from convlad.datasets import load_groups
@@ -460,7 +487,7 @@ def measure_serve(quick: bool) -> dict:
             sync(st, progress=False, report=lambda m: None)
         queries = load_groups(dev).paths[::3]
         seconds = 15 if quick else 60
-        print(f"serve: 200 clients × {seconds} s, one query per forward pass, then micro-batched ...", flush=True)
+        print(f"serve: 200 clients × {seconds} s, one query per eager fp32 pass, then the default server ...", flush=True)
         return compare(str(Path(tmp) / "dev.index"), queries, clients=200, seconds=seconds)
 
 
@@ -683,11 +710,14 @@ def print_table(r: dict) -> None:
         print("\nconvlad serve, 200 concurrent clients on loopback posting mvbench-dev photos (default descriptor)")
         for key in ("single", "batched"):
             v = r["serve"][key]
-            label = "one query per forward pass" if key == "single" else f"micro-batched (mean batch {v['mean_batch']})"
+            how = f"{v.get('precision', 'fp32')}, {'compiled' if v.get('compiled') else 'eager'}"
+            label = (f"one query per pass ({how})" if key == "single"
+                     else f"default: batched ({how}, mean batch {v['mean_batch']})")
             print(f"  {label:<40} {v['qps']:6.1f} queries/s  p50 {v['p50_ms']:6.0f} ms  p95 {v['p95_ms']:6.0f} ms  "
                   f"p99 {v['p99_ms']:6.0f} ms  errors {v['errors']}/{v['requests']}  memory {v['rss_mb']:.0f} MB "
                   f"(peak {v['peak_rss_mb']:.0f})")
-        print(f"  micro-batching: {r['serve']['qps_ratio']:.2f}× the queries/s, p99 × {r['serve']['p99_ratio']:.2f}")
+        print(f"  the default server: {r['serve']['qps_ratio']:.2f}× the queries/s, p99 × {r['serve']['p99_ratio']:.2f}; "
+              f"CPU flags {' '.join(r['serve']['batched'].get('cpu_flags', []))}")
     if "ray" in r:
         v = r["ray"]
         one = ", ".join(f"{x['img_per_s']:.1f}" for x in v["single"])
@@ -713,6 +743,16 @@ def print_table(r: dict) -> None:
         c = f["compiled"]
         print(f"  compiled {c['forward_gflop_per_s']:6.1f} GFLOP/s = {c['fraction_of_matmul']:.0%} of matmul; "
               f"{c['img_per_s']:.1f} img/s")
+    if "bf16" in f:
+        print(f"  bf16 matmul {f['matmul_bf16_gflop_per_s']:.0f} GFLOP/s ({f['matmul_bf16_gflop_per_s'] / f['matmul_gflop_per_s']:.2f}× "
+              f"fp32; CPU flags {' '.join(r.get('machine', {}).get('cpu_flags', []))}):")
+        for how in ("eager", "compiled"):
+            c = f["bf16"][how]
+            if c is None:
+                print(f"  bf16 {how:<8} not measured: no bf16 engine on this CPU (emulated)")
+                continue
+            print(f"  bf16 {how:<8} {c['forward_gflop_per_s']:6.1f} GFLOP/s = {c['fraction_of_matmul']:.0%} of bf16 matmul; "
+                  f"{c['img_per_s']:.1f} img/s")
     print("  eager, by kind of layer:")
     for k, e in f["by_kind"].items():
         print(f"  {k:<22}{e['share_of_flops']:>6.0%} of FLOPs {e['share_of_conv_time']:>6.0%} of conv time "

@@ -121,6 +121,7 @@ def measure(index: str, photos: list[str], clients: int = 200, seconds: float = 
         out = asyncio.run(_clients(url, data, clients, seconds, max_requests))
         stats = httpx.get(url + "/api/stats").json()
         out.update(batched=batched, args=list(args), device=stats["device"], mean_batch=stats["mean_batch"],
+                   precision=stats["precision"], compiled=stats["compiled"], cpu_flags=stats["cpu_flags"],
                    rss_mb=_vm(proc.pid, "VmRSS"), peak_rss_mb=_vm(proc.pid, "VmHWM"))
         return out
     finally:
@@ -128,11 +129,15 @@ def measure(index: str, photos: list[str], clients: int = 200, seconds: float = 
         proc.wait(20)
 
 
+# the server as it was before it compiled and chose its precision: one query per eager fp32 pass
+ONE_PER_PASS = ("--precision", "fp32", "--compile", "off")
+
+
 def compare(index: str, photos: list[str], clients: int = 200, seconds: float = 60) -> dict:
-    """One query per forward pass, then micro-batched, the same load on each; then the default
-    server with a line of 16 (``--max-queue 16``): every answer must be a 200 or a JSON 503 with
-    Retry-After, and health must keep answering."""
-    single = measure(index, photos, clients, seconds, batched=False)
+    """The default server (micro-batched, compiled, precision auto) against one query per eager
+    fp32 pass, the same load on each; then the default server with a line of 16 (``--max-queue
+    16``): every answer must be a 200 or a JSON 503 with Retry-After, and health must keep answering."""
+    single = measure(index, photos, clients, seconds, batched=False, args=ONE_PER_PASS)
     batched = measure(index, photos, clients, seconds, batched=True)
     queued = measure(index, photos, clients, seconds, batched=True, args=("--max-queue", "16"))
     return {"single": single, "batched": batched, "qps_ratio": batched["qps"] / single["qps"],

@@ -53,9 +53,13 @@ def build_index(wd: Path, train_images: list[str], n_groups: int = 6) -> tuple[P
 
 
 class Server:
-    def __init__(self, index: Path, *args, env=None):
+    """``compiled``: the default server, its network compiled at start; else ``--compile off``, which
+    spares each test's server the compilation (test_serve runs the compiled one)."""
+
+    def __init__(self, index: Path, *args, env=None, compiled: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        args = args if compiled else ("--compile", "off", *args)
         self.proc = subprocess.Popen([*CLI, "serve", str(index), "--port", str(self.port), *map(str, args)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})

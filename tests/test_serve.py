@@ -8,7 +8,6 @@ import socket
 import time
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -31,7 +30,7 @@ def setup(tmp_path_factory, train_images):
 @pytest.fixture(scope="module")
 def server(setup):
     _, index, _ = setup
-    s = Server(index, "--token", TOKEN, "--body-timeout", "2")
+    s = Server(index, "--token", TOKEN, "--body-timeout", "2", compiled=True)
     yield s
     s.stop()
 
@@ -75,6 +74,30 @@ def test_search_ranks_the_group_first_and_files_come_by_id(server, setup):
     assert stats["images"] == sum(len(f) - 1 for f in groups.values()) and stats["searches"] >= 1
     assert stats["device"].startswith("cpu (") != torch.cuda.is_available()  # where the network runs
     assert httpx.get(server.url + "/docs").status_code == 200 and "convlad" in httpx.get(server.url + "/").text
+
+
+def test_the_compiled_server_batches_and_ranks_as_the_cli(server, setup):
+    """The default server compiles its network at start; queries batched together through it rank
+    as `convlad search` (eager, one process per query) ranks them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .servers import cli
+
+    _, index, groups = setup
+    stats = httpx.get(server.url + "/api/stats").json()
+    assert stats["compiled"] is True and stats["precision_setting"] == "auto" and stats["max_batch"] == 16
+    queries = [files[0] for files in groups.values()]
+    before = stats["batches"]
+    with ThreadPoolExecutor(len(queries)) as pool:  # at once: the encoder batches what arrives together
+        served = list(pool.map(lambda q: search(server, q, k=5, rerank=None)["results"], queries))
+    stats = httpx.get(server.url + "/api/stats").json()
+    assert stats["batches"] - before < len(queries), "no two queries were encoded in one pass"
+    by_cli = json.loads(cli("search", index, *queries, "--json").stdout)
+    for q, got, want in zip(queries, served, by_cli):
+        want = want["results"][:len(got)]  # the CLI's default k is larger
+        assert len(got) == 5 and [h["id"] for h in got] == [h["id"] for h in want], q.name
+        assert [h["inliers"] for h in got] == [h["inliers"] for h in want], q.name
+        assert [h["distance"] for h in got] == pytest.approx([h["distance"] for h in want], abs=1e-4)
 
 
 def test_upload_is_searchable_at_once_and_delete_removes_it(server, setup):
@@ -222,7 +245,7 @@ def test_writes_are_refused_beyond_loopback_without_a_token(setup):
 
     from convlad.serve import create_app
 
-    client = TestClient(create_app(setup[1], host="0.0.0.0"))
+    client = TestClient(create_app(setup[1], host="0.0.0.0", compile=False))
     r = client.post("/api/images", files=_multipart("image", "a.jpg", _photo(setup)))
     assert r.status_code == 403 and "--token" in r.json()["error"]
     assert client.get("/api/health").status_code == 200
@@ -258,3 +281,14 @@ def test_sigkill_during_an_upload_leaves_the_photo_whole_or_absent(setup, tmp_pa
         assert (res["distance"] < 1e-5) == present
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("flag,value", [("--compile", "sometimes"), ("--precision", "fp8")])
+def test_a_bad_encoder_setting_is_one_line_before_anything_loads(setup, flag, value):
+    import subprocess
+
+    from .servers import CLI
+
+    p = subprocess.run([*CLI, "serve", str(setup[1]), flag, value], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert flag in p.stderr and value in p.stderr and "Traceback" not in p.stderr

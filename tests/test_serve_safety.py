@@ -103,7 +103,7 @@ def test_an_unexpected_fault_is_one_json_sentence_with_a_request_id(setup, caplo
 
     from convlad.serve import create_app
 
-    app = create_app(setup[1])
+    app = create_app(setup[1], compile=False)
     svc = app.state.service
 
     def broken():

@@ -321,6 +321,9 @@ def serve(
                                              "views) at work at once; default: --max-batch."),
     max_queue: int = typer.Option(64, "--max-queue", help="Heavy requests waiting beyond those; more get a 503 with "
                                   "Retry-After at once."),
+    compile: str = typer.Option("auto", "--compile", help="torch.compile the network, warmed at start for every "
+                                "batch shape (10–60 s, once): auto (on CPU wherever it can be), on, off."),
+    precision: str = PrecisionOpt,
 ):
     """Serve an index: search API (docs at /docs) and a web page at /."""
     from .serve import serve as run_server
@@ -334,7 +337,7 @@ def serve(
     run_server(index_file, host=host, port=port, token=token, cors=[c for c in (cors or "").split(",") if c] or None,
                window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
                body_timeout=body_timeout, max_active=max_active, max_queue=max_queue,
-               log=lambda m: typer.echo(m, err=True))
+               compile=_compile(compile), precision=_precision(precision), log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()

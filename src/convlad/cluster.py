@@ -37,7 +37,7 @@ def _ray():
 class Encoder:
     """A model replica in a Ray actor: paths → descriptors (errors reported, not raised)."""
 
-    def __init__(self, state, batch_size: int, device: str | None, local: int = 0):
+    def __init__(self, state, batch_size: int, device: str | None, local: int = 0, precision: str = "auto"):
         import torch
 
         from .pipeline import ConvVLAD
@@ -50,6 +50,8 @@ class Encoder:
         self.model = ConvVLAD.from_state(*state)
         self.model.batch_size, self.model.workers, self.model.compile = batch_size, 1, False
         self.model.device = device
+        # "auto" resolves on the actor's own machine: bf16 where that node's CPU has an engine for it
+        self.model.precision = precision
         self.local = local
 
     def __call__(self, batch: dict) -> dict:
@@ -107,7 +109,8 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
     state = ray.put(store.model.state())
     ds = ray.data.from_items([{"path": str(root / p)} for p in todo], override_num_blocks=max(1, len(todo) // batch_size))
     # Ray Data restarts a dead actor and retries its tasks by default (max_restarts=-1)
-    ds = ds.map_batches(Encoder, fn_constructor_args=(state, batch_size, "cuda" if gpus else "cpu", store.local_k),
+    ds = ds.map_batches(Encoder, fn_constructor_args=(state, batch_size, "cuda" if gpus else "cpu", store.local_k,
+                                                          store.model.precision),
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
     # the same commit loop as a local sync; each block of Ray's is committed at once (every=1), so

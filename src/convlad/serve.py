@@ -203,10 +203,14 @@ def _fastapi():
 def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: list[str] | None = None,
                window_ms: float = 5.0, max_batch: int = 16, max_upload_mb: int = 20,
                max_pixels: int = 50_000_000, body_timeout: float = 30.0, max_active: int | None = None,
-               max_queue: int = 64):
+               max_queue: int = 64, compile: bool | str = "auto", precision: str | None = None):
+    """The API and the page over ``index``. ``compile`` (True, False, "auto": on CPU wherever the
+    network can be) and ``precision`` (None: the index's model's setting, "auto" unless changed)
+    are the encoder's, warmed for every batch shape before this returns."""
     writes = token is not None or is_loopback(host)
     svc = Service(index, token=token, writes=writes, window_ms=window_ms, max_batch=max_batch,
-                  max_upload=max_upload_mb << 20, max_pixels=max_pixels, max_active=max_active, max_queue=max_queue)
+                  max_upload=max_upload_mb << 20, max_pixels=max_pixels, max_active=max_active, max_queue=max_queue,
+                  compile=compile, precision=precision)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -447,12 +451,13 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
 
 def serve(index, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, cors=None,
           window_ms: float = 5.0, max_batch: int = 16, max_upload_mb: int = 20, body_timeout: float = 30.0,
-          max_active: int | None = None, max_queue: int = 64, log=print) -> None:
+          max_active: int | None = None, max_queue: int = 64, compile: bool | str = "auto",
+          precision: str | None = None, log=print) -> None:
     import uvicorn
 
     app = create_app(index, token=token, host=host, cors=cors, window_ms=window_ms, max_batch=max_batch,
                      max_upload_mb=max_upload_mb, body_timeout=body_timeout, max_active=max_active,
-                     max_queue=max_queue)
+                     max_queue=max_queue, compile=compile, precision=precision)
     svc = app.state.service
     log(f"convlad serve: {svc.index} ({len(svc.store)} images) on http://{host}:{port}/  (API docs: /docs)"
         + ("" if svc.writes else "; writes disabled: listening beyond loopback without --token"))

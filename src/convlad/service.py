@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import progress as P
 from . import search as S
 from .extract import cpu_flags, scale_size
 from .images import ImageError, load_image, load_warped
@@ -166,11 +167,14 @@ class MicroBatcher:
 class Service:
     def __init__(self, index, token: str | None = None, writes: bool = True, window_ms: float = 5.0,
                  max_batch: int = 16, max_upload: int = 20 << 20, max_pixels: int = 50_000_000,
-                 max_active: int | None = None, max_queue: int = 64):
+                 max_active: int | None = None, max_queue: int = 64, compile: bool | str = "auto",
+                 precision: str | None = None):
         self.index = Path(index)
         self.store = IndexStore.open(self.index)
         self.model = self.store.model  # on CUDA when there is one, as everywhere else
-        self.model.compile = False  # single queries: compiling per batch shape would not pay back
+        if precision is not None:
+            self.model.precision = precision
+        self.model.compile = self._want_compile(compile)
         self.token, self.writes = token, writes
         self.max_upload, self.max_pixels = max_upload, max_pixels
         self.sizes = [scale_size(s) for s in self.model.config.scales]
@@ -191,12 +195,32 @@ class Service:
         self.started = time.time()
         self.n_search = 0
         self._collect_orphan_uploads()
-        # a warm-up pass, so that the first client does not wait for the network's first run
-        _, local = self.batcher.submit([np.zeros((n, n, 3), np.uint8) for n in self.sizes]).result()
+        # warm-up passes, so that no client waits for the network's first run or for compilation:
+        # a full batch compiles every chunk shape the batcher will run (extract._run_chunk pads
+        # each chunk to its scale's size), then a single query through the encoder thread
+        blank = [np.zeros((n, n, 3), np.uint8) for n in self.sizes]
+        if self.model.compile:
+            P.write(f"convlad serve: compiling the network for batches of up to {max_batch} "
+                    f"({self.model.extractor.precision}; 10–60 s, once; --compile off skips it) ...")
+            self._encode([blank] * self._warm_batch(max_batch))
+        _, local = self.batcher.submit(blank).result()
         if local is not None:  # the same pass gives the grid the stored local features lie on
             self._grid = local.grid
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _want_compile(self, setting: bool | str) -> bool:
+        """``setting`` True/False, or "auto": compile on CPU wherever the network can be (a server
+        answers for long enough to pay back the 10–60 s; on 2 AVX2 cores a compiled pass is 1.2–1.5×)."""
+        if setting != "auto":
+            return bool(setting)
+        ex = self.model.extractor
+        return ex.device.type == "cpu" and ex.can_compile
+
+    def _warm_batch(self, max_batch: int) -> int:
+        """Images in a batch whose chunks reach every compiled shape: the largest chunk, or max_batch."""
+        steps = [max(1, self.model.extractor.max_batch_pixels // (n * n)) for n in self.sizes]
+        return max(1, min(max_batch, max(steps)))
+
     def _encode(self, decoded: list) -> list:
         """(descriptor, local codes or None) per image, with the index's local-feature layout (as
         ``search.encode``): the codes verify the query and are kept with an upload."""
@@ -441,6 +465,7 @@ class Service:
                 "latency": pct, "uptime_s": round(time.time() - self.started, 1), "rss_bytes": rss,
                 "in_flight": self.admission.inflight, "refused_busy": self.admission.refused,
                 "precision": self.model.extractor.precision, "precision_setting": self.model.precision,
+                "compiled": bool(self.model.extractor.compile), "max_batch": self.batcher.max_batch,
                 "cpu_flags": list(cpu_flags())}
 
 
