@@ -210,11 +210,13 @@ class Service:
     # -- helpers ---------------------------------------------------------------------------------
     def _want_compile(self, setting: bool | str) -> bool:
         """``setting`` True/False, or "auto": compile on CPU wherever the network can be (a server
-        answers for long enough to pay back the 10–60 s; on 2 AVX2 cores a compiled pass is 1.2–1.5×)."""
+        answers for long enough to pay back the 10–60 s; on 2 AVX2 cores a compiled pass is 1.2–1.5×),
+        for photos warped to n×n: a model that keeps the aspect ratio would meet a new input shape,
+        and a new compilation, with nearly every photo."""
         if setting != "auto":
             return bool(setting)
         ex = self.model.extractor
-        return ex.device.type == "cpu" and ex.can_compile
+        return ex.device.type == "cpu" and ex.can_compile and self.model.config.resize == "warp"
 
     def _warm_batch(self, max_batch: int) -> int:
         """Images in a batch whose chunks reach every compiled shape: the largest chunk, or max_batch."""
