@@ -105,7 +105,7 @@ class FeatureCache:
                 if not todo:
                     continue
                 extractor = extractor or FeatureExtractor(self.backbone, layers, device=device)
-                if want_compile(compile, extractor, len(todo), [scale]):
+                if want_compile(compile, extractor, len(todo), [scale], self.resize):
                     extractor.compile = True
                 sub = [items[i] for i in todo]
                 with P.bar(len(sub), f"features @ scale {scale:g}", "img", enabled=progress) as bar:

@@ -128,12 +128,16 @@ def keep_freed_memory() -> bool:
 COMPILE_MIN_WORK = 10_000
 
 
-def want_compile(setting: bool | str, extractor: "FeatureExtractor", n_images: int, scales: Sequence[float]) -> bool:
-    """``setting``: True/False, or "auto": compile on CPU when the job is large enough to pay back."""
+def want_compile(setting: bool | str, extractor: "FeatureExtractor", n_images: float, scales: Sequence[float],
+                 resize: str = "warp") -> bool:
+    """``setting``: True/False, or "auto": compile on CPU when the job is large enough to pay back
+    (a server, which runs without end, passes ``n_images=math.inf``), for photos warped to n×n:
+    with ``resize="keep"`` nearly every photo is a new input shape, and a new compilation."""
     if setting != "auto":
         return bool(setting)
     work = n_images * sum(float(s) ** 2 for s in scales)
-    return extractor.device.type == "cpu" and extractor.can_compile and work >= COMPILE_MIN_WORK
+    return (extractor.device.type == "cpu" and extractor.can_compile and resize == "warp"
+            and work >= COMPILE_MIN_WORK)
 
 
 def tap_graph(module: nn.Module, targets: Sequence[str]) -> fx.GraphModule | None:

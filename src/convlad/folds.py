@@ -214,10 +214,6 @@ def _truncate(local: LocalCodes, k: int) -> LocalCodes:
                       local.grid)
 
 
-__all__ = ["CrossValidation", "DESCRIPTOR_KEYS", "FoldReport", "cross_validate_model", "SEARCH_KEYS", "SearchGrid", "candidate_name", "combinations",
-           "cross_validate", "group_folds", "parse_grid"]
-
-
 @dataclass
 class FoldReport:
     """What ``cross_validate_model`` measured: the re-ranked and global choices out of fold."""
@@ -284,3 +280,7 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
             aps_r[prefix + candidate_name(s)] = g.aps(s)
     return FoldReport(bench.describe(), k, seed, cross_validate(aps_r, folds), cross_validate(aps_g, folds), names,
                       time.time() - t)
+
+
+__all__ = ["CrossValidation", "DESCRIPTOR_KEYS", "FoldReport", "SEARCH_KEYS", "SearchGrid", "candidate_name",
+           "combinations", "cross_validate", "cross_validate_model", "group_folds", "parse_grid"]

@@ -150,7 +150,7 @@ class ConvVLAD:
         ex.precision = self.precision
         if self.compile is False:
             ex.compile = False
-        elif not ex.compile and want_compile(self.compile, ex, len(paths), self.config.scales):
+        elif not ex.compile and want_compile(self.compile, ex, len(paths), self.config.scales, self.config.resize):
             ex.compile = True  # kept on: later small jobs run eager chunk by chunk anyway
             if progress and ex.compile:
                 P.write("torch.compile: compiling the network for this machine (7–30 s per input size) ...")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import math
 import os
 import queue
 import shutil
@@ -29,7 +30,7 @@ import torch
 
 from . import progress as P
 from . import search as S
-from .extract import cpu_flags, scale_size
+from .extract import cpu_flags, scale_size, want_compile
 from .images import ImageError, load_image, load_warped
 from .segments import UPLOADS, StoreLocked, is_upload_file, new_upload_name
 from .storage import write_durable
@@ -174,7 +175,10 @@ class Service:
         self.model = self.store.model  # on CUDA when there is one, as everywhere else
         if precision is not None:
             self.model.precision = precision
-        self.model.compile = self._want_compile(compile)
+        # a server runs without end: "auto" compiles wherever the network can be (on 2 AVX2 cores a
+        # compiled pass is 1.2–1.5×, against 10–60 s once)
+        self.model.compile = want_compile(compile, self.model.extractor, math.inf, self.model.config.scales,
+                                          self.model.config.resize)
         self.token, self.writes = token, writes
         self.max_upload, self.max_pixels = max_upload, max_pixels
         self.sizes = [scale_size(s) for s in self.model.config.scales]
@@ -208,16 +212,6 @@ class Service:
             self._grid = local.grid
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _want_compile(self, setting: bool | str) -> bool:
-        """``setting`` True/False, or "auto": compile on CPU wherever the network can be (a server
-        answers for long enough to pay back the 10–60 s; on 2 AVX2 cores a compiled pass is 1.2–1.5×),
-        for photos warped to n×n: a model that keeps the aspect ratio would meet a new input shape,
-        and a new compilation, with nearly every photo."""
-        if setting != "auto":
-            return bool(setting)
-        ex = self.model.extractor
-        return ex.device.type == "cpu" and ex.can_compile and self.model.config.resize == "warp"
-
     def _warm_batch(self, max_batch: int) -> int:
         """Images in a batch whose chunks reach every compiled shape: the largest chunk, or max_batch."""
         steps = [max(1, self.model.extractor.max_batch_pixels // (n * n)) for n in self.sizes]

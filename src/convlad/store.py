@@ -553,6 +553,7 @@ class IndexStore:
                 dropped += sum(len(self._segs[i]) for i in g) - len(ids)
                 if not len(ids):  # nothing left alive: the segments just go
                     replaced.update({i: None for i in g})
+                    bar.update(sum(len(self._segs[i]) for i in g))
                     continue
                 order = np.argsort(ids, kind="stable")
                 extra = S.merged_extras([self._segs[i] for i in g], rows, order)
