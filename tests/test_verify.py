@@ -199,3 +199,19 @@ def test_search_rerank_on_the_command_line(tmp_path, train_images):
     assert p.returncode == 0 and "keeps no local features" in p.stderr and "Traceback" not in p.stderr
     assert [r["path"] for r in json.loads(p.stdout)[0]["results"]] == \
         [r["path"] for r in json.loads(cli("search", bare, q, "-k", "2", "--json", "--rerank", "0").stdout)[0]["results"]]
+
+
+def test_a_feature_is_matched_once_even_where_features_tie(model, train_images):
+    # a uniform region's int8 features tie exactly; each candidate feature must still take one
+    # query feature, or one plain border matches a single cell many times over (as binoculars
+    # and a chest once did, with 21 "inliers" from a map squashed flat)
+    L = model.transform(train_images[2:4], progress=False, local=300).local
+    dq, xq = L.features(0)
+    dq, xq = dq.copy(), xq.copy()
+    dq[:40] = dq[0]  # forty query features identical to the first
+    v = model.verifier()
+    fwd, ok, _ = v._tentative((dq, xq), L[[1]])
+    matched = fwd[0][ok[0]]
+    assert len(matched) == len(set(matched.tolist()))
+    twin = v._tentative((dq, xq), L[[0]])  # against its own photo: the first of the tied ones matches
+    assert twin[1][0][:40].sum() <= 1 and twin[1][0][40:].sum() >= 200

@@ -37,11 +37,11 @@ def _layers(text: Optional[str]) -> Optional[list[str]]:
     return [] if text.strip().lower() == "none" else [s for s in text.split(",") if s]
 
 
-def _config(backbone, layer, pooled, scales, k, dim, weights, power):
+def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0):
     from .pipeline import Config
 
     cfg = Config(backbone=backbone, layers=_layers(layer), pooled=_layers(pooled), scales=_scales(scales),
-                 k=k, dim=dim or None, weights=weights, power=None if power == 1 else power)
+                 k=k, dim=dim or None, weights=weights, power=None if power == 1 else power, gem=gem)
     if cfg.layers == [] and cfg.pooled == []:
         raise UserError("--layer none and --pooled none leave nothing to encode")
     return cfg

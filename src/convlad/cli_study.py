@@ -32,8 +32,11 @@ def eval_(
     folds: int = typer.Option(0, "--folds", help="Choose among the --grid candidates by group-wise K-fold "
                               "cross-validation and report the out-of-fold mAP (0: off)."),
     grid: List[str] = typer.Option([], "--grid", help="With --folds: KEY=V1,V2,... candidates (repeatable; the "
-                                   "first value of each is the baseline). Keys: layer, pooled, power, rerank, "
+                                   "first value of each is the baseline). Keys: layer, pooled, power, gem, rerank, "
                                    "features, min_similarity, threshold, min_tentative, score, chance, level, per, cap."),
+    whiten: str = typer.Option("pca", "--whiten", help="pca: PCA-whitening learned on --train only. collection: "
+                               "also a whitening learned from pairs the verifier mines in the benchmark's own photos "
+                               "(transductive, no labels); both settings are reported. With --folds, a --grid key."),
     fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the deal of groups into folds."),
     folds_out: Optional[Path] = typer.Option(None, "--folds-out", help="With --folds: write every candidate's "
                                              "per-query APs, the folds and the choices to this JSON file."),
@@ -46,6 +49,8 @@ def eval_(
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
     if rerank < 0:
         raise UserError(f"--rerank must be 0 or more, got {rerank}")
+    if whiten not in ("pca", "collection"):
+        raise UserError(f"--whiten {whiten!r}: choose pca or collection")
     if grid and not folds:
         raise UserError("--grid needs --folds K: candidates are chosen by cross-validation")
     if folds < 0 or folds == 1:
@@ -56,18 +61,19 @@ def eval_(
     if folds:
         return _eval_folds(bench, train_paths, train_label, grid, folds, fold_seed, folds_out, rerank,
                            lambda o: _model(_config(backbone, o.get("layer", layer), o.get("pooled", pooled), scales,
-                                                    k, dim, weights, o.get("power", power)), batch_size, device,
+                                                    k, dim, weights, o.get("power", power), o.get("gem", 1.0)), batch_size, device,
                                             compile, precision))
     model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device, compile,
                    precision)
     t = time.time()
     model.fit(train_paths)
     _check_dim(model)
-    ev = evaluate_model(model, bench, train_paths, train_label, qe=qe, rerank=rerank, fit=False)
+    ev = evaluate_model(model, bench, train_paths, train_label, qe=qe, rerank=rerank, fit=False, whiten=whiten)
     for w in ev.warnings:
         _warn(f"warning: {w}")
     typer.echo(f"{ev.benchmark}")
     typer.echo(f"descriptor: {ev.descriptor}; vocabulary and PCA from {train_label} ({ev.n_train} images)")
+    typer.echo(f"whitening: {ev.whitening}")
     typer.echo(f"query expansion: {qe or 'off'}  time: {time.time() - t:.0f}s (encoding {ev.encode_img_per_s:.1f} images/s)")
     if ev.rerank:
         typer.echo(f"re-ranking: top {ev.rerank} by spatial verification ({ev.local_bytes_per_image} bytes of local "
@@ -80,6 +86,10 @@ def eval_(
         doc = ev.aps_document()
         write_durable(aps_out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
         typer.echo(f"per-query APs: {aps_out}")
+    if ev.pca_result is not None:
+        m = ev.pca_result.metrics
+        typer.echo("with PCA-whitening alone (no learned whitening): mAP " + f"{m['mAP']:.3f}"
+                   + (f", without re-ranking {m['mAP_without_rerank']:.3f}" if "mAP_without_rerank" in m else ""))
     _print_metrics(ev.result.metrics)  # last line: mAP, as scripts expect
 
 

@@ -159,6 +159,8 @@ class ModelEvaluation:
     encode_img_per_s: float
     rank_ms_per_query: float
     warnings: list[str] = field(default_factory=list)
+    whitening: str = "PCA"  # or how the learned whitening was learned (``whiten="collection"``)
+    pca_result: EvalResult | None = None  # with ``whiten="collection"``: the same, PCA-whitened only
 
     def aps_document(self) -> dict:
         """Every query's AP, as ``convlad eval --aps`` writes them for ``convlad compare``."""
@@ -168,20 +170,28 @@ class ModelEvaluation:
         label = self.descriptor + (f" qe={self.qe}" if self.qe else "") + (f" rerank={self.rerank}" if self.rerank else "")
         res = self.result
         doc = {"benchmark": self.benchmark, "descriptor": label, "mAP": res.mAP, "aps": listed(res.aps),
-               "encode_img_per_s": self.encode_img_per_s}
+               "encode_img_per_s": self.encode_img_per_s, "whitening": self.whitening}
         if res.aps_without_rerank is not None:
             doc.update(mAP_without_rerank=res.extra["mAP_without_rerank"], rerank_ms_per_query=self.rank_ms_per_query,
                        aps_without_rerank=listed(res.aps_without_rerank),
                        local_bytes_per_image=self.local_bytes_per_image, chance_level=self.chance)
+        if self.pca_result is not None:  # the same queries, PCA-whitened only, for `convlad compare`
+            doc["pca_only"] = {"mAP": self.pca_result.mAP, "aps": listed(self.pca_result.aps)}
+            if self.pca_result.aps_without_rerank is not None:
+                doc["pca_only"].update(mAP_without_rerank=self.pca_result.extra["mAP_without_rerank"],
+                                       aps_without_rerank=listed(self.pca_result.aps_without_rerank))
         return doc
 
 
 def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str], train_label: str = "training photos",
-                   qe: int = 0, rerank: int = RERANK, progress: bool = True, fit: bool = True) -> ModelEvaluation:
+                   qe: int = 0, rerank: int = RERANK, progress: bool = True, fit: bool = True,
+                   whiten: str = "pca") -> ModelEvaluation:
     """Fit ``model`` on ``train_paths`` (unless ``fit`` is False), encode the benchmark, and measure
     it with its protocol, re-ranking the top ``rerank`` (the search's default). Re-ranking is turned
     off, with a warning in the result, where the local features would need more than half of the
-    free memory."""
+    free memory. ``whiten="collection"`` learns a whitening from pairs mined in the benchmark's own
+    database photos (``whitening.learn_whitening``: transductive, no labels) and measures with it;
+    ``pca_result`` then holds the same measured without it."""
     t = time.time()
     if fit:
         model.fit(train_paths, progress=progress)
@@ -192,7 +202,9 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
                         "features in memory, more than half of what is free (--rerank 0: the global ranking, "
                         "without this warning)")
         rerank = 0
-    local = LOCAL_K if rerank else 0
+    if whiten not in ("pca", "collection"):
+        raise ValueError(f"whiten={whiten!r}: pca or collection")
+    local = LOCAL_K if rerank or whiten == "collection" else 0
     t_enc = time.time()
     enc = model.transform(bench.paths, progress=progress, local=local)
     t_enc = len(bench.paths) / max(1e-9, time.time() - t_enc)
@@ -203,10 +215,31 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
         enc_q = model.transform(crops, progress=progress, local=local)
         if enc_q.errors:
             raise ValueError(f"query images unreadable: {enc_q.errors[0]}")
+    Xq = enc_q.X if enc_q else None
+
+    def measure(X, Xq):
+        return evaluate_descriptors(bench, X, Xq, qe=qe, rerank=rerank, local=enc.local if rerank else None,
+                                    local_q=enc_q.local if enc_q and rerank else None, verifier=model.verifier())
+
+    whitening, pca_result, X = "PCA", None, enc.X
+    if whiten == "collection":
+        from . import progress as P
+        from .whitening import MIN_PAIRS, learn_whitening
+
+        with P.bar(len(X), "mining pairs (collection)", "img", enabled=progress) as bar:
+            lw, pairs = learn_whitening(X, enc.local, model.verifier(), progress=bar)
+        if lw is None:
+            warnings.append(f"learned whitening off: {len(pairs)} pairs mined in the benchmark's photos, fewer "
+                            f"than {MIN_PAIRS}")
+        else:
+            whitening = (f"learned from {lw.n_pairs_} pairs mined in the benchmark's own database photos "
+                         f"(transductive, no labels; shrinkage {lw.shrinkage_:.3f}), after PCA")
+            pca_result = measure(X, Xq)
+            X, Xq = lw.transform(X), lw.transform(Xq) if Xq is not None else None
     t_rank = time.time()
-    res = evaluate_descriptors(bench, enc.X, enc_q.X if enc_q else None, qe=qe, rerank=rerank, local=enc.local,
-                               local_q=enc_q.local if enc_q else None, verifier=model.verifier())
+    res = measure(X, Xq)
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,
-                           model.chance_, model.local_key, enc.local.bytes_per_image if enc.local is not None else None,
-                           time.time() - t, t_enc, t_rank, warnings)
+                           model.chance_, model.local_key,
+                           enc.local.bytes_per_image if enc.local is not None and rerank else None,
+                           time.time() - t, t_enc, t_rank, warnings, whitening, pca_result)

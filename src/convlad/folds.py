@@ -7,8 +7,9 @@ with the best mAP on the other K − 1 is chosen and scored on the held one. The
 all folds, together, are the out-of-fold APs: what the procedure "choose by mAP on this benchmark"
 is worth on queries it did not see, with a bootstrap interval over queries.
 
-Candidates are a grid (``parse_grid``): descriptor keys (``layer``, ``pooled``, ``power``) need a
-model fitted and the benchmark encoded each; the search's and the verifier's keys (``rerank``,
+Candidates are a grid (``parse_grid``): descriptor keys (``layer``, ``pooled``, ``power``, ``gem``)
+need a model fitted and the benchmark encoded each; ``whiten=collection`` learns a whitening from
+pairs mined in the encoded benchmark (``whitening.py``, no labels, no refit); the search's and the verifier's keys (``rerank``,
 ``features``, ``min_similarity``, ``threshold``, ``min_tentative``, ``score``, ``chance``,
 ``level``, ``per``, ``cap``) are re-scored on one encoding, and each verification geometry is
 computed once (``SearchGrid``), the order then by ``Verifier.order_by``, as ``search.rank`` ends.
@@ -27,11 +28,12 @@ from .metrics import bootstrap_difference
 from .search import MemoryIndex, Settings, rank
 from .verify import Evidence, LocalCodes, Verifier
 
-DESCRIPTOR_KEYS = ("layer", "pooled", "power")
+DESCRIPTOR_KEYS = ("layer", "pooled", "power", "gem")
+COLLECTION_KEYS = ("whiten",)  # learned from the encoded benchmark itself: no refit
 SEARCH_KEYS = ("rerank", "features", "min_similarity", "threshold", "min_tentative", "score", "chance", "level",
                "per", "cap")
 _INT = {"rerank", "features", "min_tentative", "chance"}
-_STR = {"layer", "pooled", "score"}
+_STR = {"layer", "pooled", "score", "whiten"}
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
@@ -40,9 +42,9 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
     for spec in specs:
         key, sep, values = spec.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in DESCRIPTOR_KEYS + SEARCH_KEYS:
-            raise ValueError(f"--grid {spec!r}: expected KEY=V1,V2,... with KEY one of "
-                             f"{', '.join(DESCRIPTOR_KEYS + SEARCH_KEYS)}")
+        keys = DESCRIPTOR_KEYS + COLLECTION_KEYS + SEARCH_KEYS
+        if not sep or key not in keys:
+            raise ValueError(f"--grid {spec!r}: expected KEY=V1,V2,... with KEY one of {', '.join(keys)}")
         out = []
         for v in values.split(","):
             v = v.strip()
@@ -53,6 +55,8 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
                 raise ValueError(f"--grid {spec!r}: {v!r} is not a number") from None
         if key == "score" and set(out) - {"inliers", "significance"}:
             raise ValueError(f"--grid {spec!r}: score is inliers or significance")
+        if key == "whiten" and set(out) - {"pca", "collection"}:
+            raise ValueError(f"--grid {spec!r}: whiten is pca or collection")
         if not out or key in grid:
             raise ValueError(f"--grid {spec!r}: give each key once, with at least one value")
         grid[key] = out
@@ -270,17 +274,30 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
         crops, enc_q = extra_query_items(bench), None
         if crops:
             enc_q = model.transform(crops, progress=progress, local=LOCAL_K)
-        g = SearchGrid(bench, enc.X, enc_q.X if enc_q else None, enc.local, enc_q.local if enc_q else None,
-                       model.verifier(), progress=progress)
-        g.prepare(reranked)
-        prefix = candidate_name(desc) + " | " if desc else ""
         names.append(f"{candidate_name(desc)}: {model.describe()}, chance level {model.chance_}")
-        aps_g[prefix + "rerank=0"] = g.aps({"rerank": 0})
-        for s in reranked:
-            aps_r[prefix + candidate_name(s)] = g.aps(s)
+        for wh in combinations(grid, COLLECTION_KEYS):
+            X, Xq = enc.X, enc_q.X if enc_q else None
+            if wh.get("whiten") == "collection":
+                from .whitening import MIN_PAIRS, learn_whitening
+
+                with P.bar(len(X), "mining pairs (collection)", "img", enabled=progress) as bar:
+                    lw, pairs = learn_whitening(X, enc.local, model.verifier(), progress=bar)
+                if lw is None:
+                    raise ValueError(f"whiten=collection: {len(pairs)} pairs mined in the benchmark, fewer than "
+                                     f"{MIN_PAIRS}")
+                names.append(f"{candidate_name({**desc, **wh})}: {lw.n_pairs_} pairs mined, shrinkage "
+                             f"{lw.shrinkage_:.3f}")
+                X, Xq = lw.transform(X), lw.transform(Xq) if Xq is not None else None
+            g = SearchGrid(bench, X, Xq, enc.local, enc_q.local if enc_q else None, model.verifier(),
+                           progress=progress)
+            g.prepare(reranked)
+            prefix = candidate_name({**desc, **wh}) + " | " if desc or wh else ""
+            aps_g[prefix + "rerank=0"] = g.aps({"rerank": 0})
+            for s in reranked:
+                aps_r[prefix + candidate_name(s)] = g.aps(s)
     return FoldReport(bench.describe(), k, seed, cross_validate(aps_r, folds), cross_validate(aps_g, folds), names,
                       time.time() - t)
 
 
-__all__ = ["CrossValidation", "DESCRIPTOR_KEYS", "FoldReport", "SEARCH_KEYS", "SearchGrid", "candidate_name",
+__all__ = ["COLLECTION_KEYS", "CrossValidation", "DESCRIPTOR_KEYS", "FoldReport", "SEARCH_KEYS", "SearchGrid", "candidate_name",
            "combinations", "cross_validate", "cross_validate_model", "group_folds", "parse_grid"]

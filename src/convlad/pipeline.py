@@ -27,6 +27,7 @@ class Config:
     backbone: str = DEFAULT_BACKBONE
     layers: list[str] | None = None  # VLAD-encoded layers; None: the backbone's default
     pooled: list[str] | None = None  # mean-pooled layers (global descriptors); None: the backbone's default
+    gem: float = 1.0  # the pooled layers' power: 1 is the mean (sum-pooling), 3 GeM (Radenović et al. 2018)
     scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
     resize: str = "warp"  # "warp": n×n as in the paper; "keep": aspect ratio kept, area n²
     k: int = 100
@@ -38,6 +39,10 @@ class Config:
     shrinkage: float = 0.0
     weights: str | None = None  # a weights file for the backbone (VGG16, GoogLeNet, custom)
     seed: int = 0
+
+
+# Config fields added after models were first saved, with the value those models imply
+_LATER_FIELDS = {"gem": 1.0}
 
 
 @dataclass
@@ -76,9 +81,13 @@ def _key(layer: str, scale: float) -> str:
     return f"{layer}@{scale:g}"
 
 
-def _mean_pool(f: torch.Tensor) -> torch.Tensor:
-    """(B, N, d) L2-normalised local descriptors → (B, d) L2-normalised mean."""
-    return Fn.l2n(f.float().mean(1))
+def _pool(f: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+    """(B, N, d) L2-normalised local descriptors → (B, d) L2-normalised mean, or generalised mean of
+    power ``p`` (GeM, which like cirtorch's clamps at 1e-6: it is meant for maps after a ReLU)."""
+    f = f.float()
+    if p == 1:
+        return Fn.l2n(f.mean(1))
+    return Fn.l2n(f.clamp(min=1e-6).pow(p).mean(1).pow(1.0 / p))
 
 
 class ConvVLAD:
@@ -195,7 +204,7 @@ class ConvVLAD:
                 local.append(select(batch.features[local_key][mine], batch.norms[local_key][mine],
                                     batch.grids[local_key], LOCAL_K))
             for key in self.pooled_keys:
-                pooled[key].append(_mean_pool(batch.features[key]).cpu())
+                pooled[key].append(_pool(batch.features[key], cfg.gem).cpu())
             for key in self.keys:
                 f = batch.features[key]
                 n = f.shape[1]
@@ -244,7 +253,7 @@ class ConvVLAD:
         """Concatenate the L2-normalised parts of a batch. ``features``: (B, N, d) local descriptors
         per (layer, scale); ``pooled``: the mean-pooled parts when already computed (training)."""
         parts = [self.vlads_[_key(*key)].encode(features[key]) for key in self.keys]
-        parts += [pooled[key] if pooled is not None else _mean_pool(features[key]) for key in self.pooled_keys]
+        parts += [pooled[key] if pooled is not None else _pool(features[key], self.config.gem) for key in self.pooled_keys]
         v = torch.cat(parts, dim=1)
         return Fn.l2n(v) if len(parts) > 1 else v
 
@@ -327,7 +336,11 @@ class ConvVLAD:
             st = self.pca_.get_state()
             pca = st["params"]
             arrays.update({f"pca/{k}": a for k, a in st["arrays"].items()})
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config),
+        config = asdict(self.config)
+        for key, default in _LATER_FIELDS.items():  # models saved before a field existed keep their fingerprint
+            if config[key] == default:
+                del config[key]
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config,
                 "vlad": encoders, "pooled_dims": self.pooled_dims_, "pca": pca, "n_train": self.n_train_,
                 "chance": self.chance_}
         return meta, arrays
@@ -367,6 +380,7 @@ class ConvVLAD:
     def describe(self) -> str:
         c = self.config
         pooled = f" pooled={','.join(c.pooled)}" if c.pooled else ""
+        pooled += f" gem={c.gem:g}" if c.pooled and c.gem != 1 else ""
         return (f"{c.backbone} layers={','.join(c.layers or [])}{pooled} "
                 f"scales={','.join(f'{s:g}' for s in c.scales)} k={c.k} dim={self.dim}")
 

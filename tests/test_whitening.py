@@ -1,0 +1,132 @@
+"""The learned whitening and the pairs it learns from: mined by the verifier, with no labels."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from convlad.whitening import LearnedWhitening, ledoit_wolf, mine_pairs
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def photos_and_views(train_images, tmp_path_factory):
+    """A small benchmark in the mvbench layout: 30 groups of a training photo and a synthetic view
+    of it (a crop, turn, perspective and light change: scripts/synviews.py's), and 30 unrelated
+    training photos as distractors: (folder, paths, the photo each view is of)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from synviews import view
+
+    out = tmp_path_factory.mktemp("views")
+    (out / "images").mkdir()
+    (out / "distractors").mkdir()
+    rng = np.random.default_rng(0)
+    photos = train_images[::9][:60]
+    groups, paths, of = {}, [], {}
+    for i, p in enumerate(photos[:30]):
+        img = cv2.imread(p)
+        names = [f"g{i:02d}_0.jpg", f"g{i:02d}_1.jpg"]
+        cv2.imwrite(str(out / "images" / names[0]), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(str(out / "images" / names[1]), view(img, rng), [cv2.IMWRITE_JPEG_QUALITY, 80])
+        groups[f"g{i:02d}"] = names
+        of[len(paths) + 1] = len(paths)
+        paths += [str(out / "images" / n) for n in names]
+    distractors = []
+    for i, p in enumerate(photos[30:]):
+        distractors.append(f"d{i:02d}.jpg")
+        cv2.imwrite(str(out / "distractors" / distractors[-1]), cv2.imread(p), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        paths.append(str(out / "distractors" / distractors[-1]))
+    (out / "groups.json").write_text(json.dumps(groups))
+    (out / "distractors.json").write_text(json.dumps(distractors))
+    return out, paths, of
+
+
+@pytest.fixture(scope="module")
+def encoded(photos_and_views, train_images):
+    from convlad.pipeline import ConvVLAD
+
+    _, paths, _ = photos_and_views
+    model = ConvVLAD(layers=["block6"], pooled=["block15"], scales=[1, 2], k=16, dim=None)
+    model.fit(train_images[1::40], progress=False)
+    enc = model.transform(paths, progress=False, local=300)
+    assert not enc.errors
+    return model, enc
+
+
+def test_the_mined_pairs_are_views_of_one_photo_and_find_most_of_them(photos_and_views, encoded):
+    _, _, of = photos_and_views
+    model, enc = encoded
+    pairs = mine_pairs(enc.X, enc.local, model.verifier())
+    assert pairs.shape[1] == 2 and (pairs[:, 0] < pairs[:, 1]).all()
+    assert len(np.unique(pairs, axis=0)) == len(pairs)
+    truth = {(i, v) for v, i in of.items()}
+    wrong = [tuple(p) for p in pairs.tolist() if tuple(p) not in truth]
+    assert not wrong, f"pairs of unrelated photos mined: {wrong}"
+    assert len(pairs) >= len(truth) // 2, f"only {len(pairs)} of the {len(truth)} views found"
+    # a laxer threshold finds at least as many: the threshold is what keeps chance pairs out
+    assert len(mine_pairs(enc.X, enc.local, model.verifier(), min_inliers=model.chance_)) >= len(pairs)
+
+
+def test_the_learned_whitening_whitens_the_differences_of_matching_pairs():
+    rng = np.random.default_rng(0)
+    d, n = 16, 400
+    base = rng.normal(size=(n, d))
+    # pairs differ mostly along the first axis: the whitening must shrink it the most
+    noise = rng.normal(size=(n, d)) * np.r_[10.0, np.ones(d - 1) * 0.5]
+    X = np.concatenate([base, base + noise]).astype(np.float32)
+    pairs = np.stack([np.arange(n), np.arange(n) + n], 1)
+    lw = LearnedWhitening(shrinkage=0.0)
+    assert lw.fit(X, pairs) is lw
+    D = (X[pairs[:, 0]] - X[pairs[:, 1]]).astype(np.float64)
+    W = D @ lw.projection_.T.astype(np.float64)
+    C = np.concatenate([W, -W]).T @ np.concatenate([W, -W]) / (2 * n)
+    assert np.allclose(C, np.eye(d), atol=1e-3)
+    before = X.copy()
+    Z = lw.transform(X)
+    assert np.array_equal(X, before) and np.array_equal(Z, lw.transform(X))  # pure
+    assert Z.dtype == np.float32 and np.allclose(np.linalg.norm(Z, axis=1), 1, atol=1e-5)
+    back = LearnedWhitening.from_state(lw.get_state())
+    assert np.array_equal(back.transform(X), Z)
+    with pytest.raises(ValueError, match="no matching pairs"):
+        LearnedWhitening().fit(X, np.zeros((0, 2), np.int64))
+
+
+def test_ledoit_wolf_shrinks_little_where_the_scatter_is_well_estimated():
+    rng = np.random.default_rng(0)
+    d = 32
+    iso = rng.normal(size=(4000, d))
+    aniso = rng.normal(size=(4000, d)) * np.geomspace(10, 0.1, d)
+    few = rng.normal(size=(40, d)) * np.geomspace(10, 0.1, d)
+    assert ledoit_wolf(iso) > 0.9  # already a multiple of the identity: shrink all the way
+    assert ledoit_wolf(aniso) < 0.01
+    assert ledoit_wolf(aniso) < ledoit_wolf(few) < 1  # fewer samples, more shrinkage
+
+
+def test_eval_says_the_whitening_is_learned_from_the_collection_and_reports_both(photos_and_views, train_images,
+                                                                                  tmp_path):
+    folder, _, _ = photos_and_views
+    train = tmp_path / "train"
+    train.mkdir()
+    for p in train_images[1::12]:
+        (train / Path(p).name).symlink_to(p)
+    p = subprocess.run([sys.executable, "-m", "convlad", "eval", "mvbench", str(folder), "--train", str(train),
+                        "--layer", "block6", "--k", "16", "--dim", "32", "--rerank", "0", "--whiten", "collection",
+                        "--aps", str(tmp_path / "aps.json")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "transductive" in p.stdout and "pairs mined in the benchmark's own database photos" in p.stdout, p.stdout
+    alone = re.search(r"^with PCA-whitening alone \(no learned whitening\): mAP (0\.\d{3})$", p.stdout, re.M)
+    assert alone, p.stdout
+    doc = json.loads((tmp_path / "aps.json").read_text())
+    assert doc["pca_only"]["mAP"] == pytest.approx(float(alone.group(1)), abs=5e-4)
+    assert "transductive" in doc["whitening"] and len(doc["aps"]) == len(doc["pca_only"]["aps"]) == 60
+    bad = subprocess.run([sys.executable, "-m", "convlad", "eval", str(folder), "--train", str(train),
+                          "--whiten", "labels"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--whiten" in bad.stderr
