@@ -51,6 +51,8 @@ def eval_(
         raise UserError(f"--rerank must be 0 or more, got {rerank}")
     if whiten not in ("pca", "collection"):
         raise UserError(f"--whiten {whiten!r}: choose pca or collection")
+    if folds and whiten != "pca":
+        raise UserError("--whiten with --folds: give it as a candidate, --grid whiten=pca,collection")
     if grid and not folds:
         raise UserError("--grid needs --folds K: candidates are chosen by cross-validation")
     if folds < 0 or folds == 1:

@@ -281,7 +281,7 @@ class Verifier:
         # above, and int8 features of a uniform region tie exactly, so a plain border row of one
         # photo matched one cell of an unrelated one 18 times (an affine map squashed flat, 21
         # "inliers": binoculars and a chest). Each candidate feature keeps the first of its ties.
-        # (By index, S.argmax(1), is the same rule but reads S across its rows: 1.5× the time.)
+        # (Testing by index, S.argmax(1), reads S across its rows: about 1.5× the verification.)
         pair, q = np.nonzero(ok)
         key = pair * S.shape[2] + fwd[pair, q]
         first = np.zeros(len(key), bool)

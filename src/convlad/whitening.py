@@ -90,7 +90,11 @@ class LearnedWhitening:
         S = D.T @ D / len(D)
         S = (1 - s) * S + s * np.trace(S) / len(S) * np.eye(len(S))
         self.mean_ = X.mean(0).astype(np.float32)
-        self.projection_ = np.linalg.inv(np.linalg.cholesky(S)).astype(np.float32)
+        try:
+            self.projection_ = np.linalg.inv(np.linalg.cholesky(S)).astype(np.float32)
+        except np.linalg.LinAlgError:
+            raise ValueError(f"learned whitening: the scatter of {len(pairs)} pairs' differences is singular in "
+                             f"{S.shape[0]}-D at shrinkage {s:g}: mine more pairs, or shrink more") from None
         self.shrinkage_, self.n_pairs_ = s, len(pairs)
         return self
 
