@@ -155,14 +155,15 @@ def test_killed_index_run_resumes_from_checkpoint(workdir, dev_images):
 
 
 def test_ctrl_c_during_a_first_index_commits_what_was_encoded(workdir, dev_images, train_images):
-    """SIGINT once a first index of ~1 000 photos has encoded a batch, with the default checkpointing
+    """SIGINT once a first index of ~1 000 photos has encoded a few batches, with the default checkpointing
     (every 500 photos or 30 s): what was encoded is committed before the exit, and a rerun adds the rest."""
     photos = workdir / "interrupted"
     paths = [Path(p) for p in dev_images] + [Path(p) for p in train_images]  # ~1 000: 20 s or more here
     link_images(photos, paths)
     out = workdir / "interrupted.index"
     # a status line a second, so the test can tell when photos are being encoded: a fixed 10 s
-    # landed in the start-up of a loaded machine, before indexing began
+    # landed in the start-up of a loaded machine, before indexing began. The line counts a batch
+    # when its features are out, before it is encoded and handed over, so wait for three batches
     env = {**os.environ, "CONVLAD_STATUS_EVERY": "1"}
     proc = subprocess.Popen([*CLI, "index", workdir / "model.npz", photos, "--out", out],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -171,7 +172,7 @@ def test_ctrl_c_during_a_first_index_commits_what_was_encoded(workdir, dev_image
         line = proc.stderr.readline()
         seen.append(line)
         m = re.search(r"indexing: running (\d+)/(\d+)", line)
-        if not line or (m and int(m.group(1)) >= 16):
+        if not line or (m and int(m.group(1)) >= 48):
             break
     assert m and int(m.group(1)) < int(m.group(2)) and proc.poll() is None, \
         f"indexing ended before it could be interrupted: too few photos for this test: {''.join(seen)}"
