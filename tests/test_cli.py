@@ -165,8 +165,11 @@ def test_ctrl_c_during_a_first_index_commits_what_was_encoded(workdir, dev_image
     # landed in the start-up of a loaded machine, before indexing began. The line counts a batch
     # when its features are out, before it is encoded and handed over, so wait for three batches
     env = {**os.environ, "CONVLAD_STATUS_EVERY": "1"}
+    # with Ctrl-C's default: a suite started in the background (`make test &`) ignores SIGINT, which
+    # its children inherit, and a Python started so never turns SIGINT into KeyboardInterrupt
     proc = subprocess.Popen([*CLI, "index", workdir / "model.npz", photos, "--out", out],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = [], time.time() + 300
     while time.time() < deadline:
         line = proc.stderr.readline()
