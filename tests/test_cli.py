@@ -184,7 +184,7 @@ def test_ctrl_c_during_a_first_index_commits_what_was_encoded(workdir, dev_image
     err = "".join(seen) + err
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     saved = len(IndexStore.open(out))
-    assert 0 < saved < len(paths), saved  # the work of those 10 s kept
+    assert 0 < saved < len(paths), saved  # the work done before the interruption kept
     p = run("index", workdir / "model.npz", photos, "--out", out)
     assert f"{len(paths)} images ({len(paths) - saved} added, {saved} unchanged" in p.stdout
 
