@@ -513,7 +513,7 @@ def measure_rerank(quick: bool) -> dict:
     from convlad.whitening import learn_whitening
 
     t = time.perf_counter()
-    lw, pairs = learn_whitening(X, L, model.verifier())
+    lw, pairs = learn_whitening(X, L, model.verifier(), progress=False)
     t_whiten = time.perf_counter() - t
     queries = range(0, bench.n_queries, 4 if quick else 1)
     t = time.perf_counter()

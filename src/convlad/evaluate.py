@@ -223,11 +223,9 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
 
     whitening, pca_result, X = "PCA", None, enc.X
     if whiten == "collection":
-        from . import progress as P
         from .whitening import MIN_PAIRS, learn_whitening
 
-        with P.bar(len(X), "mining pairs (collection)", "img", enabled=progress) as bar:
-            lw, pairs = learn_whitening(X, enc.local, model.verifier(), progress=bar)
+        lw, pairs = learn_whitening(X, enc.local, model.verifier(), progress=progress)
         if lw is None:
             warnings.append(f"learned whitening off: {len(pairs)} pairs mined in the benchmark's photos, fewer "
                             f"than {MIN_PAIRS}")

@@ -280,8 +280,7 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
             if wh.get("whiten") == "collection":
                 from .whitening import MIN_PAIRS, learn_whitening
 
-                with P.bar(len(X), "mining pairs (collection)", "img", enabled=progress) as bar:
-                    lw, pairs = learn_whitening(X, enc.local, model.verifier(), progress=bar)
+                lw, pairs = learn_whitening(X, enc.local, model.verifier(), progress=progress)
                 if lw is None:
                     raise ValueError(f"whiten=collection: {len(pairs)} pairs mined in the benchmark, fewer than "
                                      f"{MIN_PAIRS}")

@@ -115,10 +115,13 @@ class LearnedWhitening:
         return self
 
 
-def learn_whitening(X: np.ndarray, local: LocalCodes, verifier: Verifier, progress=None):
-    """Mine pairs among ``X``'s photos and learn a whitening from them: (``LearnedWhitening`` or None
-    when fewer than ``MIN_PAIRS`` were found, the pairs)."""
-    pairs = mine_pairs(X, local, verifier, progress=progress)
+def learn_whitening(X: np.ndarray, local: LocalCodes, verifier: Verifier, progress: bool = True):
+    """Mine pairs among ``X``'s photos (with a progress bar) and learn a whitening from them:
+    (``LearnedWhitening`` or None when fewer than ``MIN_PAIRS`` were found, the pairs)."""
+    from . import progress as P
+
+    with P.bar(len(X), "mining pairs (collection)", "img", enabled=progress) as bar:
+        pairs = mine_pairs(X, local, verifier, progress=bar)
     if len(pairs) < MIN_PAIRS:
         return None, pairs
     return LearnedWhitening().fit(X, pairs), pairs
