@@ -3,6 +3,8 @@ it skip with a clear reason only when that folder is absent."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,18 @@ import pytest
 # The suite's figures and references are fp32's: `--precision auto` would run bf16 on a CPU with
 # AMX. Tests of auto itself (test_extract) clear this and force the CPU detection both ways.
 os.environ.setdefault("CONVLAD_PRECISION", "fp32")
+
+# `convlad eval` keeps fitted models and encodings (evalcache.py). The suite gets its own, shared by
+# its runs (the folds test reuses the default eval's fit and encoding) and gone after it: a cache
+# left by an earlier run, or in ~/.cache, would let a test pass without doing the work.
+_EVAL_CACHE = None
+if "CONVLAD_EVAL_CACHE" not in os.environ:
+    _EVAL_CACHE = os.environ["CONVLAD_EVAL_CACHE"] = tempfile.mkdtemp(prefix="convlad-eval-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _EVAL_CACHE:
+        shutil.rmtree(_EVAL_CACHE, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CONVLAD_SHARED", REPO.parent / "shared")).resolve()

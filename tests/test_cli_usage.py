@@ -2,6 +2,8 @@
 
 The commands are read from the CLI itself, so a command added later is tested without editing this.
 """
+import contextlib
+import io
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import typer
 
-from convlad.cli import app
+from convlad.cli import app, main
 
 CLI = [sys.executable, "-m", "convlad.cli"]
 
@@ -48,10 +50,34 @@ def _run(argv):
     return subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=120)
 
 
+def _run_here(argv):
+    """``convlad.cli.main`` in this process, as the console script calls it: a usage error is
+    decided before any work, so this is what a user sees, without a second of import per case."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def results():
+    return {tuple(argv): _run_here(argv) for argv, _ in CASES}
+
+
+def test_in_process_runs_say_what_the_command_says():
+    """The first case of each kind also as a user's own process: the same status, the same line."""
+    first = {}
+    for argv, what in CASES:
+        first.setdefault(what, argv)
     with ThreadPoolExecutor(2) as pool:
-        return dict(zip(map(tuple, (c[0] for c in CASES)), pool.map(_run, (c[0] for c in CASES))))
+        real = list(pool.map(_run, first.values()))
+    for argv, p in zip(first.values(), real):
+        here = _run_here(argv)
+        assert (p.returncode, p.stderr.strip()) == (here.returncode, here.stderr.strip()), argv
 
 
 def test_every_command_is_covered():

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from convlad.whitening import LearnedWhitening, ledoit_wolf, mine_pairs
+from convlad.whitening import LearnedWhitening, augment, from_collection, ledoit_wolf, mine_pairs
 
 from .conftest import REPO
 
@@ -109,7 +109,7 @@ def test_ledoit_wolf_shrinks_little_where_the_scatter_is_well_estimated():
     assert ledoit_wolf(aniso) < ledoit_wolf(few) < 1  # fewer samples, more shrinkage
 
 
-def test_eval_says_the_whitening_is_learned_from_the_collection_and_reports_both(photos_and_views, train_images,
+def test_eval_says_what_it_learned_from_the_collection_and_reports_both(photos_and_views, train_images,
                                                                                   tmp_path):
     folder, _, _ = photos_and_views
     train = tmp_path / "train"
@@ -118,15 +118,47 @@ def test_eval_says_the_whitening_is_learned_from_the_collection_and_reports_both
         (train / Path(p).name).symlink_to(p)
     p = subprocess.run([sys.executable, "-m", "convlad", "eval", "mvbench", str(folder), "--train", str(train),
                         "--layer", "block6", "--k", "16", "--dim", "32", "--rerank", "0", "--whiten", "collection",
-                        "--aps", str(tmp_path / "aps.json")], capture_output=True, text=True, timeout=600)
+                        "--augment", "verified", "--aps", str(tmp_path / "aps.json")],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "transductive" in p.stdout and "pairs mined in the benchmark's own database photos" in p.stdout, p.stdout
-    alone = re.search(r"^with PCA-whitening alone \(no learned whitening\): mAP (0\.\d{3})$", p.stdout, re.M)
+    said = re.search(r"^whitening: PCA, then from the collection \(transductive, no labels\): whitening learned from "
+                     r"(\d+) pairs mined in the database photos .*; database descriptors augmented with their partners "
+                     r"in (\d+) verified pairs \(queries search with their own\)$", p.stdout, re.M)
+    assert said and said.group(1) == said.group(2), p.stdout
+    alone = re.search(r"^without the collection's steps \(PCA-whitening alone\): mAP (0\.\d{3})$", p.stdout, re.M)
     assert alone, p.stdout
     doc = json.loads((tmp_path / "aps.json").read_text())
     assert doc["pca_only"]["mAP"] == pytest.approx(float(alone.group(1)), abs=5e-4)
     assert "transductive" in doc["whitening"] and len(doc["aps"]) == len(doc["pca_only"]["aps"]) == 60
+    # the two views of a photo find each other at least as well with the collection's steps
+    assert doc["mAP"] >= doc["pca_only"]["mAP"] - 0.01, (doc["mAP"], doc["pca_only"]["mAP"])
     bad = subprocess.run([sys.executable, "-m", "convlad", "eval", str(folder), "--train", str(train),
                           "--whiten", "labels"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--whiten" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "convlad", "eval", str(folder), "--train", str(train),
+                          "--augment", "labels"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--augment" in bad.stderr
+
+
+def test_augmentation_adds_only_verified_partners_and_queries_keep_their_own(photos_and_views, encoded):
+    _, _, of = photos_and_views
+    model, enc = encoded
+    X = enc.X
+    pairs = mine_pairs(X, enc.local, model.verifier())
+    Y = augment(X, pairs)
+    assert Y.dtype == np.float32 and np.allclose(np.linalg.norm(Y, axis=1), 1, atol=1e-5)
+    paired = np.zeros(len(X), bool)
+    paired[pairs.ravel()] = True
+    assert np.allclose(Y[~paired], X[~paired], atol=1e-6)  # a photo nothing verified with keeps its descriptor
+    a, b = pairs[0]
+    assert np.allclose(Y[a], (X[a] + X[b]) / np.linalg.norm(X[a] + X[b]), atol=1e-5) or (pairs == a).sum() > 1
+    # each view comes nearer the photo it is of (database side), and the queries search unaugmented
+    for v, i in of.items():
+        if paired[v]:
+            assert X[v] @ Y[i] >= X[v] @ X[i] - 1e-6
+    col = from_collection(X, None, enc.local, model.verifier(), augmented="verified")
+    assert np.array_equal(col.X_self, X) and np.allclose(col.X, Y) and col.pairs == len(pairs)
+    assert from_collection(X, None, enc.local, model.verifier()).changed is False
+    with pytest.raises(ValueError):
+        from_collection(X, None, enc.local, model.verifier(), augmented="labels")

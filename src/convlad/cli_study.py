@@ -32,17 +32,26 @@ def eval_(
     folds: int = typer.Option(0, "--folds", help="Choose among the --grid candidates by group-wise K-fold "
                               "cross-validation and report the out-of-fold mAP (0: off)."),
     grid: List[str] = typer.Option([], "--grid", help="With --folds: KEY=V1,V2,... candidates (repeatable; the "
-                                   "first value of each is the baseline). Keys: layer, pooled, power, gem, rerank, "
+                                   "first value of each is the baseline). Keys: layer, pooled, power, gem, whiten, augment, rerank, "
                                    "features, min_similarity, threshold, min_tentative, score, chance, level, per, cap."),
     whiten: str = typer.Option("pca", "--whiten", help="pca: PCA-whitening learned on --train only. collection: "
                                "also a whitening learned from pairs the verifier mines in the benchmark's own photos "
                                "(transductive, no labels); both settings are reported. With --folds, a --grid key."),
+    augment: str = typer.Option("none", "--augment", help="verified: also augment each database descriptor with those "
+                                "of the photos it verifies with among its 20 nearest (transductive, no labels; "
+                                "queries search with their own); both settings are reported. With --folds, a "
+                                "--grid key."),
     fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the deal of groups into folds."),
     folds_out: Optional[Path] = typer.Option(None, "--folds-out", help="With --folds: write every candidate's "
                                              "per-query APs, the folds and the choices to this JSON file."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Keep fitted models and encoded benchmarks here, "
+                                         "so a rerun with other search settings skips both (default: "
+                                         "$CONVLAD_EVAL_CACHE or ~/.cache/convlad/eval)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Fit and encode afresh, and keep nothing."),
 ):
     """Measure a descriptor on a benchmark with its official protocol (mAP, and E/M/H, mP@k, N-S where defined)."""
     from .datasets import training_paths
+    from .evalcache import EvalCache
     from .evaluate import evaluate_model
 
     if len(args) > 2:
@@ -51,32 +60,45 @@ def eval_(
         raise UserError(f"--rerank must be 0 or more, got {rerank}")
     if whiten not in ("pca", "collection"):
         raise UserError(f"--whiten {whiten!r}: choose pca or collection")
-    if folds and whiten != "pca":
-        raise UserError("--whiten with --folds: give it as a candidate, --grid whiten=pca,collection")
+    if augment not in ("none", "verified"):
+        raise UserError(f"--augment {augment!r}: choose none or verified")
+    if folds and (whiten != "pca" or augment != "none"):
+        raise UserError("--whiten or --augment with --folds: give them as candidates, --grid whiten=pca,collection "
+                        "--grid augment=none,verified")
     if grid and not folds:
         raise UserError("--grid needs --folds K: candidates are chosen by cross-validation")
     if folds < 0 or folds == 1:
         raise UserError(f"--folds must be 0 (off) or 2 or more, got {folds}")
+    if cache is not None and no_cache:
+        raise UserError("--cache and --no-cache: give one")
     kind = {"mvbench": "groups"}.get(args[0], args[0]) if len(args) == 2 else None
     bench = _load_bench(Path(args[-1]), kind, full_query)
     train_paths, train_label = training_paths(train_dir)
+    store = None if no_cache else EvalCache(cache)
     if folds:
-        return _eval_folds(bench, train_paths, train_label, grid, folds, fold_seed, folds_out, rerank,
+        return _eval_folds(bench, train_paths, train_label, grid, folds, fold_seed, folds_out, rerank, store,
                            lambda o: _model(_config(backbone, o.get("layer", layer), o.get("pooled", pooled), scales,
                                                     k, dim, weights, o.get("power", power), o.get("gem", 1.0)), batch_size, device,
                                             compile, precision))
     model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device, compile,
                    precision)
     t = time.time()
-    model.fit(train_paths)
+    fit_cached = False
+    if store is None:
+        model.fit(train_paths)
+    else:
+        fit_cached = store.fit(model, train_paths)
     _check_dim(model)
-    ev = evaluate_model(model, bench, train_paths, train_label, qe=qe, rerank=rerank, fit=False, whiten=whiten)
+    ev = evaluate_model(model, bench, train_paths, train_label, qe=qe, rerank=rerank, fit=False, whiten=whiten, augment=augment,
+                        cache=store)
     for w in ev.warnings:
         _warn(f"warning: {w}")
     typer.echo(f"{ev.benchmark}")
     typer.echo(f"descriptor: {ev.descriptor}; vocabulary and PCA from {train_label} ({ev.n_train} images)")
     typer.echo(f"whitening: {ev.whitening}")
-    typer.echo(f"query expansion: {qe or 'off'}  time: {time.time() - t:.0f}s (encoding {ev.encode_img_per_s:.1f} images/s)")
+    kept = [what for what, hit in (("fit", fit_cached), ("encoding", ev.cached[1])) if hit]
+    typer.echo(f"query expansion: {qe or 'off'}  time: {time.time() - t:.0f}s (encoding {ev.encode_img_per_s:.1f} "
+               f"images/s{'; ' + ' and '.join(kept) + ' from ' + str(store.root) if kept else ''})")
     if ev.rerank:
         typer.echo(f"re-ranking: top {ev.rerank} by spatial verification ({ev.local_bytes_per_image} bytes of local "
                    f"features per image, layer {'@'.join(f'{v:g}' if isinstance(v, float) else v for v in ev.local_key)}, "
@@ -90,12 +112,12 @@ def eval_(
         typer.echo(f"per-query APs: {aps_out}")
     if ev.pca_result is not None:
         m = ev.pca_result.metrics
-        typer.echo("with PCA-whitening alone (no learned whitening): mAP " + f"{m['mAP']:.3f}"
+        typer.echo("without the collection's steps (PCA-whitening alone): mAP " + f"{m['mAP']:.3f}"
                    + (f", without re-ranking {m['mAP_without_rerank']:.3f}" if "mAP_without_rerank" in m else ""))
     _print_metrics(ev.result.metrics)  # last line: mAP, as scripts expect
 
 
-def _eval_folds(bench, train_paths, train_label, grid_specs, k, seed, out, rerank, make_model):
+def _eval_folds(bench, train_paths, train_label, grid_specs, k, seed, out, rerank, cache, make_model):
     from .folds import cross_validate_model, parse_grid
     from .storage import write_durable
 
@@ -107,7 +129,7 @@ def _eval_folds(bench, train_paths, train_label, grid_specs, k, seed, out, reran
         raise UserError(str(e)) from None
     grid.setdefault("rerank", [rerank])
     try:
-        rep = cross_validate_model(make_model, bench, train_paths, grid, k, seed)
+        rep = cross_validate_model(make_model, bench, train_paths, grid, k, seed, cache=cache)
     except ValueError as e:
         raise UserError(str(e)) from None
     typer.echo(f"{rep.benchmark}; vocabulary and PCA from {train_label}")

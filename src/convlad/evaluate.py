@@ -89,7 +89,8 @@ def extra_query_items(bench: RetrievalBenchmark) -> list:
 
 def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarray | None = None,
                          qe: int = 0, alpha: float = 3.0, rerank: int = 0, local: LocalCodes | None = None,
-                         local_q: LocalCodes | None = None, verifier: Verifier | None = None) -> EvalResult:
+                         local_q: LocalCodes | None = None, verifier: Verifier | None = None,
+                         X_self: np.ndarray | None = None) -> EvalResult:
     """Metrics of descriptors ``X`` (one row per database image, aligned with ``bench.paths``),
     ranked by ``search.rank``, the search every door of convlad uses.
 
@@ -99,10 +100,12 @@ def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarr
     without one, Lite0's chance level) with the database's ``local`` codes and, for queries that
     are not database images, ``local_q``. A query's junk (for a database image, itself) is left out
     of its ranking before expansion and verification, then put first: junk consumes no rank.
+    ``X_self``: what the queries that are database images search with, where not their rows of
+    ``X`` (their own descriptors, where ``X`` is augmented).
     """
     if rerank > 0 and local is None:
         raise ValueError("re-ranking needs the database's local codes (model.transform(..., local=k))")
-    Q = query_descriptors(bench, X, X_q)
+    Q = query_descriptors(bench, X if X_self is None else X_self, X_q)
     index = MemoryIndex(X, local if rerank else None, verifier)
     feats = None
     if rerank:
@@ -159,8 +162,9 @@ class ModelEvaluation:
     encode_img_per_s: float
     rank_ms_per_query: float
     warnings: list[str] = field(default_factory=list)
-    whitening: str = "PCA"  # or how the learned whitening was learned (``whiten="collection"``)
-    pca_result: EvalResult | None = None  # with ``whiten="collection"``: the same, PCA-whitened only
+    whitening: str = "PCA"  # and what was learned from the collection (``whiten``, ``augment``)
+    pca_result: EvalResult | None = None  # after a step learned from the collection: the same without it
+    cached: tuple[bool, bool] = (False, False)  # (the fit, the encoding) came from the eval cache
 
     def aps_document(self) -> dict:
         """Every query's AP, as ``convlad eval --aps`` writes them for ``convlad compare``."""
@@ -183,17 +187,45 @@ class ModelEvaluation:
         return doc
 
 
+def encode_benchmark(model, bench: RetrievalBenchmark, local: int, progress: bool = True, cache=None):
+    """``(enc, enc_q, img_per_s, cached)``: the database images encoded (``pipeline.Encoded``), the
+    queries that are not database images (None where there are none), the encoding's speed, and
+    whether the ``evalcache.EvalCache`` ``cache`` held it all (the speed is then the one measured
+    when it was encoded). An unreadable benchmark photo is a ValueError."""
+    def encode(items, what):
+        if cache is not None:
+            enc, seconds, hit = cache.transform(model, items, local, progress)
+        else:
+            t = time.time()
+            enc = model.transform(items, progress=progress, local=local)
+            seconds, hit = time.time() - t, False
+        if enc.errors:
+            raise ValueError(f"{what} unreadable: {enc.errors[0]}")
+        return enc, seconds, hit
+
+    enc, seconds, hit = encode(bench.paths, "benchmark images")
+    crops, enc_q = extra_query_items(bench), None
+    if crops:
+        enc_q, s_q, hit_q = encode(crops, "query images")
+        seconds, hit = seconds + s_q, hit and hit_q
+    return enc, enc_q, (len(bench.paths) + len(crops)) / max(1e-9, seconds), hit
+
+
 def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str], train_label: str = "training photos",
                    qe: int = 0, rerank: int = RERANK, progress: bool = True, fit: bool = True,
-                   whiten: str = "pca") -> ModelEvaluation:
+                   whiten: str = "pca", cache=None, augment: str = "none") -> ModelEvaluation:
     """Fit ``model`` on ``train_paths`` (unless ``fit`` is False), encode the benchmark, and measure
     it with its protocol, re-ranking the top ``rerank`` (the search's default). Re-ranking is turned
     off, with a warning in the result, where the local features would need more than half of the
     free memory. ``whiten="collection"`` learns a whitening from pairs mined in the benchmark's own
-    database photos (``whitening.learn_whitening``: transductive, no labels) and measures with it;
-    ``pca_result`` then holds the same measured without it."""
-    t = time.time()
-    if fit:
+    database photos (``whitening.learn_whitening``: transductive, no labels), ``augment="verified"``
+    augments the database's descriptors over those pairs (``whitening.augment``), and it measures
+    with them; ``pca_result`` then holds the same measured without. ``cache`` (an ``evalcache.EvalCache``)
+    keeps the fitted model and the encoding for the next run of the same."""
+    t, fit_cached = time.time(), False
+    if fit and cache is not None:
+        fit_cached = cache.fit(model, train_paths, progress)
+    elif fit:
         model.fit(train_paths, progress=progress)
     warnings = []
     need = len(bench.paths) * LocalCodes.size(LOCAL_K, model.local_dim)
@@ -202,42 +234,34 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
                         "features in memory, more than half of what is free (--rerank 0: the global ranking, "
                         "without this warning)")
         rerank = 0
-    if whiten not in ("pca", "collection"):
-        raise ValueError(f"whiten={whiten!r}: pca or collection")
-    local = LOCAL_K if rerank or whiten == "collection" else 0
-    t_enc = time.time()
-    enc = model.transform(bench.paths, progress=progress, local=local)
-    t_enc = len(bench.paths) / max(1e-9, time.time() - t_enc)
-    if enc.errors:
-        raise ValueError(f"benchmark images unreadable: {enc.errors[0]}")
-    crops, enc_q = extra_query_items(bench), None
-    if crops:
-        enc_q = model.transform(crops, progress=progress, local=local)
-        if enc_q.errors:
-            raise ValueError(f"query images unreadable: {enc_q.errors[0]}")
+    if whiten not in ("pca", "collection") or augment not in ("none", "verified"):
+        raise ValueError(f"whiten={whiten!r}, augment={augment!r}: pca or collection, none or verified")
+    local = LOCAL_K if rerank or whiten != "pca" or augment != "none" else 0
+    enc, enc_q, t_enc, enc_cached = encode_benchmark(model, bench, local, progress, cache)
     Xq = enc_q.X if enc_q else None
 
-    def measure(X, Xq):
+    def measure(X, Xq, X_self=None):
         return evaluate_descriptors(bench, X, Xq, qe=qe, rerank=rerank, local=enc.local if rerank else None,
-                                    local_q=enc_q.local if enc_q and rerank else None, verifier=model.verifier())
+                                    local_q=enc_q.local if enc_q and rerank else None, verifier=model.verifier(),
+                                    X_self=X_self)
 
-    whitening, pca_result, X = "PCA", None, enc.X
-    if whiten == "collection":
-        from .whitening import MIN_PAIRS, learn_whitening
+    whitening, pca_result, X, X_self = "PCA", None, enc.X, None
+    if whiten != "pca" or augment != "none":
+        from .whitening import from_collection
 
-        lw, pairs = learn_whitening(X, enc.local, model.verifier(), progress=progress)
-        if lw is None:
-            warnings.append(f"learned whitening off: {len(pairs)} pairs mined in the benchmark's photos, fewer "
-                            f"than {MIN_PAIRS}")
+        try:
+            col = from_collection(X, Xq, enc.local, model.verifier(), whiten, augment, progress)
+        except ValueError as e:
+            warnings.append(f"collection steps off: {e}")
         else:
-            whitening = (f"learned from {lw.n_pairs_} pairs mined in the benchmark's own database photos "
-                         f"(transductive, no labels; shrinkage {lw.shrinkage_:.3f}), after PCA")
+            whitening = "PCA, then from the collection (transductive, no labels): " + "; ".join(col.notes)
             pca_result = measure(X, Xq)
-            X, Xq = lw.transform(X), lw.transform(Xq) if Xq is not None else None
+            X, X_self, Xq = col.X, col.X_self, col.X_extra
     t_rank = time.time()
-    res = measure(X, Xq)
+    res = measure(X, Xq, X_self)
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,
                            model.chance_, model.local_key,
                            enc.local.bytes_per_image if enc.local is not None and rerank else None,
-                           time.time() - t, t_enc, t_rank, warnings, whitening, pca_result)
+                           time.time() - t, t_enc, t_rank, warnings, whitening, pca_result,
+                           (fit_cached, enc_cached))

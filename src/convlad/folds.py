@@ -9,7 +9,8 @@ is worth on queries it did not see, with a bootstrap interval over queries.
 
 Candidates are a grid (``parse_grid``): descriptor keys (``layer``, ``pooled``, ``power``, ``gem``)
 need a model fitted and the benchmark encoded each; ``whiten=collection`` learns a whitening from
-pairs mined in the encoded benchmark (``whitening.py``, no labels, no refit); the search's and the verifier's keys (``rerank``,
+pairs mined in the encoded benchmark and ``augment=verified`` augments its database descriptors over
+them (``whitening.py``, no labels, no refit); the search's and the verifier's keys (``rerank``,
 ``features``, ``min_similarity``, ``threshold``, ``min_tentative``, ``score``, ``chance``,
 ``level``, ``per``, ``cap``) are re-scored on one encoding, and each verification geometry is
 computed once (``SearchGrid``), the order then by ``Verifier.order_by``, as ``search.rank`` ends.
@@ -29,11 +30,11 @@ from .search import MemoryIndex, Settings, rank
 from .verify import Evidence, LocalCodes, Verifier
 
 DESCRIPTOR_KEYS = ("layer", "pooled", "power", "gem")
-COLLECTION_KEYS = ("whiten",)  # learned from the encoded benchmark itself: no refit
+COLLECTION_KEYS = ("whiten", "augment")  # learned from the encoded benchmark itself: no refit
 SEARCH_KEYS = ("rerank", "features", "min_similarity", "threshold", "min_tentative", "score", "chance", "level",
                "per", "cap")
 _INT = {"rerank", "features", "min_tentative", "chance"}
-_STR = {"layer", "pooled", "score", "whiten"}
+_STR = {"layer", "pooled", "score", "whiten", "augment"}
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
@@ -57,6 +58,8 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
             raise ValueError(f"--grid {spec!r}: score is inliers or significance")
         if key == "whiten" and set(out) - {"pca", "collection"}:
             raise ValueError(f"--grid {spec!r}: whiten is pca or collection")
+        if key == "augment" and set(out) - {"none", "verified"}:
+            raise ValueError(f"--grid {spec!r}: augment is none or verified")
         if not out or key in grid:
             raise ValueError(f"--grid {spec!r}: give each key once, with at least one value")
         grid[key] = out
@@ -137,12 +140,12 @@ class SearchGrid:
     counts), then each scoring re-ordered by ``Verifier.order_by``."""
 
     def __init__(self, bench, X, X_q=None, local: LocalCodes | None = None, local_q: LocalCodes | None = None,
-                 verifier: Verifier | None = None, progress: bool = False):
+                 verifier: Verifier | None = None, progress: bool = False, X_self=None):
         self.bench, self.verifier, self.progress = bench, verifier or Verifier(), progress
         self.local, self.local_q = local, local_q
         self.junk = [sorted(j) for j in bench.junk]
         index = MemoryIndex(X, None)
-        Q = query_descriptors(bench, X, X_q)
+        Q = query_descriptors(bench, X if X_self is None else X_self, X_q)  # as evaluate_descriptors
         hits = rank(index, Q, None, Settings(k=len(X), rerank=0), exclude=self.junk)
         self.ids = [np.array([h.id for h in row], np.int64) for row in hits]
         self.dist = [np.array([h.distance for h in row], np.float64) for row in hits]
@@ -250,13 +253,14 @@ class FoldReport:
 
 
 def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], k: int = 5, seed: int = 0,
-                         progress: bool = True) -> FoldReport:
+                         progress: bool = True, cache=None) -> FoldReport:
     """Every candidate of ``grid`` on ``bench``, then group-wise K-fold choice among them, for the
     re-ranked ranking and for the global one (rerank = 0). ``make_model(overrides)`` returns an
-    unfitted ``ConvVLAD`` for a dict of descriptor keys (``DESCRIPTOR_KEYS``)."""
+    unfitted ``ConvVLAD`` for a dict of descriptor keys (``DESCRIPTOR_KEYS``). ``cache``: an
+    ``evalcache.EvalCache`` that keeps each fit and encoding for the next run."""
     import time
 
-    from .evaluate import extra_query_items
+    from .evaluate import encode_benchmark
     from .verify import LOCAL_K
 
     t = time.time()
@@ -267,28 +271,26 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
         raise ValueError("--grid rerank: give at least one depth above 0 (0, the global ranking, is measured anyway)")
     aps_r, aps_g, names = {}, {}, []
     for desc in combinations(grid, DESCRIPTOR_KEYS):
-        model = make_model(desc).fit(train_paths, progress=progress)
-        enc = model.transform(bench.paths, progress=progress, local=LOCAL_K)
-        if enc.errors:
-            raise ValueError(f"benchmark images unreadable: {enc.errors[0]}")
-        crops, enc_q = extra_query_items(bench), None
-        if crops:
-            enc_q = model.transform(crops, progress=progress, local=LOCAL_K)
+        model = make_model(desc)
+        if cache is None:
+            model.fit(train_paths, progress=progress)
+        else:
+            cache.fit(model, train_paths, progress)
+        enc, enc_q, _, _ = encode_benchmark(model, bench, LOCAL_K, progress, cache)
         names.append(f"{candidate_name(desc)}: {model.describe()}, chance level {model.chance_}")
+        pairs = None
         for wh in combinations(grid, COLLECTION_KEYS):
-            X, Xq = enc.X, enc_q.X if enc_q else None
-            if wh.get("whiten") == "collection":
-                from .whitening import MIN_PAIRS, learn_whitening
+            X, X_self, Xq = enc.X, None, enc_q.X if enc_q else None
+            if wh.get("whiten", "pca") != "pca" or wh.get("augment", "none") != "none":
+                from .whitening import from_collection, mine
 
-                lw, pairs = learn_whitening(X, enc.local, model.verifier(), progress=progress)
-                if lw is None:
-                    raise ValueError(f"whiten=collection: {len(pairs)} pairs mined in the benchmark, fewer than "
-                                     f"{MIN_PAIRS}")
-                names.append(f"{candidate_name({**desc, **wh})}: {lw.n_pairs_} pairs mined, shrinkage "
-                             f"{lw.shrinkage_:.3f}")
-                X, Xq = lw.transform(X), lw.transform(Xq) if Xq is not None else None
+                pairs = mine(X, enc.local, model.verifier(), progress) if pairs is None else pairs
+                col = from_collection(X, Xq, enc.local, model.verifier(), wh.get("whiten", "pca"),
+                                      wh.get("augment", "none"), pairs=pairs)
+                names.append(f"{candidate_name({**desc, **wh})}: {'; '.join(col.notes)}")
+                X, X_self, Xq = col.X, col.X_self, col.X_extra
             g = SearchGrid(bench, X, Xq, enc.local, enc_q.local if enc_q else None, model.verifier(),
-                           progress=progress)
+                           progress=progress, X_self=X_self)
             g.prepare(reranked)
             prefix = candidate_name({**desc, **wh}) + " | " if desc or wh else ""
             aps_g[prefix + "rerank=0"] = g.aps({"rerank": 0})

@@ -347,7 +347,14 @@ class ConvVLAD:
 
     @classmethod
     def from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "ConvVLAD":
-        self = cls(Config(**meta["config"]))
+        return cls(Config(**meta["config"])).set_state(meta, arrays)
+
+    def set_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> "ConvVLAD":
+        """The fitted state of ``state()`` put into this model, which keeps its network and its
+        runtime settings (device, arithmetic, batch size); the configurations must agree."""
+        mine = json.loads(json.dumps(asdict(self.config)))
+        if any(mine.get(k) != v for k, v in json.loads(json.dumps({**_LATER_FIELDS, **meta["config"]})).items()):
+            raise ValueError("set_state: the state was fitted with another configuration")
         self.vlads_ = {
             name: VLAD.from_state({"params": params, "arrays": {"centroids": arrays[f"vlad/{name}/centroids"]}})
             for name, params in meta["vlad"].items()

@@ -20,6 +20,8 @@ then not learned (``MIN_PAIRS``). Learned from the collection being searched it 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .verify import LocalCodes, Verifier
@@ -115,16 +117,83 @@ class LearnedWhitening:
         return self
 
 
-def learn_whitening(X: np.ndarray, local: LocalCodes, verifier: Verifier, progress: bool = True):
-    """Mine pairs among ``X``'s photos (with a progress bar) and learn a whitening from them:
-    (``LearnedWhitening`` or None when fewer than ``MIN_PAIRS`` were found, the pairs)."""
+def mine(X: np.ndarray, local: LocalCodes, verifier: Verifier, progress: bool = True) -> np.ndarray:
+    """``mine_pairs`` with a progress bar."""
     from . import progress as P
 
     with P.bar(len(X), "mining pairs (collection)", "img", enabled=progress) as bar:
-        pairs = mine_pairs(X, local, verifier, progress=bar)
+        return mine_pairs(X, local, verifier, progress=bar)
+
+
+def learn_whitening(X: np.ndarray, local: LocalCodes, verifier: Verifier, progress: bool = True, pairs=None):
+    """Mine pairs among ``X``'s photos (unless given) and learn a whitening from them:
+    (``LearnedWhitening`` or None when fewer than ``MIN_PAIRS`` were found, the pairs)."""
+    if pairs is None:
+        pairs = mine(X, local, verifier, progress)
     if len(pairs) < MIN_PAIRS:
         return None, pairs
     return LearnedWhitening().fit(X, pairs), pairs
 
 
-__all__ = ["LearnedWhitening", "MINE_LEVEL", "MIN_PAIRS", "NEIGHBOURS", "learn_whitening", "ledoit_wolf", "mine_pairs"]
+def augment(X: np.ndarray, pairs: np.ndarray, weight: float = 1.0) -> np.ndarray:
+    """Database-side augmentation over verified pairs: each row plus ``weight`` times the rows it is
+    paired with, L2-normalised ((n, d) float32). Arandjelović & Zisserman's (2012) DBA adds each
+    photo's top neighbours by the descriptor, right or wrong; here only those the verifier vouches
+    for, with the plain sum (weight 1) of the original."""
+    X = np.asarray(X, np.float32)
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    Y = X.copy()
+    np.add.at(Y, pairs[:, 0], weight * X[pairs[:, 1]])
+    np.add.at(Y, pairs[:, 1], weight * X[pairs[:, 0]])
+    return Y / np.maximum(np.linalg.norm(Y, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Collection:
+    """The descriptors after the steps learned from the encoded collection itself (transductive,
+    no labels): ``X`` the database's, as searched; ``X_self`` what its photos search with as
+    queries (whitened like ``X``, never augmented: a query is searched with its own descriptor, as
+    a new photo would be); ``X_extra`` the queries outside the database; ``notes`` what was learned."""
+
+    X: np.ndarray
+    X_self: np.ndarray
+    X_extra: np.ndarray | None
+    notes: list[str]
+    pairs: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.notes)
+
+
+def from_collection(X, X_extra, local: LocalCodes, verifier: Verifier, whiten: str = "pca", augmented: str = "none",
+                    progress: bool = True, pairs=None) -> Collection:
+    """``whiten="collection"``: a whitening learned from pairs mined in the database (a ValueError
+    where fewer than ``MIN_PAIRS`` are found). ``augmented="verified"``: the database's
+    descriptors augmented over the same pairs (``augment``). ``pairs``: mined already."""
+    if whiten not in ("pca", "collection"):
+        raise ValueError(f"whiten={whiten!r}: pca or collection")
+    if augmented not in ("none", "verified"):
+        raise ValueError(f"augment={augmented!r}: none or verified")
+    out = Collection(X, X, X_extra, [])
+    if whiten == "pca" and augmented == "none":
+        return out
+    pairs = mine(X, local, verifier, progress) if pairs is None else pairs
+    out.pairs = len(pairs)
+    if whiten == "collection":
+        lw, _ = learn_whitening(X, local, verifier, pairs=pairs)
+        if lw is None:
+            raise ValueError(f"learned whitening: {len(pairs)} pairs mined in the collection, fewer than {MIN_PAIRS}")
+        out.X = out.X_self = lw.transform(X)
+        out.X_extra = lw.transform(X_extra) if X_extra is not None else None
+        out.notes.append(f"whitening learned from {lw.n_pairs_} pairs mined in the database photos (shrinkage "
+                         f"{lw.shrinkage_:.3f}), after PCA")
+    if augmented == "verified":
+        out.X = augment(out.X, pairs)
+        out.notes.append(f"database descriptors augmented with their partners in {len(pairs)} verified pairs "
+                         "(queries search with their own)")
+    return out
+
+
+__all__ = ["Collection", "LearnedWhitening", "MINE_LEVEL", "MIN_PAIRS", "NEIGHBOURS", "augment", "from_collection",
+           "learn_whitening", "ledoit_wolf", "mine", "mine_pairs"]
