@@ -73,19 +73,22 @@ def test_grid_parsing_says_what_is_wrong():
             parse_grid([bad] if bad != "per=1,per=2" else ["per=1", "per=2"])
 
 
-def _documented():
-    """The command and the out-of-fold figures docs/defaults.md reports for the verifier's grid."""
+def _documented(block: str):
+    """The command and the out-of-fold figures docs/defaults.md reports under ``<!-- block -->``."""
     text = (REPO / "docs" / "defaults.md").read_text()
-    m = re.search(r"<!-- folds-verifier -->\s*```sh\s*(convlad eval .*?)```.*?re-ranked (0\.\d{4}).*?global (0\.\d{4})",
+    m = re.search(rf"<!-- {block} -->\s*```sh\s*(convlad eval .*?)```.*?re-ranked (0\.\d{{4}}).*?global (0\.\d{{4}})",
                   text, re.S)
-    assert m, "docs/defaults.md lost its folds-verifier block"
+    assert m, f"docs/defaults.md lost its {block} block"
     return m.group(1).replace("\\\n", " ").split(), float(m.group(2)), float(m.group(3))
 
 
 @pytest.mark.e2e
-def test_eval_folds_reproduces_the_documented_out_of_fold_figure(tmp_path):
+@pytest.mark.parametrize("block", ["folds-verifier", "folds-augment"])
+def test_eval_folds_reproduces_the_documented_out_of_fold_figure(tmp_path, block):
+    """The verifier's grid, and the augmentation learned from the collection (the second reuses the
+    first's fit and encoding through the suite's eval cache)."""
     need(MVBENCH_DEV), need(MVBENCH_TRAIN)
-    argv, reranked, global_ = _documented()
+    argv, reranked, global_ = _documented(block)
     shared = str(MVBENCH_DEV.parent)
     argv = [a.replace("../shared/data", shared) for a in argv[2:]]  # after "convlad eval"
     out = tmp_path / "folds.json"
