@@ -4,6 +4,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 
 from convlad.evalcache import EvalCache
 from convlad.pipeline import ConvVLAD
@@ -50,3 +51,11 @@ def test_a_rerun_is_served_what_it_would_compute_and_a_change_is_not_served(tmp_
     enc3, _, hit = cache.transform(again, photos, 300, progress=False)
     assert not hit and np.array_equal(enc3.X, fresh.X)
     assert cache.transform(again, photos, 300, progress=False)[2] is True
+
+
+def test_a_cache_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, train_images):
+    (tmp_path / "cache").write_text("a file where the folder should be")
+    model = _model()
+    with pytest.warns(UserWarning, match="eval cache: .* not written"):
+        assert EvalCache(tmp_path / "cache").fit(model, train_images[:24], progress=False) is False
+    assert model.dim == 16  # fitted all the same

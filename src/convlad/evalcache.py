@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -83,8 +84,16 @@ class EvalCache:
             pass
         model.fit(paths, progress=progress)
         if not model.errors_:  # a fit that skipped unreadable photos would hide them on the next run
-            model.save(f)
+            self._keep(f, lambda: model.save(f))
         return False
+
+    @staticmethod
+    def _keep(f: Path, save) -> None:
+        """A cache that cannot be written costs the next run its time, not this run its result."""
+        try:
+            save()
+        except OSError as e:
+            warnings.warn(f"eval cache: {f} not written ({e.strerror or e}); the next run computes it again")
 
     def transform(self, model: ConvVLAD, items, local: int, progress: bool = True) -> tuple[Encoded, float, bool]:
         """``model.transform(items, local=local)``, from the cache where it holds it; the seconds the
@@ -106,5 +115,6 @@ class EvalCache:
         if not enc.errors:
             arrays = {"X": enc.X, **(enc.local.arrays() if enc.local is not None else {})}
             grid = list(enc.local.grid) if enc.local is not None and enc.local.grid else None
-            atomic_savez(f, {"format": ENCODED, "version": 1, "grid": grid, "seconds": seconds}, arrays)
+            self._keep(f, lambda: atomic_savez(f, {"format": ENCODED, "version": 1, "grid": grid, "seconds": seconds},
+                                               arrays))
         return enc, seconds, False
