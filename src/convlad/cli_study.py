@@ -32,8 +32,9 @@ def eval_(
     folds: int = typer.Option(0, "--folds", help="Choose among the --grid candidates by group-wise K-fold "
                               "cross-validation and report the out-of-fold mAP (0: off)."),
     grid: List[str] = typer.Option([], "--grid", help="With --folds: KEY=V1,V2,... candidates (repeatable; the "
-                                   "first value of each is the baseline). Keys: layer, pooled, power, gem, whiten, augment, rerank, "
-                                   "features, min_similarity, threshold, min_tentative, score, chance, level, per, cap."),
+                                   "first value of each is the baseline). Keys: layer, pooled, power, gem, whiten, "
+                                   "augment, rerank, features, min_similarity, threshold, min_tentative, score, chance, "
+                                   "level, per, cap."),
     whiten: str = typer.Option("pca", "--whiten", help="pca: PCA-whitening learned on --train only. collection: "
                                "also a whitening learned from pairs the verifier mines in the benchmark's own photos "
                                "(transductive, no labels); both settings are reported. With --folds, a --grid key."),
@@ -89,8 +90,8 @@ def eval_(
     else:
         fit_cached = store.fit(model, train_paths)
     _check_dim(model)
-    ev = evaluate_model(model, bench, train_paths, train_label, qe=qe, rerank=rerank, fit=False, whiten=whiten, augment=augment,
-                        cache=store)
+    ev = evaluate_model(model, bench, train_paths, train_label, qe=qe, rerank=rerank, fit=False, whiten=whiten,
+                        augment=augment, cache=store)
     for w in ev.warnings:
         _warn(f"warning: {w}")
     typer.echo(f"{ev.benchmark}")
