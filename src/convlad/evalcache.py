@@ -52,8 +52,12 @@ def code_version() -> str:
 
 def _stamp(item) -> list:
     path, box = (item, None) if isinstance(item, (str, os.PathLike)) else item
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, None if box is None else [float(v) for v in box]]
+    try:
+        st = os.stat(path)
+        size, mtime = st.st_size, st.st_mtime_ns
+    except OSError:  # unreadable: the fit or the encoding says so, and such a result is not kept
+        size = mtime = None
+    return [os.path.abspath(path), size, mtime, None if box is None else [float(v) for v in box]]
 
 
 def _digest(doc: dict) -> str:
