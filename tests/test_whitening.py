@@ -159,6 +159,7 @@ def test_augmentation_adds_only_verified_partners_and_queries_keep_their_own(pho
             assert X[v] @ Y[i] >= X[v] @ X[i] - 1e-6
     col = from_collection(X, None, enc.local, model.verifier(), augmented="verified")
     assert np.array_equal(col.X_self, X) and np.allclose(col.X, Y) and col.pairs == len(pairs)
-    assert from_collection(X, None, enc.local, model.verifier()).changed is False
+    plain = from_collection(X, None, enc.local, model.verifier())
+    assert plain.X is X and plain.notes == [] and plain.pairs == 0  # nothing asked, nothing mined
     with pytest.raises(ValueError):
         from_collection(X, None, enc.local, model.verifier(), augmented="labels")

@@ -161,10 +161,6 @@ class Collection:
     notes: list[str]
     pairs: int = 0
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.notes)
-
 
 def from_collection(X, X_extra, local: LocalCodes, verifier: Verifier, whiten: str = "pca", augmented: str = "none",
                     progress: bool = True, pairs=None) -> Collection:
