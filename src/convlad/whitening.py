@@ -14,6 +14,9 @@ On photos that share no place (mvbench-train) mining finds almost nothing, and t
 then not learned (``MIN_PAIRS``). Learned from the collection being searched it is transductive;
 ``eval --whiten collection`` says so, and docs/defaults.md reports both settings.
 
+The same pairs also augment the database (``augment``: each photo's descriptor plus its partners',
+``eval --augment verified``); ``from_collection`` applies either or both, mining once.
+
     >>> pairs = mine_pairs(X, local, model.verifier())            # (m, 2) photo pairs, i < j
     >>> lw = LearnedWhitening().fit(X, pairs)                     # shrinkage: Ledoit-Wolf
     >>> Z = lw.transform(X)                                       # (n, d) float32, rows L2-normalised
