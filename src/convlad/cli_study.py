@@ -53,7 +53,7 @@ def eval_(
     """Measure a descriptor on a benchmark with its official protocol (mAP, and E/M/H, mP@k, N-S where defined)."""
     from .datasets import training_paths
     from .evalcache import EvalCache
-    from .evaluate import evaluate_model
+    from .evaluate import evaluate_model, fit_model
 
     if len(args) > 2:
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
@@ -84,11 +84,7 @@ def eval_(
     model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device, compile,
                    precision)
     t = time.time()
-    fit_cached = False
-    if store is None:
-        model.fit(train_paths)
-    else:
-        fit_cached = store.fit(model, train_paths)
+    fit_cached = fit_model(model, train_paths, cache=store)
     _check_dim(model)
     ev = evaluate_model(model, bench, train_paths, train_label, qe=qe, rerank=rerank, fit=False, whiten=whiten,
                         augment=augment, cache=store)

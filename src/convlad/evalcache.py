@@ -67,11 +67,15 @@ def _digest(doc: dict) -> str:
 class EvalCache:
     def __init__(self, root=None):
         self.root = Path(root) if root is not None else default_root()
+        self._weights: dict[tuple, str] = {}  # a network's fingerprint, hashed once a run (VGG16's is 550 MB)
 
     def _runtime(self, model: ConvVLAD) -> dict:
         ex = model.extractor
         ex.precision = model.precision
-        return {"code": code_version(), "weights": weights_fingerprint(model.backbone.module),
+        net = (model.config.backbone, model.config.weights)
+        if net not in self._weights:
+            self._weights[net] = weights_fingerprint(model.backbone.module)
+        return {"code": code_version(), "weights": self._weights[net],
                 "device": str(ex.device), "precision": ex.precision, "compile": str(model.compile)}
 
     def fit(self, model: ConvVLAD, paths, progress: bool = True) -> bool:

@@ -187,6 +187,15 @@ class ModelEvaluation:
         return doc
 
 
+def fit_model(model, train_paths: Sequence[str], progress: bool = True, cache=None) -> bool:
+    """``model`` fitted on ``train_paths``, through the ``evalcache.EvalCache`` ``cache`` where one
+    is given; True when the cache held the fit."""
+    if cache is None:
+        model.fit(train_paths, progress=progress)
+        return False
+    return cache.fit(model, train_paths, progress)
+
+
 def encode_benchmark(model, bench: RetrievalBenchmark, local: int, progress: bool = True, cache=None):
     """``(enc, enc_q, img_per_s, cached)``: the database images encoded (``pipeline.Encoded``), the
     queries that are not database images (None where there are none), the encoding's speed, and
@@ -222,11 +231,8 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
     augments the database's descriptors over those pairs (``whitening.augment``), and it measures
     with them; ``pca_result`` then holds the same measured without. ``cache`` (an ``evalcache.EvalCache``)
     keeps the fitted model and the encoding for the next run of the same."""
-    t, fit_cached = time.time(), False
-    if fit and cache is not None:
-        fit_cached = cache.fit(model, train_paths, progress)
-    elif fit:
-        model.fit(train_paths, progress=progress)
+    t = time.time()
+    fit_cached = fit_model(model, train_paths, progress, cache) if fit else False
     warnings = []
     need = len(bench.paths) * LocalCodes.size(LOCAL_K, model.local_dim)
     if rerank and need > available_memory() / 2:

@@ -260,7 +260,7 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
     ``evalcache.EvalCache`` that keeps each fit and encoding for the next run."""
     import time
 
-    from .evaluate import encode_benchmark
+    from .evaluate import encode_benchmark, fit_model
     from .verify import LOCAL_K
 
     t = time.time()
@@ -272,10 +272,7 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
     aps_r, aps_g, names = {}, {}, []
     for desc in combinations(grid, DESCRIPTOR_KEYS):
         model = make_model(desc)
-        if cache is None:
-            model.fit(train_paths, progress=progress)
-        else:
-            cache.fit(model, train_paths, progress)
+        fit_model(model, train_paths, progress, cache)
         enc, enc_q, _, _ = encode_benchmark(model, bench, LOCAL_K, progress, cache)
         names.append(f"{candidate_name(desc)}: {model.describe()}, chance level {model.chance_}")
         pairs = None
