@@ -130,13 +130,12 @@ def test_the_grid_of_eval_folds_ranks_as_the_one_search(dev_index):
                                     verifier=replace(v, **c)).aps
         np.testing.assert_array_equal(grid.aps({"rerank": depth, "features": features, **c}), want)
     assert not np.array_equal(grid.aps({}), grid.aps({"rerank": 0}))
-    # an augmented database, searched by the queries' own descriptors (``augment=verified``), too
-    from convlad.whitening import augment
-
-    Y = augment(X, np.array([[i, i + 1] for i in range(0, len(X) - 1, 7)]))
-    aug = SearchGrid(bench, Y, local=local, verifier=v, X_self=X)
+    # an augmented database (``augment=verified``): searched by its augmented rows, verified by the
+    # plain similarity, each query with its own descriptor, as ``rank`` does
+    pairs = np.array([[i, i + 1] for i in range(0, len(X) - 1, 7)])
+    aug = SearchGrid(bench, X, local=local, verifier=v, pairs=pairs)
     aug.prepare([{}])
     for depth in (100, 0):
-        want = evaluate_descriptors(bench, Y, rerank=depth, local=local, verifier=v, X_self=X)
+        want = evaluate_descriptors(bench, X, rerank=depth, local=local, verifier=v, pairs=pairs)
         np.testing.assert_array_equal(aug.aps({"rerank": depth}), want.aps)
     assert not np.array_equal(aug.aps({"rerank": 0}), grid.aps({"rerank": 0}))

@@ -111,7 +111,9 @@ def test_upload_is_searchable_at_once_and_delete_removes_it(server, setup):
     stored = index / "uploads"
     assert len(list(stored.iterdir())) == 1 and IndexStore.open(index).path_of(new).startswith(str(stored.resolve()))
     res = search(server, files[0])
-    assert res["results"][0]["id"] == new and res["results"][0]["distance"] < 1e-5
+    # the index augments: the upload's row and its partners' hold each other's descriptors, so
+    # the global ranking puts it among the first, not necessarily first
+    assert new in [r["id"] for r in res["results"][:3]], res
     # the upload keeps its local features: verified against itself, it stays first, far above chance
     top = search(server, files[0], rerank=20)["results"][0]
     assert top["id"] == new and top["inliers"] > 3 * 8, top  # 8: the chance level
@@ -277,8 +279,9 @@ def test_sigkill_during_an_upload_leaves_the_photo_whole_or_absent(setup, tmp_pa
     try:
         assert len(list((index / "uploads").iterdir())) == present
         assert httpx.get(s.url + "/api/health").json()["images"] == before + present
-        res = search(s, photo, k=1)["results"][0]
-        assert (res["distance"] < 1e-5) == present
+        # verified against itself, the photo comes first where it was committed
+        top = search(s, photo, k=1, rerank=20)["results"][0]
+        assert (top["id"] in [i for i, p, _ in st.items() if "/uploads/" in p]) == present
     finally:
         s.stop()
 

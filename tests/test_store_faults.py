@@ -4,6 +4,8 @@ A writer (tests/store_driver.py, a real process) is SIGKILLed at exact crash poi
 segment write, between a manifest's write and its rename, inside a compaction, ...) and at random
 moments. After each kill the store must open, hold every committed photo exactly once with its own
 descriptor, hold a batch that was in flight entirely or not at all, and a rerun must complete it.
+A store that augments (``--model``) must also hold exactly the verified pairs of its live photos,
+and search the rows augmented over them.
 """
 from __future__ import annotations
 
@@ -22,47 +24,71 @@ import pytest
 from convlad.storage import FileFormatError
 from convlad.store import IndexStore
 
-from .store_driver import deleted, name, vector
+from convlad.whitening import augment
+
+from .store_driver import deleted, name, twin_vector, vector
 
 DRIVER = [sys.executable, str(Path(__file__).with_name("store_driver.py"))]
 N, BATCH = 240, 24
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
 
 
-def drive(index, crash: str | None = None, ann: str = "exact", extra=()):
+def drive(index, crash: str | None = None, ann: str = "exact", extra=(), model=None):
     env = dict(ENV)
     env.pop("CONVLAD_CRASH_AT", None)
     if crash:
         env["CONVLAD_CRASH_AT"] = crash
+    extra = [*extra, "--model", str(model)] if model else list(extra)
     return subprocess.Popen([*DRIVER, str(index), "--n", str(N), "--batch", str(BATCH), "--ann", ann, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def live_state(index) -> dict[str, np.ndarray]:
-    """path → descriptor of every live photo; fails on a duplicate."""
+def live_state(index, augmented: bool = False) -> dict[str, np.ndarray]:
+    """path → descriptor of every live photo; fails on a duplicate. ``augmented``: a store that
+    augments, whose pairs must be twins that are both live, searched augmented over them."""
     st = IndexStore.open(index)
     items = list(st.items())
     paths = [p for _, p, _ in items]
     assert len(paths) == len(set(paths)), "a photo is in the index twice"
     X = st.vectors([i for i, _, _ in items]) if items else np.zeros((0, 16), np.float32)
-    # a photo's own descriptor finds it first, at distance 0: the search structures agree with the rows
+    Y, pairs = X, set()
+    if augmented and st._aug is not None:
+        row = {i: r for r, (i, _, _) in enumerate(items)}
+        P = np.array([[row[int(a)], row[int(b)]] for a, b in st._ids_at(st._aug[0].ravel()).reshape(-1, 2)])
+        pairs = {tuple(sorted((paths[a], paths[b]))) for a, b in P}
+        assert all(int(a[1:]) // 2 == int(b[1:]) // 2 for a, b in pairs), f"a pair of photos that are not twins: {pairs}"
+        Y = augment(X, P)
+    # a photo's own descriptor finds its row first, at its distance: the search structures agree with the rows
     if items:
         probe = random.Random(len(items)).sample(range(len(items)), min(5, len(items)))
         D, I = st.search(X[probe], 1)
-        assert [i for i, _, _ in (items[j] for j in probe)] == I[:, 0].tolist() and np.allclose(D[:, 0], 0, atol=1e-4)
+        want = ((Y[None] - X[probe][:, None]) ** 2).sum(-1)
+        assert np.allclose(D[:, 0], want.min(1), atol=1e-4)
+        if not augmented:  # (a twin's augmented row can tie with its own)
+            assert [i for i, _, _ in (items[j] for j in probe)] == I[:, 0].tolist() and np.allclose(D[:, 0], 0, atol=1e-4)
+    if augmented:
+        return dict(zip(paths, X)), pairs
     return dict(zip(paths, X))
 
 
-def check_after_kill(index, log: str) -> tuple[int, int]:
+def twins_of(paths) -> set:
+    have = set(paths)
+    return {(name(2 * g), name(2 * g + 1)) for g in range(N // 2) if {name(2 * g), name(2 * g + 1)} <= have}
+
+
+def check_after_kill(index, log: str, augmented: bool = False) -> tuple[int, int]:
     """The invariants after a kill; returns (photos found, photos of the batch in flight)."""
     if not (Path(index) / "MANIFEST").exists():  # killed while creating the store: nothing committed
         assert "added" not in log.split(), log
         with pytest.raises(FileFormatError, match="creation was interrupted|no such index"):
             IndexStore.open(index)
         return 0, 0
-    state = live_state(index)
+    state = live_state(index, augmented)
+    if augmented:
+        state, pairs = state
+        assert pairs <= twins_of(state), "a pair of photos that are not both live twins"
     for p, x in state.items():
-        np.testing.assert_array_equal(x, vector(int(p[1:])), err_msg=f"{p}: wrong descriptor")
+        np.testing.assert_array_equal(x, (twin_vector if augmented else vector)(int(p[1:])), err_msg=f"{p}: wrong descriptor")
     committed, in_flight = set(), set()
     for line in log.splitlines():
         word, *nums = line.split()
@@ -79,11 +105,14 @@ def check_after_kill(index, log: str) -> tuple[int, int]:
     return len(found), len(partial)
 
 
-def check_complete(index) -> None:
-    state = live_state(index)
+def check_complete(index, augmented: bool = False) -> None:
+    state = live_state(index, augmented)
+    if augmented:  # every pair of live twins verified, whichever run added them
+        state, pairs = state
+        assert pairs == twins_of(state), f"pairs lost or extra: {sorted(pairs ^ twins_of(state))[:6]}"
     assert sorted(state) == [name(i) for i in range(N) if not deleted(i)]
     for p, x in state.items():
-        np.testing.assert_array_equal(x, vector(int(p[1:])))
+        np.testing.assert_array_equal(x, (twin_vector if augmented else vector)(int(p[1:])))
     m = json.loads((Path(index) / "MANIFEST").read_text())
     on_disk = {e.name for e in Path(index).iterdir() if e.name.startswith(("seg-", "tmp-", "dead-", "ivf-"))}
     named = {s["name"] for s in m["segments"]} | ({m["tombstones"]} if m["tombstones"] else set()) \
@@ -98,22 +127,22 @@ POINTS = [(f"{point}:{nth}", ann) for point, nths in [
 ] for nth in nths for ann in ("exact", "ivfpq")] + [("ivf-train:1", "ivfpq"), ("ivf-train:2", "ivfpq")]
 
 
-def _trial(tmp_path, i, crash, ann, delay=None) -> dict:
+def _trial(tmp_path, i, crash, ann, delay=None, model=None) -> dict:
     index = tmp_path / f"t{i}"
     # a timed kill needs a run long enough to land in: 10 batches 0.1 s apart (about 1.5 s in all)
-    proc = drive(index, crash, ann, extra=["--pause", "0.1"] if delay is not None else ())
+    proc = drive(index, crash, ann, extra=["--pause", "0.1"] if delay is not None else (), model=model)
     if delay is not None:
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, f"trial {i} ({crash or delay}): not killed: {proc.returncode}\n{err}"
-    found, partial = check_after_kill(index, out)
-    again = drive(index, ann=ann)
+    found, partial = check_after_kill(index, out, model is not None)
+    again = drive(index, ann=ann, model=model)
     out2, err2 = again.communicate(timeout=120)
     assert again.returncode == 0, err2
-    check_complete(index)
+    check_complete(index, model is not None)
     return {"trial": i, "kill": crash or f"random {delay:.2f}s", "ann": ann, "photos_after_kill": found,
-            "in_flight_committed": partial}
+            "in_flight_committed": partial, "augmented": model is not None}
 
 
 @pytest.mark.e2e
@@ -167,3 +196,27 @@ def test_reader_searches_while_writer_adds_removes_and_compacts(tmp_path):
     reader.refresh()
     assert sorted(p for _, p, _ in reader.items()) == [name(i) for i in range(N) if not deleted(i)]
     assert searches > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model(train_images, tmp_path_factory):
+    """A fitted model of dimension 16 (the driver's), for a store that augments."""
+    from convlad.pipeline import ConvVLAD
+
+    path = tmp_path_factory.mktemp("model") / "model.npz"
+    ConvVLAD(layers=["block6"], pooled=[], scales=[1], k=8, dim=16).fit(train_images[:24], progress=False).save(path)
+    return path
+
+
+@pytest.mark.e2e
+def test_sigkill_a_store_that_augments(tmp_path, tiny_model):
+    """The pairs live in their segment's files: a kill keeps or loses them with their photos, and
+    the rerun's additions mine what the lost ones had."""
+    rng = random.Random(20261202)
+    points = [("segment-write:4", "exact"), ("manifest-write:3", "ivfpq"), ("manifest-renamed:6", "exact"),
+              ("compact-segment:2", "ivfpq")]
+    report = [_trial(tmp_path, i, crash, ann, model=tiny_model) for i, (crash, ann) in enumerate(points)]
+    for j in range(4):
+        report.append(_trial(tmp_path, len(points) + j, None, rng.choice(["exact", "ivfpq"]),
+                             delay=rng.uniform(0.5, 2.0), model=tiny_model))
+    assert any(0 < r["photos_after_kill"] for r in report)

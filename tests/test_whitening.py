@@ -158,8 +158,92 @@ def test_augmentation_adds_only_verified_partners_and_queries_keep_their_own(pho
         if paired[v]:
             assert X[v] @ Y[i] >= X[v] @ X[i] - 1e-6
     col = from_collection(X, None, enc.local, model.verifier(), augmented="verified")
-    assert np.array_equal(col.X_self, X) and np.allclose(col.X, Y) and col.pairs == len(pairs)
+    assert col.X is X and np.array_equal(col.pairs, pairs) and col.mined == len(pairs)
     plain = from_collection(X, None, enc.local, model.verifier())
-    assert plain.X is X and plain.notes == [] and plain.pairs == 0  # nothing asked, nothing mined
+    assert plain.X is X and plain.notes == [] and plain.pairs is None and plain.mined == 0  # nothing asked, nothing mined
     with pytest.raises(ValueError):
         from_collection(X, None, enc.local, model.verifier(), augmented="labels")
+
+
+def _pairs_of_store(st) -> set:
+    pairs, _, _ = st._aug if st._aug is not None else (np.zeros((0, 2), np.int64), None, None)
+    ids = st._ids_at(pairs.ravel()).reshape(-1, 2)
+    return {(int(a), int(b)) for a, b in ids}
+
+
+def test_an_index_that_augments_ranks_as_eval_does(photos_and_views, encoded, tmp_path):
+    """The store mines each added photo's pairs as eval mines the benchmark's, and searches the
+    same augmented rows: built in one go it ranks exactly as eval's ``--augment verified``."""
+    from convlad.search import MemoryIndex, Settings, features, rank
+    from convlad.store import IndexStore
+
+    _, paths, _ = photos_and_views
+    model, enc = encoded
+    X, v = enc.X, model.verifier()
+    pairs = mine_pairs(X, enc.local, v)
+    assert len(pairs) >= 10
+    Y = augment(X, pairs)
+    with IndexStore.create(tmp_path / "ix", model=model) as st:  # augments by default
+        st.add_vectors(X, paths, local=enc.local)
+        assert _pairs_of_store(st) == {tuple(p) for p in pairs.tolist()}
+        assert st.info()["augment"] == "verified" and st.info()["pairs"] == len(pairs)
+        assert np.array_equal(st.vectors(np.arange(len(X))), X)  # a photo as a query: its own descriptor
+        feats = features(enc.local, len(X))
+        mem = MemoryIndex(X, enc.local, v, pairs)
+        for s in (Settings(k=len(X), rerank=0), Settings(k=20, rerank=100)):
+            got, want = rank(st, X, feats, s, exclude=[[i] for i in range(len(X))]), \
+                rank(mem, X, feats, s, exclude=[[i] for i in range(len(X))])
+            assert [[h.id for h in r] for r in got] == [[h.id for h in r] for r in want]
+            assert np.allclose([h.distance for r in got for h in r], [h.distance for r in want for h in r], atol=1e-6)
+    # a reader sees the pairs; a plain store of the same photos ranks by the plain rows
+    with IndexStore.open(tmp_path / "ix") as rd:
+        assert np.allclose(rd.search(X[:3], 5)[0], MemoryIndex(Y).search(X[:3], 5)[0], atol=1e-6)
+    with IndexStore.create(tmp_path / "plain", model=model, augment="none") as st:
+        st.add_vectors(X, paths, local=enc.local)
+        assert st.info()["augment"] == "none" and st.info()["pairs"] == 0
+        assert np.allclose(st.search(X[:3], 5)[0], MemoryIndex(X).search(X[:3], 5)[0], atol=1e-6)
+
+
+def test_an_index_keeps_its_pairs_through_appends_deletes_compaction_and_ivfpq(photos_and_views, encoded, tmp_path):
+    """Photos added later pair with those before them from their own side; a pair goes with a
+    deleted photo; compaction carries the pairs; the IVF-PQ's shortlist is made exact with the
+    augmented rows."""
+    from convlad.store import IndexStore
+
+    _, paths, of = photos_and_views
+    model, enc = encoded
+    X, v = enc.X, model.verifier()
+    first = np.array(sorted(set(range(len(X))) - set(of)))  # the photos and the distractors, then the views
+    second = np.array(sorted(of))
+    order = np.concatenate([first, second])
+    for ann in ("exact", "ivfpq"):
+        with IndexStore.create(tmp_path / ann, model=model, augment="verified", ann=ann) as st:
+            st.add_vectors(X[first], [paths[i] for i in first], local=enc.local[first])
+            before = _pairs_of_store(st)
+            st.add_vectors(X[second], [paths[i] for i in second], local=enc.local[second])
+            pairs = _pairs_of_store(st)
+            # a view (second batch) and the photo it is of (first): found from the view's side
+            across = {(a, b) for a, b in pairs - before if a < len(first) <= b}
+            views = {(int(np.flatnonzero(first == of[int(order[b])])[0]), b) for a, b in across if int(order[b]) in of}
+            assert len(across) >= 10 and views >= across & views and len(views) >= 10
+            for a, b in pairs:  # every pair verifies at three times the chance level, from one side
+                assert max(v.inliers(enc.local.features(int(order[s])), enc.local[[int(order[t])]])[0]
+                           for s, t in ((a, b), (b, a))) >= 3 * v.chance
+            Xs = X[order]
+            P = np.array(sorted(pairs), np.int64)
+            Y = augment(Xs, P)
+            D, I = st.search(Xs[:10], 8)
+            assert np.allclose(D, ((Y[I] - Xs[:10, None]) ** 2).sum(-1), atol=1e-5)  # distances to the augmented rows
+            if ann == "exact":
+                assert np.allclose(st._exact.X.numpy(), Y, atol=1e-6)  # appended: older rows updated in place
+            # a deleted photo's pairs go: its partners search with their plain rows again
+            a, b = next((a, b) for a, b in sorted(pairs) if sum(a in p or b in p for p in pairs) == 1)
+            st.remove([a])
+            assert all(a not in p for p in _pairs_of_store(st)) and _pairs_of_store(st) == pairs - {(a, b)}
+            keep = np.array([i for i in range(len(Xs)) if i != a])
+            Y2 = augment(Xs, np.array(sorted(pairs - {(a, b)}), np.int64))
+            assert np.allclose(st._search_rows(st._positions([b])), Xs[b], atol=1e-6)
+            st.compact(target_rows=10_000)
+            assert len(st._segs) == 1 and _pairs_of_store(st) == pairs - {(a, b)}
+            D, I = st.search(Xs[keep[:10]], 8)
+            assert a not in I and np.allclose(D, ((Y2[I] - Xs[keep[:10], None]) ** 2).sum(-1), atol=1e-5)

@@ -90,6 +90,10 @@ def index(
     local: Optional[int] = typer.Option(None, "--local-features", help="Local features kept per image for `search "
                                         "--rerank` (about 82 bytes each; 0: none). Default: 300 for a new index, "
                                         "else the index's setting."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="verified: mine each added photo's pairs (its 20 "
+                                          "nearest, verified) and search each indexed photo's descriptor summed with "
+                                          "its partners'; none: plain. Default: none for a new index, else the "
+                                          "index's setting (docs/defaults.md)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: 'local' starts Ray on this machine, "
                                       "'auto' or 'ray://HOST:PORT' joins a cluster (pip install 'convlad[ray]')."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
@@ -106,6 +110,10 @@ def index(
         raise UserError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
     if local is not None and not 0 <= local <= 65535:
         raise UserError(f"--local-features {local}: must be between 0 and 65535")
+    if augment is not None and augment not in ("none", "verified"):
+        raise UserError(f"--augment {augment!r}: choose none or verified")
+    if augment == "verified" and local == 0:
+        raise UserError("--augment verified with --local-features 0: pairs are mined by verifying local features")
     if len(args) > 2:
         raise UserError(f"index takes [MODEL] FOLDER, got {len(args)} arguments")
     model, folder = (None, args[0]) if len(args) == 1 else args
@@ -120,7 +128,8 @@ def index(
             raise UserError(f"{out}: exists and is not an index; choose another --out (or give a model, to "
                             "convert an index of convlad 0.1)")
         model = _fit_on_sample(folder, batch_size, device, compile, precision)
-    with IndexStore.create(out, model=model, root=folder, ann=ann, wait=wait, report=_warn, local=local) as idx:
+    with IndexStore.create(out, model=model, root=folder, ann=ann, wait=wait, report=_warn, local=local,
+                           augment=augment) as idx:
         idx.model.batch_size, idx.model.device, idx.model.compile = batch_size, device, _compile(compile)
         idx.model.precision = _precision(precision)
         t = time.time()
@@ -133,9 +142,10 @@ def index(
                 raise UserError(str(e)) from None
         else:
             s = sync(idx, commit_every=checkpoint_every, report=_warn)
-        search = idx.info()["search"]
+        info = idx.info()
+        aug = f"; augmented over {info['pairs']} verified pairs" if info["augment"] == "verified" else ""
         typer.echo(f"{out}: {len(idx)} images ({s['added']} added, {s['kept']} unchanged, {s['removed']} removed, "
-                   f"{s['skipped']} skipped) in {time.time() - t:.0f}s; search: {search}")
+                   f"{s['skipped']} skipped) in {time.time() - t:.0f}s; search: {info['search']}{aug}")
 
 
 FIT_SAMPLE = 1000  # photos of a collection a model is fitted on when `index` is given none

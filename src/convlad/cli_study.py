@@ -38,10 +38,10 @@ def eval_(
     whiten: str = typer.Option("pca", "--whiten", help="pca: PCA-whitening learned on --train only. collection: "
                                "also a whitening learned from pairs the verifier mines in the benchmark's own photos "
                                "(transductive, no labels); both settings are reported. With --folds, a --grid key."),
-    augment: str = typer.Option("none", "--augment", help="verified: also augment each database descriptor with those "
-                                "of the photos it verifies with among its 20 nearest (transductive, no labels; "
-                                "queries search with their own); both settings are reported. With --folds, a "
-                                "--grid key."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="verified (default, as an index does): augment "
+                                          "each database descriptor with those of the photos it verifies with among its "
+                                          "20 nearest (transductive, no labels; queries search with their own); both "
+                                          "settings are reported. none: off. With --folds, a --grid key."),
     fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the deal of groups into folds."),
     folds_out: Optional[Path] = typer.Option(None, "--folds-out", help="With --folds: write every candidate's "
                                              "per-query APs, the folds and the choices to this JSON file."),
@@ -54,6 +54,7 @@ def eval_(
     from .datasets import training_paths
     from .evalcache import EvalCache
     from .evaluate import evaluate_model, fit_model
+    from .whitening import AUGMENT
 
     if len(args) > 2:
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
@@ -61,9 +62,9 @@ def eval_(
         raise UserError(f"--rerank must be 0 or more, got {rerank}")
     if whiten not in ("pca", "collection"):
         raise UserError(f"--whiten {whiten!r}: choose pca or collection")
-    if augment not in ("none", "verified"):
+    if augment is not None and augment not in ("none", "verified"):
         raise UserError(f"--augment {augment!r}: choose none or verified")
-    if folds and (whiten != "pca" or augment != "none"):
+    if folds and (whiten != "pca" or augment is not None):
         raise UserError("--whiten or --augment with --folds: give them as candidates, --grid whiten=pca,collection "
                         "--grid augment=none,verified")
     if grid and not folds:
@@ -87,7 +88,7 @@ def eval_(
     fit_cached = fit_model(model, train_paths, cache=store)
     _check_dim(model)
     ev = evaluate_model(model, bench, train_paths, train_label, qe=qe, rerank=rerank, fit=False, whiten=whiten,
-                        augment=augment, cache=store)
+                        augment=augment or AUGMENT, cache=store)
     for w in ev.warnings:
         _warn(f"warning: {w}")
     typer.echo(f"{ev.benchmark}")

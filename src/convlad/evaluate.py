@@ -14,6 +14,7 @@ from .datasets import RetrievalBenchmark
 from .metrics import average_precision, ns_score, positive_ranks, precision_at_k
 from .search import RERANK, MemoryIndex, Settings, rank
 from .verify import LOCAL_K, LocalCodes, Verifier
+from .whitening import AUGMENT
 
 PRECISION_KS = (1, 5, 10)
 
@@ -90,7 +91,7 @@ def extra_query_items(bench: RetrievalBenchmark) -> list:
 def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarray | None = None,
                          qe: int = 0, alpha: float = 3.0, rerank: int = 0, local: LocalCodes | None = None,
                          local_q: LocalCodes | None = None, verifier: Verifier | None = None,
-                         X_self: np.ndarray | None = None) -> EvalResult:
+                         pairs: np.ndarray | None = None) -> EvalResult:
     """Metrics of descriptors ``X`` (one row per database image, aligned with ``bench.paths``),
     ranked by ``search.rank``, the search every door of convlad uses.
 
@@ -100,13 +101,13 @@ def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarr
     without one, Lite0's chance level) with the database's ``local`` codes and, for queries that
     are not database images, ``local_q``. A query's junk (for a database image, itself) is left out
     of its ranking before expansion and verification, then put first: junk consumes no rank.
-    ``X_self``: what the queries that are database images search with, where not their rows of
-    ``X`` (their own descriptors, where ``X`` is augmented).
+    ``pairs``: verified pairs of database rows to augment over (``whitening.from_collection``),
+    searched as an index that augments searches them; every query searches with its own descriptor.
     """
     if rerank > 0 and local is None:
         raise ValueError("re-ranking needs the database's local codes (model.transform(..., local=k))")
-    Q = query_descriptors(bench, X if X_self is None else X_self, X_q)
-    index = MemoryIndex(X, local if rerank else None, verifier)
+    Q = query_descriptors(bench, X, X_q)
+    index = MemoryIndex(X, local if rerank else None, verifier, pairs)
     feats = None
     if rerank:
         feats, j = [], 0
@@ -222,36 +223,37 @@ def encode_benchmark(model, bench: RetrievalBenchmark, local: int, progress: boo
 
 def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str], train_label: str = "training photos",
                    qe: int = 0, rerank: int = RERANK, progress: bool = True, fit: bool = True,
-                   whiten: str = "pca", cache=None, augment: str = "none") -> ModelEvaluation:
+                   whiten: str = "pca", cache=None, augment: str = AUGMENT) -> ModelEvaluation:
     """Fit ``model`` on ``train_paths`` (unless ``fit`` is False), encode the benchmark, and measure
     it with its protocol, re-ranking the top ``rerank`` (the search's default). Re-ranking is turned
     off, with a warning in the result, where the local features would need more than half of the
-    free memory. ``whiten="collection"`` learns a whitening from pairs mined in the benchmark's own
-    database photos (``whitening.learn_whitening``: transductive, no labels), ``augment="verified"``
-    augments the database's descriptors over those pairs (``whitening.augment``), and it measures
-    with them; ``pca_result`` then holds the same measured without. ``cache`` (an ``evalcache.EvalCache``)
+    free memory, and so is augmentation, which mines by verifying them. ``whiten="collection"``
+    learns a whitening from pairs mined in the benchmark's own database photos
+    (``whitening.learn_whitening``: transductive, no labels), ``augment="verified"`` (the default,
+    as an index does) augments the database over those pairs (``whitening.augment``), and it
+    measures with them; ``pca_result`` then holds the same measured without. ``cache`` (an ``evalcache.EvalCache``)
     keeps the fitted model and the encoding for the next run of the same."""
     t = time.time()
     fit_cached = fit_model(model, train_paths, progress, cache) if fit else False
     warnings = []
     need = len(bench.paths) * LocalCodes.size(LOCAL_K, model.local_dim)
-    if rerank and need > available_memory() / 2:
-        warnings.append(f"re-ranking off: {len(bench.paths)} images would need {need / 2**30:.1f} GiB of local "
-                        "features in memory, more than half of what is free (--rerank 0: the global ranking, "
-                        "without this warning)")
-        rerank = 0
+    if (rerank or whiten != "pca" or augment != "none") and need > available_memory() / 2:
+        warnings.append(f"re-ranking and the collection's steps off: {len(bench.paths)} images would need "
+                        f"{need / 2**30:.1f} GiB of local features in memory, more than half of what is free "
+                        "(--rerank 0 --augment none: the global ranking of the plain descriptors, without this warning)")
+        rerank, whiten, augment = 0, "pca", "none"
     if whiten not in ("pca", "collection") or augment not in ("none", "verified"):
         raise ValueError(f"whiten={whiten!r}, augment={augment!r}: pca or collection, none or verified")
     local = LOCAL_K if rerank or whiten != "pca" or augment != "none" else 0
     enc, enc_q, t_enc, enc_cached = encode_benchmark(model, bench, local, progress, cache)
     Xq = enc_q.X if enc_q else None
 
-    def measure(X, Xq, X_self=None):
+    def measure(X, Xq, pairs=None):
         return evaluate_descriptors(bench, X, Xq, qe=qe, rerank=rerank, local=enc.local if rerank else None,
                                     local_q=enc_q.local if enc_q and rerank else None, verifier=model.verifier(),
-                                    X_self=X_self)
+                                    pairs=pairs)
 
-    whitening, pca_result, X, X_self = "PCA", None, enc.X, None
+    whitening, pca_result, X, pairs = "PCA", None, enc.X, None
     if whiten != "pca" or augment != "none":
         from .whitening import from_collection
 
@@ -262,9 +264,9 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
         else:
             whitening = "PCA, then from the collection (transductive, no labels): " + "; ".join(col.notes)
             pca_result = measure(X, Xq)
-            X, X_self, Xq = col.X, col.X_self, col.X_extra
+            X, pairs, Xq = col.X, col.pairs, col.X_extra
     t_rank = time.time()
-    res = measure(X, Xq, X_self)
+    res = measure(X, Xq, pairs)
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,
                            model.chance_, model.local_key,

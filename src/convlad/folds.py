@@ -10,7 +10,8 @@ is worth on queries it did not see, with a bootstrap interval over queries.
 Candidates are a grid (``parse_grid``): descriptor keys (``layer``, ``pooled``, ``power``, ``gem``)
 need a model fitted and the benchmark encoded each; ``whiten=collection`` learns a whitening from
 pairs mined in the encoded benchmark and ``augment=verified`` augments its database descriptors over
-them (``whitening.py``, no labels, no refit); the search's and the verifier's keys (``rerank``,
+them (``whitening.py``, no labels, no refit; without an ``augment`` key every candidate is
+augmented, as eval's and an index's default is); the search's and the verifier's keys (``rerank``,
 ``features``, ``min_similarity``, ``threshold``, ``min_tentative``, ``score``, ``chance``,
 ``level``, ``per``, ``cap``) are re-scored on one encoding, and each verification geometry is
 computed once (``SearchGrid``), the order then by ``Verifier.order_by``, as ``search.rank`` ends.
@@ -26,8 +27,9 @@ import numpy as np
 from . import progress as P
 from .evaluate import query_aps, query_descriptors
 from .metrics import bootstrap_difference
-from .search import MemoryIndex, Settings, rank
+from .search import MemoryIndex, Settings, plain_distances, rank
 from .verify import Evidence, LocalCodes, Verifier
+from .whitening import AUGMENT
 
 DESCRIPTOR_KEYS = ("layer", "pooled", "power", "gem")
 COLLECTION_KEYS = ("whiten", "augment")  # learned from the encoded benchmark itself: no refit
@@ -140,15 +142,17 @@ class SearchGrid:
     counts), then each scoring re-ordered by ``Verifier.order_by``."""
 
     def __init__(self, bench, X, X_q=None, local: LocalCodes | None = None, local_q: LocalCodes | None = None,
-                 verifier: Verifier | None = None, progress: bool = False, X_self=None):
+                 verifier: Verifier | None = None, progress: bool = False, pairs=None):
         self.bench, self.verifier, self.progress = bench, verifier or Verifier(), progress
         self.local, self.local_q = local, local_q
         self.junk = [sorted(j) for j in bench.junk]
-        index = MemoryIndex(X, None)
-        Q = query_descriptors(bench, X if X_self is None else X_self, X_q)  # as evaluate_descriptors
+        index = MemoryIndex(X, None, pairs=pairs)
+        Q = query_descriptors(bench, X, X_q)  # as evaluate_descriptors
         hits = rank(index, Q, None, Settings(k=len(X), rerank=0), exclude=self.junk)
         self.ids = [np.array([h.id for h in row], np.int64) for row in hits]
-        self.dist = [np.array([h.distance for h in row], np.float64) for row in hits]
+        # what verification scores by: the distances searched, or an augmented index's plain ones (as ``search.rerank``)
+        self.dist = [plain_distances(index.vectors(i), q).astype(np.float64) if index.augmented
+                     else np.array([h.distance for h in row], np.float64) for i, q, row in zip(self.ids, Q, hits)]
         self._evidence: dict = {}
         # each query's local features: its database row's, or its row among the extra queries
         extra = np.cumsum([d is None for d in bench.query_db]) - 1
@@ -277,17 +281,18 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
         names.append(f"{candidate_name(desc)}: {model.describe()}, chance level {model.chance_}")
         pairs = None
         for wh in combinations(grid, COLLECTION_KEYS):
-            X, X_self, Xq = enc.X, None, enc_q.X if enc_q else None
-            if wh.get("whiten", "pca") != "pca" or wh.get("augment", "none") != "none":
+            X, pairs_, Xq = enc.X, None, enc_q.X if enc_q else None
+            augment = wh.get("augment", AUGMENT)  # where not a candidate: the eval's and the index's default
+            if wh.get("whiten", "pca") != "pca" or augment != "none":
                 from .whitening import from_collection, mine
 
                 pairs = mine(X, enc.local, model.verifier(), progress) if pairs is None else pairs
                 col = from_collection(X, Xq, enc.local, model.verifier(), wh.get("whiten", "pca"),
-                                      wh.get("augment", "none"), pairs=pairs)
+                                      augment, pairs=pairs)
                 names.append(f"{candidate_name({**desc, **wh})}: {'; '.join(col.notes)}")
-                X, X_self, Xq = col.X, col.X_self, col.X_extra
+                X, pairs_, Xq = col.X, col.pairs, col.X_extra
             g = SearchGrid(bench, X, Xq, enc.local, enc_q.local if enc_q else None, model.verifier(),
-                           progress=progress, X_self=X_self)
+                           progress=progress, pairs=pairs_)
             g.prepare(reranked)
             prefix = candidate_name({**desc, **wh}) + " | " if desc or wh else ""
             aps_g[prefix + "rerank=0"] = g.aps({"rerank": 0})

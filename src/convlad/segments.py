@@ -6,7 +6,8 @@ The one module that names the files inside an index folder:
     INDEX/LOCK            flock of the single writer, naming it
     INDEX/model.npz       the model that made the descriptors (so searching needs nothing else)
     INDEX/seg-*/          X.npy (n, d) float32 · ids.npy · stamps.npy · offsets.npy + paths.bin ·
-                          x-NAME.npy per-row extras (x-local-codes, x-local-cells, x-local-count)
+                          x-NAME.npy per-row extras (x-local-codes, x-local-cells, x-local-count;
+                          x-partners: the ids each photo verified with when it was added, -1 padded)
     INDEX/ivf-*/          trained.faiss (an empty trained IVF-PQ) and SEGMENT.npy, its codes per segment
     INDEX/dead-*.npy      ids deleted since their segment was written (tombstones)
     INDEX/tmp-*           a write under way (``storage.write_durable``, ``write_segment``): garbage once
@@ -41,6 +42,8 @@ LOCK = "LOCK"
 MODEL = "model.npz"
 UPLOADS = "uploads"
 TRAINED = "trained.faiss"
+PARTNERS = "partners"  # the per-row extra of a store that augments (x-partners.npy)
+FILL = {PARTNERS: -1}  # what a merged segment's rows without an extra get, where not zero
 FORMAT = "convlad-store"
 FORMAT_VERSION = 1
 # names the writer may delete when no manifest refers to them (never anything else in the folder)
@@ -186,7 +189,8 @@ def write_segment(folder: Path, X: np.ndarray, ids: np.ndarray, stamps: np.ndarr
 
 def merged_extras(segs: list, rows: list[np.ndarray], order: np.ndarray) -> dict[str, np.ndarray] | None:
     """The per-row extra arrays of merged segments, in the merged order; rows of a segment without
-    an array that others have get zeros (for local features: a count of 0, nothing to verify)."""
+    an array that others have get zeros (for local features: a count of 0, nothing to verify), or
+    their ``FILL`` (for partners: -1, none)."""
     like = {}
     for seg in segs:
         for key, a in seg.extra.items():
@@ -195,8 +199,8 @@ def merged_extras(segs: list, rows: list[np.ndarray], order: np.ndarray) -> dict
         return None
     out = {}
     for key, a in like.items():
-        parts = [np.asarray(seg.extra[key][r]) if key in seg.extra else np.zeros((len(r), *a.shape[1:]), a.dtype)
-                 for seg, r in zip(segs, rows)]
+        parts = [np.asarray(seg.extra[key][r]) if key in seg.extra else np.full((len(r), *a.shape[1:]), FILL.get(key, 0),
+                                                                                  a.dtype) for seg, r in zip(segs, rows)]
         out[key] = np.concatenate(parts)[order]
     return out
 

@@ -455,7 +455,8 @@ class Service:
         dev = self.model.extractor.device
         device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         return {"images": info["images"], "dead": info["dead"], "segments": info["segments"],
-                "generation": info["generation"], "model": info["model"], "search": info["search"], "device": device,
+                "generation": info["generation"], "model": info["model"], "search": info["search"],
+                "augment": info["augment"], "pairs": info["pairs"], "device": device,
                 "searches": self.n_search, "batches": self.batcher.batches,
                 "mean_batch": round(self.batcher.items / self.batcher.batches, 2) if self.batcher.batches else None,
                 "latency": pct, "uptime_s": round(time.time() - self.started, 1), "rss_bytes": rss,

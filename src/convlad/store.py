@@ -35,6 +35,7 @@ from .index import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, de
 from .merge import COMPACT_TARGET, needs_compaction, plan_merges
 from .storage import FileFormatError
 from .verify import LOCAL_K, LocalCodes
+from .whitening import AUGMENT, NEIGHBOURS, augment, nearest, pairs_of, unique_pairs, verified_partners
 
 MODEL = S.MODEL
 RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
@@ -85,6 +86,8 @@ class IndexStore:
         self._segs: list[S.Segment] = []
         self._ivf = self._exact = self._exact_pos = self._trained = None
         self._n_dead = 0
+        self._pairs_cache: dict[str, np.ndarray] = {}
+        self._aug = None  # the live verified pairs, by position, where the store augments (``_overlay``)
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -111,15 +114,21 @@ class IndexStore:
 
     @classmethod
     def create(cls, path, model=None, root=None, dim: int | None = None, ann: str | None = None,
-               wait: bool = False, report=print, local: int | None = None) -> "IndexStore":
+               wait: bool = False, report=print, local: int | None = None,
+               augment: str | None = None) -> "IndexStore":
         """Open ``path`` for writing, creating it if needed. ``model``: a fitted ConvVLAD (or None for
         a store of descriptors made elsewhere, with ``dim``); ``root``: the folder indexed (paths are
         kept relative to it); ``ann``: auto, exact or ivfpq (None keeps the store's, auto if new);
         ``local``: local features kept per image for re-ranking (``verify.LOCAL_K`` when None and
-        the store is new; 0 keeps none). The setting is the store's: it applies to later additions."""
+        the store is new; 0 keeps none); ``augment``: "verified" mines each added photo's pairs
+        and searches the database side augmented over them, "none" does not (``whitening.AUGMENT``
+        when None and the store is new and keeps local features). These settings are the store's:
+        they apply to later additions."""
         path = Path(path)
         if ann is not None and ann not in ("auto", "exact", "ivfpq"):
             raise ValueError(f"index type must be auto, exact or ivfpq, not {ann!r}")
+        if augment is not None and augment not in ("none", "verified"):
+            raise ValueError(f"augment must be none or verified, not {augment!r}")
         root = str(Path(root).resolve()) if root is not None else None
         fingerprint = model.fingerprint() if model is not None else None
         if path.is_file() or _interrupted_conversion(path):
@@ -133,6 +142,7 @@ class IndexStore:
         lock = S.WriterLock(path, wait)
         try:
             if not (path / S.MANIFEST).exists():
+                keeps = int(LOCAL_K if local is None else local) if model is not None else 0
                 if model is not None:
                     model.save(path / MODEL)
                     dim = model.dim
@@ -142,7 +152,7 @@ class IndexStore:
                     "format": S.FORMAT, "version": S.FORMAT_VERSION, "generation": 0, "dim": int(dim),
                     "root": root, "model": MODEL if model is not None else None, "model_fingerprint": fingerprint,
                     "ann": ann or "auto", "next_id": 0, "segments": [], "tombstones": None, "n_dead": 0,
-                    "ivf": None, "local": int(LOCAL_K if local is None else local) if model is not None else 0})
+                    "ivf": None, "local": keeps, "augment": augment or (AUGMENT if keeps else "none")})
             store = cls(path, lock)
             store._load_current()
             m = store.m
@@ -159,6 +169,11 @@ class IndexStore:
                     raise FileFormatError(f"{path}: its images keep {kept.pop()} local features each, not {local}; "
                                           "use that number, or 0 to keep none for new images")
                 store._commit(dict(store.m, local=int(local)), new_segments={})  # for images added from now on
+            if augment == "verified" and not (store.m.get("model") and store.local_k):
+                raise ValueError(f"{path}: augment=verified mines pairs by verifying local features: it needs a "
+                                 "model and local features (--local-features above 0)")
+            if augment is not None and augment != store.m.get("augment", "none"):
+                store._commit(dict(store.m, augment=augment), new_segments={})  # for images added from now on
             return store
         except BaseException:
             lock.release()
@@ -222,6 +237,11 @@ class IndexStore:
             self._trained = trained if m.get("ivf") else None
             self._offsets = np.concatenate([[0], np.cumsum([len(s) for s in segs])]).astype(np.int64)
             self._n_dead = int(sum((~lv).sum() for lv in live if lv is not None))
+            self._pairs_cache = {s.name: self._segment_pairs(s) for s in segs}
+            # appended with the same tombstones, the older pairs keep their positions: only the
+            # new segments' are looked up (a commit costs O(new) here too)
+            grown = appended and same_dead
+            self._aug = self._overlay(segs[len(old_names):] if grown else segs, self._aug if grown else None)
             # the IVF-PQ holds every row, dead ones too (they are filtered from its shortlist), so
             # deletes leave it as it is and appends extend it; the exact index holds live rows only
             if not (appended and same_ivf):
@@ -233,8 +253,15 @@ class IndexStore:
             elif self._exact is not None:
                 new = np.concatenate([self._offsets[i] + self._live_positions(i)
                                       for i in range(len(old_names), len(segs))] or [np.zeros(0, np.int64)])
-                self._exact = ExactIndex(np.concatenate([self._exact.X.numpy(), self._rows(new)]))
+                X = np.concatenate([self._exact.X.numpy(), self._search_rows(new)])
                 self._exact_pos = np.concatenate([self._exact_pos, new])
+                # older photos the new ones verified with: their augmented rows changed
+                fresh = [self._pairs_cache[s.name] for s in segs[len(old_names):]]
+                p = self._positions(np.concatenate(fresh).ravel()) if fresh else np.zeros(0, np.int64)
+                changed = np.unique(p[(p >= 0) & (p < self._offsets[len(old_names)])])
+                if len(changed):
+                    X[np.searchsorted(self._exact_pos, changed)] = self._search_rows(changed)
+                self._exact = ExactIndex(X)
 
     def refresh(self) -> bool:
         """Move to the newest committed generation; True if it changed."""
@@ -290,19 +317,94 @@ class IndexStore:
             out[np.flatnonzero(sel)[order]] = got
         return out
 
+    # -- augmentation over verified pairs (``whitening.augment``) --------------------------------------
+    def _segment_pairs(self, seg) -> np.ndarray:
+        """The pairs (ids) that a segment's photos verified into when they were added."""
+        got = self._pairs_cache.get(seg.name)
+        if got is None:
+            P = seg.extra.get(S.PARTNERS)
+            got = pairs_of(np.asarray(seg.ids), np.asarray(P)) if P is not None else np.zeros((0, 2), np.int64)
+        return got
+
+    def _overlay(self, segs, previous=None):
+        """The live pairs by position, with each pair listed under both of its ends for lookup:
+        (pairs (m, 2), ends (2m,) sorted, the pair of each end); None when there are none. A pair
+        with a deleted photo drops out. ``segs``: the segments whose pairs to add to ``previous``
+        (the overlay of the generation this one appends to), or all of them (``previous`` None).
+
+        A photo's partners are summed in the order of ``pairs``, as ``whitening.augment`` sums
+        them over pairs sorted by (first, second): the pairs are sorted so, and an appended
+        commit's go after the older ones, which keeps each photo's order: each new pair holds a
+        new photo, whose position is after every older one."""
+        got = [self._pairs_cache[s.name] for s in segs]
+        P = np.concatenate([p for p in got if len(p)] or [np.zeros((0, 2), np.int64)])
+        pos = self._positions(P.ravel()).reshape(-1, 2)
+        pos = unique_pairs(np.sort(pos[(pos >= 0).all(1)], 1))
+        if previous is None:
+            if not len(pos):
+                return None
+            ends = np.concatenate([pos[:, 0], pos[:, 1]])
+            order = np.argsort(ends, kind="stable")
+            return pos, ends[order], np.concatenate([np.arange(len(pos))] * 2)[order]
+        if not len(pos):
+            return previous
+        old, ends, which = previous
+        new_ends = np.concatenate([pos[:, 0], pos[:, 1]])
+        order = np.argsort(new_ends, kind="stable")
+        at = np.searchsorted(ends, new_ends[order], "right")
+        new_which = (len(old) + np.concatenate([np.arange(len(pos))] * 2))[order]
+        return np.concatenate([old, pos]), np.insert(ends, at, new_ends[order]), np.insert(which, at, new_which)
+
+    def _search_rows(self, pos: np.ndarray) -> np.ndarray:
+        """The rows as they are searched: each photo's descriptor augmented over its live pairs,
+        where the store has any (``_rows`` where not)."""
+        pos = np.asarray(pos, np.int64)
+        X = self._rows(pos)
+        if self._aug is None or not len(pos):
+            return X
+        pairs, ends, which = self._aug
+        lo, hi = np.searchsorted(ends, pos, "left"), np.searchsorted(ends, pos, "right")
+        touched = hi > lo
+        if not touched.any():
+            return X
+        n = hi - lo
+        starts = np.repeat(lo, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        P = pairs[np.unique(which[starts])]  # every pair of the rows asked for, in their order
+        U = np.unique(P)
+        X[touched] = augment(self._rows(U), np.searchsorted(U, P))[np.searchsorted(U, pos[touched])]
+        return X
+
     def _positions(self, ids) -> np.ndarray:
         """Positions of live ``ids`` in this generation (-1 where unknown or deleted)."""
         ids = np.asarray(ids, np.int64).ravel()
         out = np.full(len(ids), -1, np.int64)
         with self._mutex:  # a refresh in another thread swaps the generation whole
+            # segments hold increasing, disjoint runs of ids (appends, and merges of neighbours):
+            # each id is looked up in its own segment only, O(m log n) for the pairs of millions
+            firsts = [int(s.ids[0]) for s in self._segs if len(s)]
+            lasts = [int(s.ids[-1]) for s in self._segs if len(s)]
+            if len(ids) > 1024 and all(a > b for a, b in zip(firsts[1:], lasts)):
+                which = np.flatnonzero([len(s) > 0 for s in self._segs])
+                at = np.searchsorted(np.array(firsts, np.int64), ids, "right") - 1
+                for k in np.unique(at[at >= 0]):
+                    sel = np.flatnonzero(at == k)
+                    out[sel] = self._positions_in(int(which[k]), ids[sel])
+                return out
             for i, s in enumerate(self._segs):
-                if not len(s):
-                    continue
-                j = np.searchsorted(s.ids, ids)
-                hit = (j < len(s)) & (s.ids[np.minimum(j, len(s) - 1)] == ids)
-                if self._live[i] is not None:
-                    hit &= self._live[i][np.minimum(j, len(s) - 1)]
-                out[hit] = self._offsets[i] + j[hit]
+                if len(s):
+                    hit = self._positions_in(i, ids)
+                    out[hit >= 0] = hit[hit >= 0]
+        return out
+
+    def _positions_in(self, i: int, ids: np.ndarray) -> np.ndarray:
+        """Positions of the live ``ids`` found in segment ``i`` (-1 for the others)."""
+        s = self._segs[i]
+        out = np.full(len(ids), -1, np.int64)
+        j = np.searchsorted(s.ids, ids)
+        hit = (j < len(s)) & (s.ids[np.minimum(j, len(s) - 1)] == ids)
+        if self._live[i] is not None:
+            hit &= self._live[i][np.minimum(j, len(s) - 1)]
+        out[hit] = self._offsets[i] + j[hit]
         return out
 
     def vectors(self, ids) -> np.ndarray:
@@ -366,7 +468,7 @@ class IndexStore:
         else:
             pos = np.concatenate([self._offsets[i] + self._live_positions(i) for i in range(len(self._segs))]
                                  or [np.zeros(0, np.int64)])
-            self._exact, self._exact_pos = ExactIndex(self._rows(pos)), pos
+            self._exact, self._exact_pos = ExactIndex(self._search_rows(pos)), pos
 
     def set_nprobe(self, nprobe: int) -> None:
         with self._mutex:
@@ -392,7 +494,8 @@ class IndexStore:
                 want = max(k * ANN_RERANK, ANN_MIN_SHORTLIST)
                 want += min(self._n_dead, want)
                 _, cand = self._ivf.search(Q, min(int(self._offsets[-1]), want))
-                D, P = refine(Q, [c[self._is_live(c)] for c in (c[c >= 0] for c in cand)], self._rows, k)
+                # the codes are of the plain rows; the shortlist is made exact with the augmented ones
+                D, P = refine(Q, [c[self._is_live(c)] for c in (c[c >= 0] for c in cand)], self._search_rows, k)
             else:
                 D, J = self._exact.search(Q, k)
                 P = self._exact_pos[J]
@@ -494,12 +597,53 @@ class IndexStore:
         stamps = np.zeros((len(X), 2), np.int64) if stamps is None else np.asarray(stamps, np.int64)
         m = self.m
         ids = np.arange(m["next_id"], m["next_id"] + len(X), dtype=np.int64)
-        name = S.write_segment(self.path, X, ids, stamps, list(paths), local.arrays() if local is not None else None)
+        extra = local.arrays() if local is not None else None
+        if local is not None and self.augments:
+            extra = dict(extra, **{S.PARTNERS: self._mine(X, local, ids)})
+        name = S.write_segment(self.path, X, ids, stamps, list(paths), extra)
         self._commit(dict(m, next_id=int(ids[-1]) + 1,
                           segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments={name: X})
         if needs_compaction([s["rows"] for s in self.m["segments"]]):
             self.compact()
         return ids
+
+    @property
+    def augmented(self) -> bool:
+        """Whether this generation searches rows augmented over verified pairs (``search.rerank``)."""
+        return self._aug is not None
+
+    @property
+    def augments(self) -> bool:
+        """Whether images added from now on are mined for verified pairs (``augment="verified"``)."""
+        return self.m.get("augment", "none") == "verified" and bool(self.m.get("model")) and self.local_k > 0
+
+    def _mine(self, X: np.ndarray, local: LocalCodes, ids: np.ndarray) -> np.ndarray:
+        """Each new photo's partners (``whitening.mine_pairs``' steps): its ``NEIGHBOURS`` nearest
+        among the live photos (as this store ranks them) and the others being added, verified with
+        the model's verifier. A photo added later finds its pairs with this one from its own side."""
+        sims, rows = nearest(X, NEIGHBOURS)
+        cand = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+        if len(self):
+            D, I = self.search(X, NEIGHBOURS)
+            sims = np.concatenate([np.where(I >= 0, 1 - D / 2, -np.inf), sims], 1)
+            cand = np.concatenate([I, cand], 1)
+            cand = np.take_along_axis(cand, np.argsort(-sims, axis=1, kind="stable")[:, :NEIGHBOURS], 1)
+        first = int(ids[0])
+
+        def codes_of(js):
+            old = js < first
+            codes, have = local[np.maximum(js - first, 0)], ~old
+            if old.any():
+                got, stored = self.local_codes(js[old])
+                at = np.flatnonzero(old)[stored]
+                if len(at) and got.codes.shape[1:] != codes.codes.shape[1:]:
+                    raise FileFormatError(f"{self.path}: its images keep local features of shape {got.codes.shape[1:]}, "
+                                          f"the new ones {codes.codes.shape[1:]}")
+                codes.codes[at], codes.cells[at], codes.count[at] = got.codes[stored], got.cells[stored], got.count[stored]
+                have[np.flatnonzero(old)] = stored
+            return codes, have
+
+        return verified_partners(local, cand, codes_of, self.model.verifier())
 
     def remove(self, ids) -> int:
         """Delete images by id (tombstones); returns how many were live."""
@@ -597,8 +741,10 @@ class IndexStore:
             model = self.model.describe()
         return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self),
                 "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
-                "dim": self.dim, "search": f"IVF-PQ {ivf['factory']} (trained on {ivf['trained_on']})"
-                if ivf and self._uses_ivf() else "exact", "bytes": size}
+                "dim": self.dim, "augment": self.m.get("augment", "none"),
+                "pairs": 0 if self._aug is None else len(self._aug[0]),
+                "search": f"IVF-PQ {ivf['factory']} (trained on {ivf['trained_on']})" if ivf and self._uses_ivf()
+                else "exact", "bytes": size}
 
 
 # -- single-file indexes of convlad 0.1 (``legacy.py`` reads them) -----------------------------------

@@ -33,6 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 
 LOCAL_K = 300
+# An affine map fits any 3 matches exactly: 3 inliers are no evidence, whatever a sample of unrelated
+# pairs measured (a small model fitted on a few dozen photos measured 0, and then every candidate
+# "verified": at 3 times 0, a mining of 6 groups found 291 pairs across them and 90 within)
+MIN_CHANCE = 3
 
 
 @dataclass
@@ -395,8 +399,8 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
         counts.append(raw.inliers(codes.features(i), codes[others]))
         if progress is not None:
             progress.update(1)
-    return int(np.ceil(np.percentile(np.concatenate(counts), percentile)))
+    return max(MIN_CHANCE, int(np.ceil(np.percentile(np.concatenate(counts), percentile))))
 
 
-__all__ = ["Evidence", "LOCAL_K", "LocalCodes", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers",
+__all__ = ["Evidence", "LOCAL_K", "LocalCodes", "MIN_CHANCE", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers",
            "select", "significance", "tentative_matches"]
