@@ -92,8 +92,8 @@ def index(
                                         "else the index's setting."),
     augment: Optional[str] = typer.Option(None, "--augment", help="verified: mine each added photo's pairs (its 20 "
                                           "nearest, verified) and search each indexed photo's descriptor summed with "
-                                          "its partners'; none: plain. Default: none for a new index, else the "
-                                          "index's setting (docs/defaults.md)."),
+                                          "its partners'; none: plain. Default: verified for a new index that keeps "
+                                          "local features, else the index's setting (docs/defaults.md)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: 'local' starts Ray on this machine, "
                                       "'auto' or 'ray://HOST:PORT' joins a cluster (pip install 'convlad[ray]')."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,

@@ -27,8 +27,8 @@ import numpy as np
 
 from .functional import alpha_query_expansion
 from .index import ExactIndex
-from .whitening import augment
 from .verify import LocalCodes, Verifier
+from .whitening import augment
 
 # The default re-ranking depth: +0.055 mAP on mvbench-dev [+0.030, +0.085]; as much on Lite1/2,
 # MobileNetV2 and synthetic views (docs/defaults.md)
