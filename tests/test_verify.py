@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from convlad.metrics import bootstrap_difference
-from convlad.search import Settings, search_images
+from convlad.search import Settings, plain_distances, search_images
 from convlad.sync import sync
 from convlad.verify import LocalCodes, Verifier, chance_level, select
 
@@ -155,7 +155,10 @@ def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_pa
             # features, and the list is in the verifier's score order
             codes, have = st.local_codes([h.id for h in hits])
             assert have.all() and [h.inliers for h in hits] == v.inliers(enc.local.features(qi), codes).tolist()
-            scores = v.scores([h.distance for h in hits], np.array([h.inliers for h in hits]))
+            # ... which adds to the plain similarity (the index augments: its distances are the augmented rows')
+            assert st.augmented
+            d = plain_distances(st.vectors([h.id for h in hits]), enc.X[qi])
+            scores = v.scores(d, np.array([h.inliers for h in hits]))
             assert all(a >= b for a, b in zip(scores, scores[1:])), scores
     assert all(h.inliers is None for _, hits in plain for h in hits)
     # other views of the query's object come first after verification at least as often as before
