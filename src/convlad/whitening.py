@@ -93,7 +93,7 @@ def pairs_of(ids: np.ndarray, partners: np.ndarray) -> np.ndarray:
 
 def unique_pairs(P: np.ndarray) -> np.ndarray:
     """The rows of ``P`` (m, 2) int64, sorted by their first then second element, each once
-    (``np.unique(P, axis=0)``, at a tenth of its time on millions of rows)."""
+    (``np.unique(P, axis=0)``, in a third of its time on millions of rows)."""
     P = np.asarray(P, np.int64).reshape(-1, 2)
     if not len(P):
         return P
