@@ -241,6 +241,7 @@ class IndexStore:
             # appended with the same tombstones, the older pairs keep their positions: only the
             # new segments' are looked up (a commit costs O(new) here too)
             grown = appended and same_dead
+            kept = len(self._aug[0]) if grown and self._aug is not None else 0  # pairs of the generation before
             self._aug = self._overlay(segs[len(old_names):] if grown else segs, self._aug if grown else None)
             # the IVF-PQ holds every row, dead ones too (they are filtered from its shortlist), so
             # deletes leave it as it is and appends extend it; the exact index holds live rows only
@@ -255,10 +256,9 @@ class IndexStore:
                                       for i in range(len(old_names), len(segs))] or [np.zeros(0, np.int64)])
                 X = np.concatenate([self._exact.X.numpy(), self._search_rows(new)])
                 self._exact_pos = np.concatenate([self._exact_pos, new])
-                # older photos the new ones verified with: their augmented rows changed
-                fresh = [self._pairs_cache[s.name] for s in segs[len(old_names):]]
-                p = self._positions(np.concatenate(fresh).ravel()) if fresh else np.zeros(0, np.int64)
-                changed = np.unique(p[(p >= 0) & (p < self._offsets[len(old_names)])])
+                # older photos the new ones verified with (the overlay's new pairs): their rows changed
+                p = self._aug[0][kept:].ravel() if self._aug is not None else np.zeros(0, np.int64)
+                changed = np.unique(p[p < self._offsets[len(old_names)]])
                 if len(changed):
                     X[np.searchsorted(self._exact_pos, changed)] = self._search_rows(changed)
                 self._exact = ExactIndex(X)
@@ -381,9 +381,9 @@ class IndexStore:
         with self._mutex:  # a refresh in another thread swaps the generation whole
             # segments hold increasing, disjoint runs of ids (appends, and merges of neighbours):
             # each id is looked up in its own segment only, O(m log n) for the pairs of millions
-            firsts = [int(s.ids[0]) for s in self._segs if len(s)]
-            lasts = [int(s.ids[-1]) for s in self._segs if len(s)]
-            if len(ids) > 1024 and all(a > b for a, b in zip(firsts[1:], lasts)):
+            firsts = [int(s.ids[0]) for s in self._segs if len(s)] if len(ids) > 1024 else []
+            lasts = [int(s.ids[-1]) for s in self._segs if len(s)] if firsts else []
+            if firsts and all(a > b for a, b in zip(firsts[1:], lasts)):
                 which = np.flatnonzero([len(s) > 0 for s in self._segs])
                 at = np.searchsorted(np.array(firsts, np.int64), ids, "right") - 1
                 for k in np.unique(at[at >= 0]):
