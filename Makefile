@@ -6,7 +6,7 @@ SHARED  ?= ../shared/data
 
 LOCK    := constraints.txt
 
-.PHONY: demo test test-fast bench results install browser lock clean
+.PHONY: demo test test-fast test-long bench results install browser lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,10 +36,14 @@ demo: install
 	$(BIN)/python scripts/demo.py --shared $(SHARED)
 
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m 'not long'
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m 'not e2e'
+	$(BIN)/python -m pytest -q -m 'not e2e and not long'
+
+# the documented figures that take many minutes to reproduce (docs/defaults.md says which)
+test-long: install
+	$(BIN)/python -m pytest -q -m long
 
 # speed and memory against a plain baseline measured in the same run: prints a table, writes JSON
 bench: install

@@ -492,13 +492,18 @@ def measure_serve(quick: bool) -> dict:
 
 
 def measure_rerank(quick: bool) -> dict:
-    """Re-ranking mvbench-dev's top 100 by spatial verification (the issue's target: mAP ≥ 0.86 at
-    ≤ 50 ms added per query on 2 cores), against the exact global ranking of the same run."""
+    """Re-ranking mvbench-dev's top 100 by spatial verification through the one search
+    (``search.rank`` on eval's ``MemoryIndex``, augmented as an index is by default), against the
+    global ranking of the same index in the same run (the issue's budget: ≤ 50 ms added per query
+    on 2 cores); and the mining that augmentation and the learned whitening share, against the
+    encoding of the same photos, both per 1 000 photos."""
     from convlad.datasets import load_groups
-    from convlad.evaluate import evaluate_ranking, query_descriptors, rank_database
+    from convlad.evaluate import evaluate_ranking, query_descriptors
     from convlad.images import list_images
     from convlad.pipeline import ConvVLAD
+    from convlad.search import MemoryIndex, Settings, rank
     from convlad.verify import LOCAL_K
+    from convlad.whitening import learn_whitening
 
     print("rerank: fitting the default descriptor, encoding mvbench-dev with its local features ...", flush=True)
     train_dir = SHARED / "mvbench-train" / "images"
@@ -508,28 +513,34 @@ def measure_rerank(quick: bool) -> dict:
     enc = model.transform(bench.paths, progress=False, local=LOCAL_K)
     t_encode = time.perf_counter() - t
     X, L = enc.X, enc.local
-    # the learned whitening's training (mining by verification, then the fit) against the
-    # encoding of the same photos, both per 1 000 photos
-    from convlad.whitening import learn_whitening
-
     t = time.perf_counter()
     lw, pairs = learn_whitening(X, L, model.verifier(), progress=False)
     t_whiten = time.perf_counter() - t
-    queries = range(0, bench.n_queries, 4 if quick else 1)
-    t = time.perf_counter()
-    D, R = rank_database(X, query_descriptors(bench, X))
-    t_rank = (time.perf_counter() - t) / bench.n_queries
-    before = evaluate_ranking(bench, R).mAP
-    v, n, times = model.verifier(), 100, []
-    for q in queries:
-        d = bench.query_db[q]
-        t = time.perf_counter()
-        R[q, :n + 1], _ = v.rerank(L.features(d), R[q, :n + 1], D[q, :n + 1], L[R[q, :n + 1]])
-        times.append(time.perf_counter() - t)
-    return {"mAP": before, "mAP_rerank": evaluate_ranking(bench, R).mAP if not quick else None,
-            "rank_ms": 1000 * t_rank, "rerank_ms_mean": 1000 * float(np.mean(times)),
-            "rerank_ms_p95": 1000 * float(np.percentile(times, 95)), "bytes_per_image": L.bytes_per_image,
-            "shortlist": n, "queries": len(times), "whiten_s_per_1000": 1000 * t_whiten / len(X),
+    index = MemoryIndex(X, L, model.verifier(), pairs)
+    queries = list(range(0, bench.n_queries, 4 if quick else 1))
+    Q = query_descriptors(bench, X)
+    feats = [L.features(bench.query_db[q]) for q in queries]
+    junk = [sorted(bench.junk[q]) for q in queries]
+    n = 100
+
+    def ranking(rerank):
+        """Per query: its ranking (junk first, as eval scores it) and its seconds."""
+        R, times = np.zeros((bench.n_queries, len(X)), np.int64), []
+        for j, q in enumerate(queries):
+            t = time.perf_counter()
+            hits, = rank(index, Q[q:q + 1], [feats[j]], Settings(k=len(X), rerank=rerank), exclude=[junk[j]])
+            times.append(time.perf_counter() - t)
+            R[q] = np.concatenate([np.asarray(junk[j], np.int64), [h.id for h in hits]])
+        return R, np.asarray(times)
+
+    R0, t0 = ranking(0)
+    R1, t1 = ranking(n)
+    score = (lambda R: evaluate_ranking(bench, R).mAP) if not quick else (lambda R: None)
+    added = t1 - t0
+    return {"mAP": score(R0), "mAP_rerank": score(R1), "augmented_pairs": len(pairs),
+            "rank_ms": 1000 * float(np.mean(t0)), "rerank_ms_mean": 1000 * float(np.mean(added)),
+            "rerank_ms_p95": 1000 * float(np.percentile(added, 95)), "bytes_per_image": L.bytes_per_image,
+            "shortlist": n, "queries": len(queries), "whiten_s_per_1000": 1000 * t_whiten / len(X),
             "encode_s_per_1000": 1000 * t_encode / len(X), "whiten_pairs": len(pairs)}
 
 
@@ -662,7 +673,12 @@ def main():
         results["ray"] = measure_ray(a.quick)
     if "rerank" in parts:
         results["rerank"] = measure_rerank(a.quick)
-    results["machine"] = machine
+    # a part measured alone keeps the machine it ran on: the others may come from another one
+    for part in parts & {"e2e", "store", "serve", "ray", "rerank"}:
+        if isinstance(results.get(part), dict):
+            results[part]["machine"] = machine
+    if parts == {"e2e", "forward", "search", "store", "serve", "ray", "rerank"} or "machine" not in results:
+        results["machine"] = machine
     Path(a.out).write_text(json.dumps(results, indent=1))
     print_table(results)
     print(f"\nwrote {a.out}")
@@ -740,10 +756,10 @@ def print_table(r: dict) -> None:
         v = r["rerank"]
         after = f"{v['mAP_rerank']:.3f}" if v["mAP_rerank"] is not None else "(not scored in --quick)"
         print(f"\nre-ranking mvbench-dev's top {v['shortlist']} by spatial verification ({v['bytes_per_image']} bytes "
-              f"per image): mAP {v['mAP']:.3f} → {after}; {v['rerank_ms_mean']:.1f} ms added per query "
-              f"(p95 {v['rerank_ms_p95']:.1f}), against {v['rank_ms']:.3f} ms for the exact global ranking")
+              f"per image; the one search, database augmented): mAP {v['mAP']:.3f} → {after}; {v['rerank_ms_mean']:.1f} ms "
+              f"added per query (p95 {v['rerank_ms_p95']:.1f}), against {v['rank_ms']:.2f} ms for the global ranking")
         if "whiten_s_per_1000" in v:
-            print(f"learned whitening ({v['whiten_pairs']} pairs mined): {v['whiten_s_per_1000']:.1f} s per 1 000 "
+            print(f"mining and the learned whitening ({v['whiten_pairs']} pairs): {v['whiten_s_per_1000']:.1f} s per 1 000 "
                   f"photos, against {v['encode_s_per_1000']:.0f} s to encode them "
                   f"({v['whiten_s_per_1000'] / v['encode_s_per_1000']:.2f}×)")
     if "forward" not in r or "search" not in r:

@@ -14,7 +14,7 @@ import torch
 from convlad.metrics import bootstrap_difference
 from convlad.search import Settings, plain_distances, search_images
 from convlad.sync import sync
-from convlad.verify import LocalCodes, Verifier, chance_level, select
+from convlad.verify import LocalCodes, Verifier, chance_level, select, tentative_matches
 
 from .servers import cli, groups_of_dev
 
@@ -202,6 +202,25 @@ def test_search_rerank_on_the_command_line(tmp_path, train_images):
     assert p.returncode == 0 and "keeps no local features" in p.stderr and "Traceback" not in p.stderr
     assert [r["path"] for r in json.loads(p.stdout)[0]["results"]] == \
         [r["path"] for r in json.loads(cli("search", bare, q, "-k", "2", "--json", "--rerank", "0").stdout)[0]["results"]]
+
+
+def test_a_shortlist_matches_as_each_pair_alone_does():
+    # the shortlist is matched in one product laid out (query feature, pair, candidate feature):
+    # each pair's mutual nearest neighbours and similarities must be those of that pair on its own
+    rng = np.random.default_rng(0)
+    codes = np.round(rng.normal(size=(7, 60, 16)) * 40).clip(-127, 127).astype(np.int8)
+    count = np.array([60, 60, 45, 60, 30, 60, 60], np.uint16)
+    codes[np.arange(60)[None, :] >= count[:, None]] = 0  # unused slots are zero
+    cells = rng.integers(0, 28, size=(7, 60, 2)).astype(np.uint8)
+    L = LocalCodes(codes, cells, count)
+    query = L.features(0)
+    fwd, ok, best = Verifier(min_similarity=0.3)._tentative(query, L[np.arange(1, 7)])
+    for j in range(6):
+        S = query[0] @ L.features(j + 1)[0].T
+        rows, cols = tentative_matches(S, 0.3)
+        assert np.flatnonzero(ok[j]).tolist() == rows.tolist() and fwd[j, rows].tolist() == cols.tolist()
+        assert np.allclose(best[j, rows], S[rows, cols], atol=1e-6)
+    assert ok.sum() > 30  # there is something to compare
 
 
 def test_a_feature_is_matched_once_even_where_features_tie(model, train_images):
