@@ -279,7 +279,7 @@ class Verifier:
         # numpy's stacked matmul makes one BLAS call per pair, each a parallel region of its own:
         # on 2 busy cores (a service under load, or the two threads of ``evidence``) each call
         # waits for the scheduler. mvbench-dev's top 100 with the test suite running beside it: 954 ms
-        # a query that way, 73 ms this way (idle: 37 and 31). Unused slots are zero vectors, whose
+        # a query that way, 73 ms this way (idle: 37 and 29). Unused slots are zero vectors, whose
         # similarity 0 never reaches min_similarity.
         S = (dq @ C.reshape(n * k, d).T).reshape(len(dq), n, k)
         fwd_q = S.argmax(2)  # each query feature's nearest candidate feature, (query feature, pair)
