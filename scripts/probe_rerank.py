@@ -69,6 +69,31 @@ def encode(cache: Path):
     return out
 
 
+def judge(families: dict, reference, bench, seeds: int = 3) -> dict:
+    """Each family's candidates (name → per-query APs) against the default's APs (``reference(family)``):
+    the full set's best, and the out-of-fold choice among the default and the candidates for
+    ``seeds`` deals of the folds, printed as a table and returned as a JSON-able dict."""
+    from convlad.folds import cross_validate, group_folds
+    from convlad.metrics import bootstrap_difference
+
+    rows = {}
+    print(f"\n{'family':<20}{'candidates':>11}  {'full-set best':>44}   out of fold, seeds 0/1/2 (gain [95%])")
+    for name, cands in families.items():
+        ref = reference(name)
+        best = max(cands, key=lambda k: cands[k].mean())
+        row = {"candidates": len(cands), "full_set": {k: float(c.mean()) for k, c in cands.items()},
+               "full_set_best": best, "full_set_mAP": float(cands[best].mean()),
+               "full_set_gain": bootstrap_difference(ref, cands[best]), "out_of_fold": []}
+        for seed in range(seeds):
+            cv = cross_validate({"default": ref, **cands}, group_folds(bench.groups, 5, seed), baseline="default")
+            row["out_of_fold"].append({"seed": seed, "mAP": cv.mAP, "gain": cv.gain(), "chosen": cv.chosen})
+        rows[name] = row
+        oof = "; ".join(f"{r['mAP']:.4f} ({r['gain'][0]:+.3f} [{r['gain'][1]:+.3f}, {r['gain'][2]:+.3f}])"
+                        for r in row["out_of_fold"])
+        print(f"{name:<20}{len(cands):>11}  {best:>37} {cands[best].mean():.4f}   {oof}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default="/tmp/convlad-probe", help="folder for the encodings (reused)")
@@ -76,8 +101,6 @@ def main():
     a = ap.parse_args()
     from convlad.datasets import load_groups
     from convlad.evaluate import query_aps
-    from convlad.folds import cross_validate, group_folds
-    from convlad.metrics import bootstrap_difference
     from convlad.verify import LocalCodes, Verifier
 
     bench = load_groups(SHARED / "mvbench-dev")
@@ -218,21 +241,8 @@ def main():
             fam[f"T{T} s{shrink:g} {sim}"] = aps(lambda i: rerank(i, oz[i], Sm[i], bonus(gated(i, oz[i][:D]))))
     print("whitening done", flush=True)
 
-    out = {"default": {"global": float(glob.mean()), "reranked": float(base.mean())}, "mined_pairs": report_pairs,
-           "families": {}}
-    print(f"\n{'family':<20}{'candidates':>11}{'full-set best':>28}   out of fold, seeds 0/1/2 (gain [95%])")
-    for name, cands in R.items():
-        ref = glob if name == "whitening (global)" else base
-        best = max(cands, key=lambda k: cands[k].mean())
-        row = {"candidates": len(cands), "full_set_best": best, "full_set_mAP": float(cands[best].mean()),
-               "full_set_gain": bootstrap_difference(ref, cands[best]), "out_of_fold": []}
-        for seed in range(3):
-            cv = cross_validate({"default": ref, **cands}, group_folds(bench.groups, 5, seed), baseline="default")
-            row["out_of_fold"].append({"seed": seed, "mAP": cv.mAP, "gain": cv.gain(), "chosen": cv.chosen})
-        out["families"][name] = row
-        oof = "; ".join(f"{r['mAP']:.4f} ({r['gain'][0]:+.3f} [{r['gain'][1]:+.3f}, {r['gain'][2]:+.3f}])"
-                        for r in row["out_of_fold"])
-        print(f"{name:<20}{len(cands):>11}  {best:>16} {cands[best].mean():.4f}   {oof}")
+    out = {"default": {"global": float(glob.mean()), "reranked": float(base.mean())}, "mined_pairs": report_pairs}
+    out["families"] = judge(R, lambda name: glob if name == "whitening (global)" else base, bench)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1, default=float))
     print(f"\nwrote {a.out}")
