@@ -15,13 +15,18 @@ Families (all label-free: nothing is fitted on mvbench-dev, nor on any benchmark
 - ``features``: the local features verified: 300 (default), 500 or all 784 positions of block6 at
   scale 2, with or without 100 or all 196 of scale 1 (cells doubled onto the scale-2 grid), each
   with its chance level measured on the training photos as a model's is.
+- ``ratio``: Lowe's ratio test on top of the mutual nearest neighbours: a tentative match is kept
+  only where its distance is below r times the distance to the query feature's nearest candidate
+  feature outside the match's 3 × 3 cells (adjacent cells of a conv map describe overlapping
+  patches, so the plain second nearest is usually the same patch again); r = 0.8 (SIFT's), 0.9,
+  0.95, each with its chance level measured with the same matching.
 - ``chance`` (a diagnostic, not a candidate): the inliers that unrelated training photos reach
   against their nearest neighbours, by neighbour rank (where a shortlist lives), against the chance
   level that is measured on far pairs; and what dev's mAP does with the level set to each.
 
     python scripts/probe_verify.py [--cache /tmp/convlad-probe-verify] [--out docs/results/probe-verify.json]
 
-About 2 min on 2 cores with the cache warm (EvalCache's fit and encodings are reused), 5 cold.
+About 5 min on 2 cores once EvalCache holds the fit and the encodings; a few minutes more the first time.
 """
 from __future__ import annotations
 
@@ -121,6 +126,31 @@ def pair_features(v, query, cands, area: float) -> np.ndarray:
         F[j, 6] = np.log(max(sv[0], 1e-6) / max(sv[1], 1e-6))
         F[j, 7] = best[j, rows][mask].mean()
     return F
+
+
+def ratio_verifier(r: float, **kw):
+    """A ``Verifier`` whose tentative matches also pass the ratio test at ``r`` (see the docstring)."""
+    from dataclasses import dataclass
+
+    from convlad.verify import Verifier
+
+    @dataclass
+    class RatioVerifier(Verifier):
+        ratio: float = 1.0
+
+        def _tentative(self, query, candidates):
+            fwd, ok, best = super()._tentative(query, candidates)
+            C = candidates.descriptors()
+            n, k, d = C.shape
+            S = (query[0] @ C.reshape(n * k, d).T).reshape(len(query[0]), n, k).transpose(1, 0, 2)
+            cells = candidates.cells.astype(np.int16)
+            first = cells[np.arange(n)[:, None], fwd]  # (pair, query feature, 2)
+            near = np.abs(cells[:, None, :, :] - first[:, :, None, :]).max(-1) <= 1
+            second = np.where(near, -1.0, S).max(2)
+            d1, d2 = (np.sqrt(np.maximum(2 - 2 * x, 0)) for x in (best, second))
+            return fwd, ok & (d1 < self.ratio * d2), best
+
+    return RatioVerifier(ratio=r, **kw)
 
 
 def fit_logistic(F, y, w, l2=1e-2, iters=50):
@@ -250,6 +280,17 @@ def main():
         fam[f"{k2} at scale 2 + {k1} at scale 1"] = aps_of(cos + bonus(E, ch))
         out["features"][f"{k2}+{k1}"] = {"chance": ch}
     print("features done", flush=True)
+
+    # -- Lowe's ratio test, outside the match's own neighbourhood
+    fam = R.setdefault("ratio", {})
+    out["ratio"] = {}
+    for r in (0.8, 0.9, 0.95):
+        ch = chance_level(train, verifier=ratio_verifier(r))
+        vr = ratio_verifier(r, chance=ch)
+        E = np.stack([vr.evidence(dev.features(d), dev[ids[q][:D]]).inliers for q, d in enumerate(qs)])
+        fam[f"r = {r:g}"] = aps_of(cos + bonus(E, ch))
+        out["ratio"][f"{r:g}"] = {"chance": ch}
+    print("ratio done", flush=True)
 
     # -- diagnostic: what unrelated photos reach against their nearest
     Mn = Fn[:, 0].reshape(len(Xt), NN)

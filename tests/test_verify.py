@@ -14,7 +14,7 @@ import torch
 from convlad.metrics import bootstrap_difference
 from convlad.search import Settings, plain_distances, search_images
 from convlad.sync import sync
-from convlad.verify import LocalCodes, Verifier, chance_level, select, tentative_matches
+from convlad.verify import MIN_CHANCE, LocalCodes, Verifier, chance_level, select, tentative_matches
 
 from .servers import cli, groups_of_dev
 
@@ -114,6 +114,8 @@ def test_chance_level_is_what_unrelated_photos_reach(model, train_images):
     tree = [str(f) for f in groups_of_dev()["monstree"]]
     T = model.transform(tree, progress=False, local=300).local
     assert chance_level(T) > 2 * max(chance_level(L), model.chance_), (chance_level(T), chance_level(L))
+    # ... for the verifier's matching: one that takes no tentative match gets the floor
+    assert chance_level(T, verifier=Verifier(min_similarity=1.01)) == MIN_CHANCE
 
 
 @pytest.mark.e2e

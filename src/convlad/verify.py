@@ -28,7 +28,7 @@ no evidence).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -379,14 +379,16 @@ class Verifier:
 
 
 def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float = 99, seed: int = 0,
-                 progress=None) -> int:
+                 progress=None, verifier: Verifier | None = None) -> int:
     """Inliers that unrelated photos reach: the ``percentile`` over random pairs of the images of
     ``codes`` (training photos). Each image is paired only beyond its max(10, n/20) nearest by the
     mean of its local descriptors, so that a training set with small groups of related photos does
     not count their matches as chance: learned on mvbench-dev's 191 photos (groups of 2–8) with
     every pair, Lite0's level came out 15 and halved re-ranking's gain on other photos
     (docs/defaults.md); this way it is 8, as on mvbench-train's unrelated photos. Groups far larger
-    than n/20 (Paris6k's landmarks) still raise it, which makes re-ranking more cautious, not wrong."""
+    than n/20 (Paris6k's landmarks) still raise it, which makes re-ranking more cautious, not wrong.
+    ``verifier``: whose matching the level is for (its tentative matches and tolerance; default
+    ``Verifier()``'s); every pair with 3 tentative matches is fitted, whatever its gate."""
     n = len(codes)
     if n < 2:
         return Verifier.chance
@@ -397,7 +399,7 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
     np.fill_diagonal(S, np.inf)  # itself first, then its nearest
     by_similarity = np.argsort(-S, axis=1)
     skip = min(1 + max(10, n // 20), n - 1)
-    raw = Verifier(chance=0)  # no gate: every pair with 3 tentative matches is fitted
+    raw = replace(verifier or Verifier(), chance=0, min_tentative=None)  # no gate: 3 tentative matches are fitted
     counts = []
     for i in range(n):
         far = by_similarity[i, skip:]
