@@ -19,12 +19,15 @@ photos and the verifier, never the benchmark's groups):
   the shortlist ranked by it and scored with it or with the original similarity.
 
     python scripts/probe_rerank.py [--cache /tmp/probe] [--out docs/results/probe-rerank.json]
+
+fp32 unless CONVLAD_PRECISION says otherwise; a cache folder holds one precision's encodings.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,8 @@ def main():
     ap.add_argument("--cache", default="/tmp/convlad-probe", help="folder for the encodings (reused)")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "probe-rerank.json"))
     a = ap.parse_args()
+    # the figures in docs/defaults.md are fp32's; bf16's last bits move this plateau's near-ties
+    os.environ.setdefault("CONVLAD_PRECISION", "fp32")
     from convlad.datasets import load_groups
     from convlad.evaluate import query_aps
     from convlad.verify import LocalCodes, Verifier
