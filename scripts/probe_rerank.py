@@ -44,32 +44,35 @@ def encode(cache: Path):
     if f.is_file():
         z = np.load(f)
         return {k: z[k] for k in z.files}
-    import torch
-
     from convlad.datasets import load_groups, training_paths
-    from convlad.extract import FeatureExtractor, iter_batches
+    from convlad.extract import FeatureExtractor
     from convlad.pipeline import ConvVLAD
-    from convlad.verify import LocalCodes, chance_level, select
+    from convlad.verify import chance_level
 
     bench = load_groups(SHARED / "mvbench-dev")
     train, _ = training_paths(SHARED / "mvbench-train")
     model = ConvVLAD().fit(train)
     enc = model.transform(bench.paths, local=300)
     extra = FeatureExtractor(model.backbone, ["block10"])
-    key = ("block10", 2.0)
-
-    def codes(paths):
-        got = [select(b.features[key], b.norms[key], b.grids[key], 300)
-               for b in iter_batches(extra, paths, [2.0], 16, norms=[key])]
-        return LocalCodes.concat(got)
-
-    with torch.inference_mode():
-        dev10, train10 = codes(bench.paths), codes(train)
+    dev10, train10 = (layer_codes(extra, paths, ("block10", 2.0), 300) for paths in (bench.paths, train))
     out = {"X": enc.X, "chance": np.array(model.chance_), "chance10": np.array(chance_level(train10)),
            **enc.local.arrays(), **{f"b10-{k}": v for k, v in dev10.arrays().items()}}
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(f, **out)
     return out
+
+
+def layer_codes(extractor, paths, key: tuple[str, float], k: int):
+    """The ``k`` strongest local features (``verify.select``) of one layer at one scale, ``key``, of
+    each photo of ``paths``, whichever layer the model verifies with."""
+    import torch
+
+    from convlad.extract import iter_batches
+    from convlad.verify import LocalCodes, select
+
+    with torch.inference_mode():
+        return LocalCodes.concat([select(b.features[key], b.norms[key], b.grids[key], k)
+                                  for b in iter_batches(extractor, paths, [key[1]], 16, norms=[key])])
 
 
 def judge(families: dict, reference, bench, seeds: int = 3) -> dict:

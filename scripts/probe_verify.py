@@ -40,7 +40,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from probe_rerank import judge  # noqa: E402  (the same table and folds as the first families')
+from probe_rerank import judge, layer_codes  # noqa: E402  (the same table and folds as the first families')
 from synviews import view  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -59,13 +59,11 @@ def encode(cache: Path):
         z = np.load(f)
         return {k: z[k] for k in z.files}
     import cv2
-    import torch
 
     from convlad.datasets import load_groups, training_paths
     from convlad.evalcache import EvalCache
-    from convlad.extract import FeatureExtractor, iter_batches
+    from convlad.extract import FeatureExtractor
     from convlad.pipeline import ConvVLAD
-    from convlad.verify import LocalCodes, select
 
     bench = load_groups(SHARED / "mvbench-dev")
     train, _ = training_paths(SHARED / "mvbench-train")
@@ -89,10 +87,7 @@ def encode(cache: Path):
     ex.precision = "fp32"
     for name, paths in (("dev", bench.paths), ("train", train)):
         for scale, k in ((1.0, 196), (2.0, 784)):
-            key = (model.local_key[0], scale)
-            with torch.inference_mode():
-                got = LocalCodes.concat([select(b.features[key], b.norms[key], b.grids[key], k)
-                                         for b in iter_batches(ex, paths, [scale], 16, norms=[key])])
+            got = layer_codes(ex, paths, (model.local_key[0], scale), k)
             out.update({f"{name}{int(scale)}_{a}": v for a, v in got.arrays().items()})
     np.savez(f, **out)
     return out
@@ -245,13 +240,13 @@ def main():
     verified = Fd[..., 0] > 0
     fam, report = R.setdefault("logistic", {}), {"pairs": {"matches": len(Fp), "non_matches": len(Fn)},
                                                   "auc_dev": {"inliers": auc(Fd[..., 0], lab)}, "coefficients": {}}
+    per_inlier = fit_logistic(F[:, [0]], y, w)[1][1]  # the log-odds one inlier adds, inliers alone
     for name, cols in (("inliers", [0]), ("inliers, tentative", [0, 1]), ("all 8", list(range(8)))):
         logit, coef = fit_logistic(F[:, cols], y, w)
         L = logit(Gd[:, cols]).reshape(cos.shape)
         P = np.where(verified, 1 / (1 + np.exp(-L)), 0)
         fam[f"{name}: cos + 4P"] = aps_of(cos + 4 * P)
-        # the log-odds above even, in inliers: divided by the log-odds an inlier adds alone
-        per_inlier = fit_logistic(F[:, [0]], y, w)[1][1]
+        # the log-odds above even, in inliers
         fam[f"{name}: cos + log-odds in inliers"] = aps_of(cos + bonus(np.where(verified, np.maximum(L, 0), 0)
                                                                        / per_inlier, level=0))
         logit_c, coef_c = fit_logistic(F[:, cols + [8]], y, w)
