@@ -69,7 +69,8 @@ def test_grid_parsing_says_what_is_wrong():
     assert combinations(g, ("per", "score"))[0] == {"per": 10.0, "score": "inliers"}  # the baseline first
     assert len(combinations(g, ("per", "score", "chance"))) == 8
     assert parse_grid(["augment=none,verified"]) == {"augment": ["none", "verified"]}
-    for bad in ("per", "nope=1", "per=x", "score=votes", "per=1,per=2", "augment=labels"):
+    assert parse_grid(["link=on,off"]) == {"link": [True, False]}
+    for bad in ("per", "nope=1", "per=x", "score=votes", "per=1,per=2", "augment=labels", "link=yes"):
         with pytest.raises(ValueError):
             parse_grid([bad] if bad != "per=1,per=2" else ["per=1", "per=2"])
 

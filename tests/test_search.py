@@ -105,6 +105,15 @@ def test_map_through_the_index_is_evals(dev_index):
     q = int(ids[bench.query_db[0]])
     codes, _ = st.local_codes([q])
     assert rank(st, st.vectors([q]), [codes.features(0)], exclude=[[q]])[0] == search_ids(st, [q])[0]
+    # the index's pairs, as the search reads them to complete a verified shortlist, are eval's
+    P = st.partners(ids)
+    want = {(int(ids[a]), int(ids[b])) for a, b in pairs} | {(int(ids[b]), int(ids[a])) for a, b in pairs}
+    assert len(P) == 2 * len(pairs) and {(int(a), int(b)) for a, b in P} == want
+    at = {int(i): k for k, i in enumerate(ids)}
+    assert [at[int(a)] for a in P[:, 0]] == sorted(at[int(a)] for a in P[:, 0])  # in the order of the ids asked
+    one = int(P[0, 0])
+    assert {int(b) for b in st.partners([one])[:, 1]} == {b for a, b in want if a == one}
+    assert len(st.partners([10**9])) == 0  # an id the index does not hold has none
 
 
 def test_the_grid_of_eval_folds_ranks_as_the_one_search(dev_index):
@@ -123,19 +132,21 @@ def test_the_grid_of_eval_folds_ranks_as_the_one_search(dev_index):
     ids = np.array([id_of[str(Path(p).relative_to(need(MVBENCH_DEV)))] for p in bench.paths])
     X, (local, _) = st.vectors(ids), st.local_codes(ids)
     v = st.model.verifier()
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    pairs = np.vectorize(row_of.get)(st._ids_at(st._aug[0].ravel()).reshape(-1, 2))  # as the index augments
     q = slice(0, 191, 3)  # a third of the queries: the same code path, a third of the time
     bench = replace(bench, query_items=bench.query_items[q], positives=bench.positives[q], junk=bench.junk[q],
                     query_db=bench.query_db[q], groups=bench.groups[q])
-    grid = SearchGrid(bench, X, local=local, verifier=v)
+    grid = SearchGrid(bench, X, local=local, verifier=v, pairs=pairs)
     candidates = [{}, {"min_tentative": 4}, {"min_tentative": 12, "per": 5.0}, {"rerank": 40, "chance": 5},
                   {"features": 150}, {"score": "significance", "level": 2.0, "min_tentative": 6},
-                  {"min_similarity": 0.7, "cap": 1.0}]
+                  {"min_similarity": 0.7, "cap": 1.0}, {"link": False}]
     grid.prepare(candidates)
     for c in candidates:
         c = dict(c)
         depth, features = c.pop("rerank", 100), c.pop("features", 300)
         want = evaluate_descriptors(bench, X, rerank=depth, local=_truncate(local, features),
-                                    verifier=replace(v, **c)).aps
+                                    verifier=replace(v, **c), pairs=pairs).aps
         np.testing.assert_array_equal(grid.aps({"rerank": depth, "features": features, **c}), want)
     assert not np.array_equal(grid.aps({}), grid.aps({"rerank": 0}))
     # an augmented database (``augment=verified``): searched by its augmented rows, verified by the

@@ -118,6 +118,53 @@ def test_chance_level_is_what_unrelated_photos_reach(model, train_images):
     assert chance_level(T, verifier=Verifier(min_similarity=1.01)) == MIN_CHANCE
 
 
+def test_a_photo_paired_with_a_sure_match_ranks_as_if_it_verified_sure(model):
+    """The search completes a verified shortlist through the index's verified pairs: a photo that
+    the index pairs with one of the query's sure matches scores at least the sure level's bonus,
+    says through which (``Hit.via``), and nothing else moves; a pair with a match that is not sure,
+    or with an excluded photo, lifts nothing."""
+    from convlad.search import MemoryIndex, rank
+
+    groups = list(groups_of_dev().values())[:6]
+    paths = [str(f) for files in groups for f in files[:3]]
+    enc = model.transform(paths, progress=False, local=300)
+    X, L, v = enc.X, enc.local, model.verifier()
+    n = len(paths)
+    inl = np.array([v.inliers(L.features(i), L) for i in range(n)])
+    sure = [(q, s) for q in range(n) for s in range(n) if s != q and inl[q, s] >= v.sure]
+    assert sure, (v.sure, inl.max())
+    q, s = sure[0]
+    # the weakest photo of another group: verified far below the sure level with the query
+    weak = min((j for j in range(n) if j // 3 != q // 3), key=lambda j: (inl[q, j], -X[q] @ X[j]))
+    cold = [j for j in range(n) if j not in (q, s) and inl[q, j] < v.sure and j != weak][0]
+    assert inl[q, weak] < v.sure and inl[q, cold] < v.sure
+
+    def ranked(pairs, exclude=(q,), v=v):
+        index = MemoryIndex(X, L, v, np.array(pairs, np.int64).reshape(-1, 2) if pairs else None)
+        return rank(index, X[[q]], [L.features(q)], Settings(k=n, rerank=n), exclude=[list(exclude)])[0]
+
+    alone = ranked(None)
+    through = ranked([(min(s, weak), max(s, weak))])
+    hit = next(h for h in through if h.id == weak)
+    assert hit.via == s and hit.inliers == inl[q, weak]
+    # its score is what verifying at the sure level would give; the others keep theirs and their order
+    d = plain_distances(X[[h.id for h in through]], X[q])
+    want = v.scores(d, np.array([v.sure if h.id == weak else h.inliers for h in through]))
+    assert all(a >= b for a, b in zip(want, want[1:])), want
+    assert [h.id for h in through if h.id != weak] == [h.id for h in alone if h.id != weak]
+    assert [h.id for h in through].index(weak) < [h.id for h in alone].index(weak)
+    assert all(h.via is None for h in alone) and all(h.via is None for h in through if h.id != weak)
+    # a link through a match that is not sure, or one the query may not see, lifts nothing; nor
+    # does any link with ``link=False``
+    from dataclasses import replace
+
+    off = ranked([(min(s, weak), max(s, weak))], v=replace(v, link=False))
+    assert [h.id for h in off] == [h.id for h in alone] and all(h.via is None for h in off)
+    for pairs, exclude in (([(min(cold, weak), max(cold, weak))], (q,)), ([(min(s, weak), max(s, weak))], (q, s))):
+        got = ranked(pairs, exclude)
+        assert [h.id for h in got] == [h.id for h in alone if h.id not in exclude] and all(h.via is None for h in got)
+
+
 @pytest.mark.e2e
 def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_path):
     from convlad.store import IndexStore
@@ -160,7 +207,8 @@ def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_pa
             # ... which adds to the plain similarity (the index augments: its distances are the augmented rows')
             assert st.augmented
             d = plain_distances(st.vectors([h.id for h in hits]), enc.X[qi])
-            scores = v.scores(d, np.array([h.inliers for h in hits]))
+            # (one that the index pairs with a sure match scores as if it verified at the sure level)
+            scores = v.scores(d, np.array([h.inliers if h.via is None else max(h.inliers, v.sure) for h in hits]))
             assert all(a >= b for a, b in zip(scores, scores[1:])), scores
     assert all(h.inliers is None for _, hits in plain for h in hits)
     # other views of the query's object come first after verification at least as often as before

@@ -301,15 +301,18 @@ def explain(
     if enc.local is None:
         raise UserError(f"{index_file}: keeps no local features (indexed with --local-features 0): nothing to verify")
     m = match_in_index(idx, enc.local, str(query), id_)
-    where = {"id": id_, "path": result, **({"rank": shown.rank, "ranked_inliers": shown.inliers} if shown else {})}
+    where = {"id": id_, "path": result,
+             **({"rank": shown.rank, "ranked_inliers": shown.inliers, "via": shown.via} if shown else {})}
     if as_json:
         typer.echo(json.dumps({**where, **m.to_dict()}, indent=1))
         return
     out = out or Path("match.png")
     draw_matches(m, str(query), result, out)
     at = f"rank {shown.rank}, " if shown else ""
+    via = (f"; ranked through id {shown.via}, a sure match of the query that the index pairs it with"
+           if shown is not None and shown.via is not None else "")
     typer.echo(f"{query} ↔ {result} ({at}id {id_}): {m.n_inliers} inliers of {m.n_matches} tentative matches "
-               f"(layer {m.layer} at scale {m.scale:g}, affine) → {out}")
+               f"(layer {m.layer} at scale {m.scale:g}, affine){via} → {out}")
 
 
 @app.command()

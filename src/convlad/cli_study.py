@@ -34,7 +34,7 @@ def eval_(
     grid: List[str] = typer.Option([], "--grid", help="With --folds: KEY=V1,V2,... candidates (repeatable; the "
                                    "first value of each is the baseline). Keys: layer, pooled, power, gem, whiten, "
                                    "augment, rerank, features, min_similarity, threshold, min_tentative, score, chance, "
-                                   "level, per, cap."),
+                                   "level, per, cap, link (on or off)."),
     whiten: str = typer.Option("pca", "--whiten", help="pca: PCA-whitening learned on --train only. collection: "
                                "also a whitening learned from pairs the verifier mines in the benchmark's own photos "
                                "(transductive, no labels); both settings are reported. With --folds, a --grid key."),

@@ -27,16 +27,17 @@ import numpy as np
 from . import progress as P
 from .evaluate import query_aps, query_descriptors
 from .metrics import bootstrap_difference
-from .search import MemoryIndex, Settings, plain_distances, rank
+from .search import MemoryIndex, Settings, linked, plain_distances, rank
 from .verify import Evidence, LocalCodes, Verifier
 from .whitening import AUGMENT
 
 DESCRIPTOR_KEYS = ("layer", "pooled", "power", "gem")
 COLLECTION_KEYS = ("whiten", "augment")  # learned from the encoded benchmark itself: no refit
 SEARCH_KEYS = ("rerank", "features", "min_similarity", "threshold", "min_tentative", "score", "chance", "level",
-               "per", "cap")
+               "per", "cap", "link")
 _INT = {"rerank", "features", "min_tentative", "chance"}
 _STR = {"layer", "pooled", "score", "whiten", "augment"}
+_BOOL = {"link": {"on": True, "off": False}}
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
@@ -51,6 +52,11 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
         out = []
         for v in values.split(","):
             v = v.strip()
+            if key in _BOOL:
+                if v not in _BOOL[key]:
+                    raise ValueError(f"--grid {spec!r}: {key} is {' or '.join(_BOOL[key])}")
+                out.append(_BOOL[key][v])
+                continue
             try:
                 out.append(v if key in _STR else None if v == "auto" and key in ("chance", "min_tentative")
                            else int(v) if key in _INT else float(v))
@@ -131,7 +137,7 @@ def cross_validate(aps: dict[str, np.ndarray], folds: np.ndarray, baseline: str 
 
 
 def candidate_name(params: dict) -> str:
-    return " ".join(f"{k}={'auto' if v is None else f'{v:g}' if isinstance(v, float) else v}"
+    return " ".join(f"{k}={'auto' if v is None else ('on' if v else 'off') if isinstance(v, bool) else f'{v:g}' if isinstance(v, float) else v}"
                     for k, v in params.items()) or "baseline"
 
 
@@ -146,7 +152,7 @@ class SearchGrid:
         self.bench, self.verifier, self.progress = bench, verifier or Verifier(), progress
         self.local, self.local_q = local, local_q
         self.junk = [sorted(j) for j in bench.junk]
-        index = MemoryIndex(X, None, pairs=pairs)
+        self.index = index = MemoryIndex(X, None, pairs=pairs)
         Q = query_descriptors(bench, X, X_q)  # as evaluate_descriptors
         hits = rank(index, Q, None, Settings(k=len(X), rerank=0), exclude=self.junk)
         self.ids = [np.array([h.id for h in row], np.int64) for row in hits]
@@ -211,7 +217,8 @@ class SearchGrid:
                 ev = evs[q][:depth]
                 keep = ev.tentative > v._gate_value()
                 ev = Evidence(np.where(keep, ev.inliers, 0), ev.tentative, ev.area)
-                order = v.order_by(self.dist[q][:depth], ev)
+                link = linked(self.index, ids[:depth], ev.inliers, v.sure) >= 0 if v.links else None
+                order = v.order_by(self.dist[q][:depth], ev, link)
                 ids = np.concatenate([ids[:depth][order], ids[depth:]])
             rankings.append(np.concatenate([np.asarray(self.junk[q], np.int64), ids]))
         return query_aps(self.bench, rankings)

@@ -12,11 +12,13 @@ verified with, ``whitening.augment``) is searched by those rows, while the verif
 adds its bonus to the plain descriptors' similarity (``plain_distances``): its unit of evidence was
 set against them, and the pairs that augmentation adds are the ones verification finds anyway.
 On mvbench-dev that keeps the re-ranked ranking as it was without augmentation, query for query,
-and lifts the global one from 0.811 to 0.835 (docs/defaults.md).
+and lifts the global one from 0.811 to 0.835 (docs/defaults.md). The same pairs complete the
+verification (``linked``): a shortlisted photo paired with one of the query's sure matches scores
+at least as if it had verified at the sure level itself.
 
 What is searched is any object with the small verbs of ``IndexStore``: ``search(Q, k)`` → squared
 L2 and ids, ``vectors(ids)``, ``local_codes(ids)`` → (``LocalCodes``, stored mask), ``local_k`` and
-``len``; ``MemoryIndex`` holds a benchmark's descriptors in memory for ``eval``.
+``len``, and, where it keeps verified pairs, ``partners(ids)``; ``MemoryIndex`` holds a benchmark's descriptors in memory for ``eval``.
 """
 from __future__ import annotations
 
@@ -66,9 +68,11 @@ class Hit:
     rank: int
     distance: float
     inliers: int | None = None
+    via: int | None = None  # the sure match it is ranked through, where its own inliers are fewer (``linked``)
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "id": self.id, "distance": round(self.distance, 6), "inliers": self.inliers}
+        return {"rank": self.rank, "id": self.id, "distance": round(self.distance, 6), "inliers": self.inliers,
+                "via": self.via}
 
 
 def verifier_of(index) -> Verifier:
@@ -111,9 +115,11 @@ def rank(index, Q: np.ndarray, local: Sequence | None = None, settings: Settings
         feats = local[qi] if local is not None else None
         if s.rerank and feats is not None and len(ids):
             v = v or verifier or verifier_of(index)
-            ids, dist, inliers = rerank(index, feats, ids, dist, s.rerank, v, Q[qi])
-        results.append([Hit(int(i), r + 1, float(d), n_in)
-                        for r, (i, d, n_in) in enumerate(zip(ids[:s.k], dist[:s.k], inliers[:s.k]))])
+            ids, dist, inliers, via = rerank(index, feats, ids, dist, s.rerank, v, Q[qi])
+        else:
+            via = [None] * len(ids)
+        results.append([Hit(int(i), r + 1, float(d), n_in, w)
+                        for r, (i, d, n_in, w) in enumerate(zip(ids[:s.k], dist[:s.k], inliers[:s.k], via[:s.k]))])
     return results
 
 
@@ -125,9 +131,9 @@ def plain_distances(rows: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 def rerank(index, query, ids: np.ndarray, distances: np.ndarray, n: int, verifier: Verifier, q=None):
     """Spatial verification of the first ``n`` of a result list against ``query`` (descriptors,
-    cells): (ids, distances, inliers) reordered, the rest after them unchanged (inliers None there,
-    and where an image keeps no local features). ``q``: the query's descriptor, for an index that
-    augments (its plain distances are the ones scored)."""
+    cells): (ids, distances, inliers, via) reordered, the rest after them unchanged (inliers None
+    there, and where an image keeps no local features; via as ``Hit.via``). ``q``: the query's
+    descriptor, for an index that augments (its plain distances are the ones scored)."""
     head = np.asarray(ids[:n])
     codes, stored = index.local_codes(head)
     scored = distances[:n]
@@ -136,10 +142,35 @@ def rerank(index, query, ids: np.ndarray, distances: np.ndarray, n: int, verifie
             scored = plain_distances(index.vectors(head), q)
         except KeyError:  # deleted since the search (another thread refreshed): its own order stands
             pass
-    order, counts = verifier.order(query, scored, codes, stored)
+    ev = verifier.verify(query, codes, stored)
+    through = linked(index, head, ev.inliers, verifier.sure) if verifier.links else np.full(len(head), -1, np.int64)
+    order = verifier.order_by(scored, ev, through >= 0)
     ids = np.concatenate([head[order], ids[n:]])
     distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
-    return ids, distances, [int(counts[o]) if stored[o] else None for o in order] + [None] * (len(ids) - len(head))
+    rest = [None] * (len(ids) - len(head))
+    via = [int(through[o]) if through[o] >= 0 and ev.inliers[o] < verifier.sure else None for o in order]
+    return ids, distances, [int(ev.inliers[o]) if stored[o] else None for o in order] + rest, via + rest
+
+
+def linked(index, head: np.ndarray, inliers: np.ndarray, sure: int) -> np.ndarray:
+    """For each photo of a verified shortlist ``head`` (ids), one of the query's sure matches (those
+    of ``head`` with ``inliers`` ≥ ``sure``; the most inliers first) that the index pairs it with, as
+    its verified pairs (``partners``, mined at the same level); -1 for the others. A second view of
+    a place the query shares with a sure match verifies weakly with the query itself (from the other
+    side, by night) and strongly with that match: on the synthetic views that linked photo was often
+    ranked below unrelated ones that reach 10-15 inliers by chance (docs/defaults.md)."""
+    via = np.full(len(head), -1, np.int64)
+    find = getattr(index, "partners", None)
+    strong = np.flatnonzero(np.asarray(inliers) >= sure)
+    if find is None or not len(strong):
+        return via
+    strong = strong[np.argsort(-np.asarray(inliers)[strong], kind="stable")]
+    at = {int(h): k for k, h in enumerate(head)}
+    for a, b in find(head[strong]):
+        k = at.get(int(b))
+        if k is not None and via[k] < 0:
+            via[k] = a
+    return via
 
 
 def encode(index, images, progress: bool = False):
@@ -184,6 +215,9 @@ class MemoryIndex:
         self.local, self.verifier = local, verifier or Verifier()
         self.augmented = pairs is not None and len(pairs) > 0
         self._exact = ExactIndex(augment(self.X, pairs) if self.augmented else self.X)
+        P = np.asarray(pairs if self.augmented else np.zeros((0, 2)), np.int64).reshape(-1, 2)
+        both = np.concatenate([P, P[:, ::-1]])
+        self._partners = both[np.argsort(both[:, 0], kind="stable")]
 
     def __len__(self) -> int:
         return len(self.X)
@@ -202,7 +236,14 @@ class MemoryIndex:
         ids = np.asarray(ids, np.int64)
         return self.local[ids], np.ones(len(ids), bool)
 
+    def partners(self, ids) -> np.ndarray:
+        """(id, partner) for each verified pair of each of ``ids``, in the order of ``ids``: (m, 2)."""
+        ids = np.asarray(ids, np.int64).ravel()
+        P = self._partners
+        lo, hi = np.searchsorted(P[:, 0], ids, "left"), np.searchsorted(P[:, 0], ids, "right")
+        return np.concatenate([P[a:b] for a, b in zip(lo, hi)] or [np.zeros((0, 2), np.int64)])
 
-__all__ = ["DEFAULTS", "Hit", "K", "MemoryIndex", "RERANK", "Settings", "encode", "features", "plain_distances", "rank",
+
+__all__ = ["DEFAULTS", "Hit", "K", "MemoryIndex", "RERANK", "Settings", "encode", "features", "linked", "plain_distances", "rank",
            "rerank",
            "search_ids", "search_images", "verifier_of"]

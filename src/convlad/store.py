@@ -374,6 +374,25 @@ class IndexStore:
         X[touched] = augment(self._rows(U), np.searchsorted(U, P))[np.searchsorted(U, pos[touched])]
         return X
 
+    def partners(self, ids) -> np.ndarray:
+        """(id, partner) for each live verified pair of each live id of ``ids``, in the order of
+        ``ids``: (m, 2) int64 (``search.linked``); empty where the store does not augment."""
+        with self._mutex:
+            if self._aug is None:
+                return np.zeros((0, 2), np.int64)
+            ids = np.asarray(ids, np.int64).ravel()
+            pos = self._positions(ids)
+            pairs, ends, which = self._aug
+            lo, hi = np.searchsorted(ends, pos, "left"), np.searchsorted(ends, pos, "right")
+            lo[pos < 0] = hi[pos < 0] = 0
+            n = hi - lo
+            if not n.sum():
+                return np.zeros((0, 2), np.int64)
+            starts = np.repeat(lo, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+            P, me = pairs[which[starts]], np.repeat(pos, n)
+            other = np.where(P[:, 0] == me, P[:, 1], P[:, 0])
+            return np.stack([np.repeat(ids, n), self._ids_at(other)], 1)
+
     def _positions(self, ids) -> np.ndarray:
         """Positions of live ``ids`` in this generation (-1 where unknown or deleted)."""
         ids = np.asarray(ids, np.int64).ravel()

@@ -37,6 +37,11 @@ LOCAL_K = 300
 # pairs measured (a small model fitted on a few dozen photos measured 0, and then every candidate
 # "verified": at 3 times 0, a mining of 6 groups found 291 pairs across them and 90 within)
 MIN_CHANCE = 3
+# A pair is sure from this many times the chance level of inliers: unrelated photos never reached it
+# against their nearest (among mvbench-train's, 16-23 inliers nine times in 8 000 pairs, 24 never;
+# whitening's docstring). An index mines its verified pairs at this level (``whitening.mine_pairs``),
+# and the search trusts a link through one (``Verifier.order_by``'s ``linked``)
+SURE = 3
 
 
 @dataclass
@@ -245,6 +250,7 @@ class Verifier:
     score: str = "inliers"
     level: float = 0.0  # significance (−log10 NFA) beyond which a pair counts
     min_tentative: int | None = None  # fit only above this many tentative matches (None: 2 × chance)
+    link: bool = True  # a photo paired in the index with a sure match scores as verified at ``sure`` (order_by)
 
     def inliers(self, query: tuple[np.ndarray, np.ndarray], candidates: LocalCodes) -> np.ndarray:
         """Inliers between ``query`` (descriptors, cells) and each image of ``candidates``; 0 where
@@ -354,21 +360,45 @@ class Verifier:
         bonus = np.minimum(self.strength(evidence) / self.per, self.cap)
         return 1.0 - np.asarray(distances, np.float64) / 2 + bonus
 
+    @property
+    def sure(self) -> int:
+        """Inliers from which a pair is sure: ``SURE`` times the chance level (at least ``MIN_CHANCE``)."""
+        return SURE * max(self.chance, MIN_CHANCE)
+
+    @property
+    def links(self) -> bool:
+        """Whether ``order_by`` ranks linked photos (``link``, with the inliers score)."""
+        return self.link and self.score == "inliers"
+
+    def verify(self, query, candidates: LocalCodes, stored: np.ndarray | None = None) -> Evidence:
+        """``evidence`` of a shortlist, zero where ``stored`` (bool, optional) says an image has
+        no local features."""
+        ev = Evidence.empty(len(candidates))
+        have = np.arange(len(candidates)) if stored is None else np.flatnonzero(stored)
+        if len(have):
+            got = self.evidence(query, candidates[have])
+            ev.inliers[have], ev.tentative[have], ev.area[have] = got.inliers, got.tentative, got.area
+        return ev
+
     def order(self, query, distances: np.ndarray, candidates: LocalCodes,
               stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The new order of a shortlist (positions into it, best first) and each position's
         inliers. ``candidates``: the shortlist's local codes, row for row; ``stored`` (bool,
         optional): False where an image has none (it keeps zero inliers)."""
-        ev = Evidence.empty(len(distances))
-        have = np.arange(len(distances)) if stored is None else np.flatnonzero(stored)
-        if len(have):
-            got = self.evidence(query, candidates[have])
-            ev.inliers[have], ev.tentative[have], ev.area[have] = got.inliers, got.tentative, got.area
+        ev = self.verify(query, candidates, stored)
         return self.order_by(distances, ev), ev.inliers
 
-    def order_by(self, distances: np.ndarray, ev: Evidence) -> np.ndarray:
-        """The order (best first) of a verified shortlist: what ``order`` ends with."""
-        return np.argsort(-self.scores(distances, ev), kind="stable")
+    def order_by(self, distances: np.ndarray, ev: Evidence, linked: np.ndarray | None = None) -> np.ndarray:
+        """The order (best first) of a verified shortlist: what ``order`` ends with. ``linked``
+        (bool, optional): the positions that a verified pair joins to one of the query's sure
+        matches (``search.linked``); each scores at least as if it had verified at ``sure``
+        inliers itself, however weakly it does (a view from the other side, or at night, of a
+        place that the query and that match share). Inliers scores only; ``link=False`` ignores it."""
+        s = self.scores(distances, ev)
+        if self.links and linked is not None and np.any(linked):
+            at_sure = self.scores(distances, np.full(len(s), self.sure, np.int64))
+            s = np.where(linked, np.maximum(s, at_sure), s)
+        return np.argsort(-s, kind="stable")
 
     def rerank(self, query, ids: np.ndarray, distances: np.ndarray, candidates: LocalCodes,
                stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .verify import MIN_CHANCE, LocalCodes, Verifier
+from .verify import LocalCodes, Verifier
 
 # The database side is augmented by default, in an index and in eval: +0.024 global mAP out of fold on
 # mvbench-dev [+0.004, +0.045], as much on synthetic views and three other backbones, and the
 # re-ranked ranking as it was (docs/defaults.md, "Verified database-side augmentation")
 AUGMENT = "verified"
 NEIGHBOURS = 20  # each photo's nearest verified for mining
-MINE_LEVEL = 3  # a mined pair's inliers, in chance levels (the module's docstring says why 3)
 MIN_PAIRS = 16  # fewer, and the scatter is all shrinkage (Ledoit-Wolf's): not worth learning
 
 
@@ -63,11 +62,10 @@ def verified_partners(local: LocalCodes, candidates: np.ndarray, codes_of, verif
                       min_inliers: int | None = None, progress=None) -> np.ndarray:
     """For each photo ``i`` of ``local`` (the local features of photos being mined), those of its
     ``candidates[i]`` (ids, -1 padded) whose local features verify with its own at ``min_inliers``
-    or more (None: ``MINE_LEVEL`` times ``verifier.chance``): (n, width) int64, in the candidates'
-    order, -1 padded. ``codes_of(ids)`` → (``LocalCodes``, a mask of the ids that have them).
-    The level is at least ``MINE_LEVEL`` times ``verify.MIN_CHANCE``, for a model that measured less."""
+    or more (None: ``verifier.sure``, ``verify.SURE`` times its chance level): (n, width) int64, in the candidates'
+    order, -1 padded. ``codes_of(ids)`` → (``LocalCodes``, a mask of the ids that have them)."""
     candidates = np.asarray(candidates, np.int64).reshape(len(local), -1)
-    min_inliers = MINE_LEVEL * max(verifier.chance, MIN_CHANCE) if min_inliers is None else min_inliers
+    min_inliers = verifier.sure if min_inliers is None else min_inliers
     out = np.full(candidates.shape, -1, np.int64)
     for i, row in enumerate(candidates):
         js = row[row >= 0]
@@ -255,6 +253,6 @@ def from_collection(X, X_extra, local: LocalCodes, verifier: Verifier, whiten: s
     return out
 
 
-__all__ = ["AUGMENT", "Collection", "LearnedWhitening", "MINE_LEVEL", "MIN_PAIRS", "NEIGHBOURS", "augment", "from_collection",
+__all__ = ["AUGMENT", "Collection", "LearnedWhitening", "MIN_PAIRS", "NEIGHBOURS", "augment", "from_collection",
            "learn_whitening", "ledoit_wolf", "mine", "mine_pairs", "nearest", "pairs_of", "unique_pairs",
            "verified_partners"]

@@ -41,11 +41,13 @@ function render(list, label) {
     const thumb = el("div", "thumb"); thumb.title = "Search with this photo";
     const img = el("img"); img.loading = "lazy"; img.alt = ""; img.src = r.thumbnail; thumb.append(img);
     const meta = el("div", "meta"), row = el("div", "row");
-    const verified = r.inliers === null || r.inliers === undefined ? "" : ` · ${r.inliers} matching features`;
+    const linked = r.via === null || r.via === undefined ? "" : ` · linked through photo ${r.via}`;
+    const verified = r.inliers === null || r.inliers === undefined ? "" : ` · ${r.inliers} matching features${linked}`;
     if (r.rank !== undefined) {
       const d = el("span", "dist", `distance ${r.distance.toFixed(3)}${verified}`);
       d.title = "distance: how far the photo's global descriptor is from the query's (0: the same); " +
-                "matching features: local features that agree on one geometry with the query's";
+                "matching features: local features that agree on one geometry with the query's; " +
+                "linked: the index holds a verified pair of this photo and a sure match of the query";
       row.append(el("span", "rank", `#${r.rank}`), d);
     } else {
       row.append(el("span", "rank", `photo ${r.id}`));
