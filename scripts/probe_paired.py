@@ -2,7 +2,8 @@
 
 Since December 2026 the search does this itself (``search.linked``; on by default, ``Verifier(link=
 False)`` turns it off); this script compares the search without it against the candidates below,
-the first of which (sure at three times chance, β = 1) is what the search does.
+and checks that the search ranks, query for query, as the candidate "sure (3 × chance) beta 1
+shortlist chain": links within the shortlist, followed from photo to linked photo.
 
 An index mines, as photos are added, each photo's verified partners (``whitening.mine_pairs``: three
 times the chance level of inliers, the pairs database-side augmentation adds over). At query time
@@ -11,7 +12,9 @@ the shortlist is verified (``search.rank``); a photo paired in the index with on
 query at that level, however weakly it verifies with the query itself (a second view from the
 other side, a night photo of the same facade). The candidates score such a photo as if it had
 verified at ``level`` (β = 1) or half that bonus (β = 0.5) when that beats its own; partners outside
-the shortlist come in with their plain similarity. No extra verification is run.
+the shortlist come in with their plain similarity (or, "shortlist", do not). "chain": a photo so
+linked links its own partners in the shortlist in turn, to the end of the chain. No extra
+verification is run.
 
 Judged as the other probes (``probe_rerank.judge``: 5 group-wise folds, 3 seeds) on mvbench-dev,
 and scored on the synthetic views (``scripts/synviews.py``) and another backbone:
@@ -43,16 +46,23 @@ def partners_of(pairs: np.ndarray, n: int) -> list[np.ndarray]:
 
 
 def completed(hits, X: np.ndarray, xq: np.ndarray, partners, verifier, level: int, beta: float, exclude,
-              outside: bool = True):
+              outside: bool = True, chain: bool = False):
     """The verified ranking ``hits`` (``search.rank``'s, every database photo) with each partner of a
-    sure match scored at ``level`` inliers' bonus times ``beta``, where that beats its own score."""
+    sure match scored at ``level`` inliers' bonus times ``beta``, where that beats its own score.
+    ``chain``: and each partner of a photo so linked, within the shortlist, and so on."""
     ids = np.array([h.id for h in hits], np.int64)
     inl = {h.id: h.inliers for h in hits if h.inliers is not None}
     sure = [i for i, c in inl.items() if c >= level]
     link = {}
-    for a in sure:
-        for j in partners[a]:
-            link[int(j)] = True
+    frontier = sure
+    while frontier:
+        nxt = []
+        for a in frontier:
+            for j in partners[a]:
+                if int(j) not in link and (not chain or int(j) in inl) and inl.get(int(j), 0) < level:
+                    link[int(j)] = True
+                    nxt.append(int(j))
+        frontier = nxt if chain else []
     if not link:
         return ids
     ex = set(int(e) for e in exclude)
@@ -116,19 +126,21 @@ def main():
           f"global {glob.mean():.4f}, re-ranked {base.mean():.4f}", flush=True)
     cands = {}
     for lv in (level, 2 * v.chance):
-        for beta, outside in ((1.0, True), (0.5, True), (1.0, False)):
-            cands[f"sure {lv} beta {beta:g}" + ("" if outside else " shortlist")] = got = aps(
-                [completed(row, X, Q[q], partners, v, lv, beta, junk[q], outside) for q, row in enumerate(hits)])
+        for beta, outside, chain in ((1.0, True, False), (0.5, True, False), (1.0, False, False), (1.0, False, True)):
+            name = f"sure {lv} beta {beta:g}" + ("" if outside else " shortlist") + (" chain" if chain else "")
+            cands[name] = got = aps(
+                [completed(row, X, Q[q], partners, v, lv, beta, junk[q], outside, chain) for q, row in enumerate(hits)])
             d = bootstrap_difference(base, got)
-            print(f"  sure ≥ {lv}, β {beta:g}{'' if outside else ', the shortlist only'}: {got.mean():.4f}  gain {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; "
+            print(f"  {name}: {got.mean():.4f}  gain {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; "
                   f"{(got > base + 1e-9).sum()} queries up, {(got < base - 1e-9).sum()} down; "
                   f"over the global ranking {bootstrap_difference(glob, got)[0]:+.4f} "
                   f"[{bootstrap_difference(glob, got)[1]:+.4f}, {bootstrap_difference(glob, got)[2]:+.4f}]", flush=True)
     # the search's own links (the default verifier) rank as this script's first candidate
     linked = aps([[h.id for h in row] for row in rank(index, Q, feats, Settings(k=len(X), rerank=100), exclude=junk,
                                                      verifier=model.verifier())])
-    np.testing.assert_allclose(linked, cands[f"sure {level} beta 1"])
-    print(f"the search's default (links on): {linked.mean():.4f}, query for query the first candidate", flush=True)
+    np.testing.assert_allclose(linked, cands[f"sure {level} beta 1 shortlist chain"])
+    print(f"the search's default (links on): {linked.mean():.4f}, query for query the candidate "
+          f"'sure {level} beta 1 shortlist chain'", flush=True)
     if a.time:  # three interleaved rounds of every query, top 100 verified, as a user's search
         import time
 

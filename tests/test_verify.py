@@ -120,9 +120,9 @@ def test_chance_level_is_what_unrelated_photos_reach(model, train_images):
 
 def test_a_photo_paired_with_a_sure_match_ranks_as_if_it_verified_sure(model):
     """The search completes a verified shortlist through the index's verified pairs: a photo that
-    the index pairs with one of the query's sure matches scores at least the sure level's bonus,
-    says through which (``Hit.via``), and nothing else moves; a pair with a match that is not sure,
-    or with an excluded photo, lifts nothing."""
+    the index pairs with one of the query's sure matches, directly or through a chain of linked
+    photos, scores at least the sure level's bonus, says through which (``Hit.via``), and nothing
+    else moves; a pair with a match that is not sure, or with an excluded photo, lifts nothing."""
     from convlad.search import MemoryIndex, rank
 
     groups = list(groups_of_dev().values())[:6]
@@ -163,6 +163,16 @@ def test_a_photo_paired_with_a_sure_match_ranks_as_if_it_verified_sure(model):
     for pairs, exclude in (([(min(cold, weak), max(cold, weak))], (q,)), ([(min(s, weak), max(s, weak))], (q, s))):
         got = ranked(pairs, exclude)
         assert [h.id for h in got] == [h.id for h in alone if h.id not in exclude] and all(h.via is None for h in got)
+    # a chain: cold, paired only with weak, is linked through it, and both score at the sure level;
+    # a chain does not pass through a photo the query may not see
+    chain = ranked([(min(s, weak), max(s, weak)), (min(cold, weak), max(cold, weak))])
+    by = {h.id: h for h in chain}
+    assert by[weak].via == s and by[cold].via == weak and by[cold].inliers == inl[q, cold]
+    d = plain_distances(X[[h.id for h in chain]], X[q])
+    want = v.scores(d, np.array([v.sure if h.id in (weak, cold) else h.inliers for h in chain]))
+    assert all(a >= b for a, b in zip(want, want[1:])), want
+    cut = ranked([(min(s, weak), max(s, weak)), (min(cold, weak), max(cold, weak))], exclude=(q, weak))
+    assert [h.id for h in cut] == [h.id for h in alone if h.id != weak] and all(h.via is None for h in cut)
 
 
 @pytest.mark.e2e

@@ -13,8 +13,8 @@ adds its bonus to the plain descriptors' similarity (``plain_distances``): its u
 set against them, and the pairs that augmentation adds are the ones verification finds anyway.
 On mvbench-dev that keeps the re-ranked ranking as it was without augmentation, query for query,
 and lifts the global one from 0.811 to 0.835 (docs/defaults.md). The same pairs complete the
-verification (``linked``): a shortlisted photo paired with one of the query's sure matches scores
-at least as if it had verified at the sure level itself.
+verification (``linked``): a shortlisted photo that a chain of them joins to one of the query's
+sure matches scores at least as if it had verified at the sure level itself.
 
 What is searched is any object with the small verbs of ``IndexStore``: ``search(Q, k)`` → squared
 L2 and ids, ``vectors(ids)``, ``local_codes(ids)`` → (``LocalCodes``, stored mask), ``local_k`` and
@@ -62,13 +62,16 @@ DEFAULTS = Settings()
 @dataclass
 class Hit:
     """One result: its id in the index, 1-based rank, squared L2 distance of the global
-    descriptors, and the inliers of its spatial verification (None where it was not verified)."""
+    descriptors, the inliers of its spatial verification (None where it was not verified), and
+    ``via``: the id of the photo it is linked through, one of the query's sure matches or a photo
+    linked to one by the index's verified pairs, where its own inliers are fewer than sure
+    (``linked``; None elsewhere)."""
 
     id: int
     rank: int
     distance: float
     inliers: int | None = None
-    via: int | None = None  # the sure match it is ranked through, where its own inliers are fewer (``linked``)
+    via: int | None = None  # the photo it is ranked through, where its own inliers are fewer than sure (``linked``)
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "id": self.id, "distance": round(self.distance, 6), "inliers": self.inliers,
@@ -148,28 +151,37 @@ def rerank(index, query, ids: np.ndarray, distances: np.ndarray, n: int, verifie
     ids = np.concatenate([head[order], ids[n:]])
     distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
     rest = [None] * (len(ids) - len(head))
-    via = [int(through[o]) if through[o] >= 0 and ev.inliers[o] < verifier.sure else None for o in order]
+    via = [int(through[o]) if through[o] >= 0 else None for o in order]
     return ids, distances, [int(ev.inliers[o]) if stored[o] else None for o in order] + rest, via + rest
 
 
 def linked(index, head: np.ndarray, inliers: np.ndarray, sure: int) -> np.ndarray:
-    """For each photo of a verified shortlist ``head`` (ids), one of the query's sure matches (those
-    of ``head`` with ``inliers`` ≥ ``sure``; the most inliers first) that the index pairs it with, as
-    its verified pairs (``partners``, mined at the same level); -1 for the others. A second view of
-    a place the query shares with a sure match verifies weakly with the query itself (from the other
-    side, by night) and strongly with that match: on the synthetic views that linked photo was often
-    ranked below unrelated ones that reach 10-15 inliers by chance (docs/defaults.md)."""
+    """For each photo of a verified shortlist ``head`` (ids) that is not itself a sure match of the
+    query (``inliers`` ≥ ``sure``), the photo it is linked through (-1: none): the photos of ``head``
+    that the index's verified pairs (``partners``, mined at the same level) join to a sure match,
+    directly or through other such photos of ``head``, each through the one that reached it first
+    (the sure matches with the most inliers first). A second view of a place the query shares with a
+    sure match verifies weakly with the query itself (from the other side, by night) and strongly
+    with that match: on the synthetic views that photo was often ranked below unrelated ones that
+    reach 10-15 inliers by chance; on mvbench-dev the chain of such pairs through a large group
+    gains more than one step of it (docs/defaults.md)."""
     via = np.full(len(head), -1, np.int64)
     find = getattr(index, "partners", None)
-    strong = np.flatnonzero(np.asarray(inliers) >= sure)
-    if find is None or not len(strong):
+    inliers = np.asarray(inliers)
+    frontier = np.flatnonzero(inliers >= sure)
+    if find is None or not len(frontier):
         return via
-    strong = strong[np.argsort(-np.asarray(inliers)[strong], kind="stable")]
+    frontier = frontier[np.argsort(-inliers[frontier], kind="stable")]
     at = {int(h): k for k, h in enumerate(head)}
-    for a, b in find(head[strong]):
-        k = at.get(int(b))
-        if k is not None and via[k] < 0:
-            via[k] = a
+    reached = np.asarray(inliers >= sure).copy()
+    while len(frontier):  # each round one hop further; at most one round per photo of the shortlist
+        nxt = []
+        for a, b in find(head[frontier]):
+            k = at.get(int(b))
+            if k is not None and not reached[k]:
+                reached[k], via[k] = True, a
+                nxt.append(k)
+        frontier = np.array(nxt, np.int64)
     return via
 
 

@@ -250,7 +250,7 @@ class Verifier:
     score: str = "inliers"
     level: float = 0.0  # significance (−log10 NFA) beyond which a pair counts
     min_tentative: int | None = None  # fit only above this many tentative matches (None: 2 × chance)
-    link: bool = True  # a photo paired in the index with a sure match scores as verified at ``sure`` (order_by)
+    link: bool = True  # a photo the index's pairs link to a sure match scores as verified at ``sure`` (order_by)
 
     def inliers(self, query: tuple[np.ndarray, np.ndarray], candidates: LocalCodes) -> np.ndarray:
         """Inliers between ``query`` (descriptors, cells) and each image of ``candidates``; 0 where
@@ -390,8 +390,8 @@ class Verifier:
 
     def order_by(self, distances: np.ndarray, ev: Evidence, linked: np.ndarray | None = None) -> np.ndarray:
         """The order (best first) of a verified shortlist: what ``order`` ends with. ``linked``
-        (bool, optional): the positions that a verified pair joins to one of the query's sure
-        matches (``search.linked``); each scores at least as if it had verified at ``sure``
+        (bool, optional): the positions that verified pairs join to one of the query's sure
+        matches, directly or through other linked positions (``search.linked``); each scores at least as if it had verified at ``sure``
         inliers itself, however weakly it does (a view from the other side, or at night, of a
         place that the query and that match share). Inliers scores only; ``link=False`` ignores it."""
         s = self.scores(distances, ev)
