@@ -36,9 +36,10 @@ def test_random_descriptors_score_near_chance():
 @pytest.mark.e2e
 def test_default_pipeline_reaches_target_map(tmp_path):
     """The issues' acceptance checks: the defaults (128-D) reach mAP >= 0.80 on mvbench-dev, and
-    re-ranking the top 100 by spatial verification, on by default, adds to it (0.835 → 0.867 when
+    re-ranking the top 100 by spatial verification, on by default, adds to it (0.835 → 0.871 when
     measured). The database side is augmented over verified pairs, as an index does: the global
-    ranking gains (0.811 → 0.835), the re-ranked one is the plain one's."""
+    ranking gains (0.811 → 0.835), and the re-ranked one, which the same pairs link through
+    (``search.linked``), is at least the plain one's (0.867 → 0.871 when measured)."""
     need(MVBENCH_TRAIN)
     p = subprocess.run([sys.executable, "-m", "convlad", "eval", "mvbench", str(MVBENCH_DEV),
                         "--train", str(MVBENCH_TRAIN.parent), "--aps", str(tmp_path / "aps.json")],
@@ -52,7 +53,7 @@ def test_default_pipeline_reaches_target_map(tmp_path):
     alone = re.search(r"^without the collection's steps \(PCA-whitening alone\): mAP (0\.\d{3}), without re-ranking "
                       r"(0\.\d{3})$", p.stdout, re.M)
     assert "database descriptors augmented with their partners in" in p.stdout and alone, p.stdout
-    assert global_ >= float(alone.group(2)) + 0.01 and alone.group(1) == last.split()[1], p.stdout
+    assert global_ >= float(alone.group(2)) + 0.01 and float(last.split()[1]) >= float(alone.group(1)), p.stdout
     assert "layers=block6 pooled=block15 scales=1,2 k=100 dim=128" in p.stdout
     assert "re-ranking: top 100" in p.stdout and "24602 bytes of local features per image" in p.stdout
     doc = json.loads((tmp_path / "aps.json").read_text())
