@@ -309,7 +309,8 @@ def explain(
     out = out or Path("match.png")
     draw_matches(m, str(query), result, out)
     at = f"rank {shown.rank}, " if shown else ""
-    via = (f"; ranked through id {shown.via}, a sure match of the query that the index pairs it with"
+    via = (f"; ranked through id {shown.via}, which the index's verified pairs join it to (a sure match of the "
+           "query, or a photo linked to one)"
            if shown is not None and shown.via is not None else "")
     typer.echo(f"{query} ↔ {result} ({at}id {id_}): {m.n_inliers} inliers of {m.n_matches} tentative matches "
                f"(layer {m.layer} at scale {m.scale:g}, affine){via} → {out}")
