@@ -89,22 +89,18 @@ def main():
     a = ap.parse_args()
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
     from convlad.datasets import load_groups, training_paths
-    from convlad.evalcache import EvalCache
-    from convlad.evaluate import encode_benchmark, fit_model, query_aps, query_descriptors
+    from convlad.evaluate import query_aps, query_descriptors
     from convlad.metrics import bootstrap_difference
-    from convlad.pipeline import ConvVLAD
     from convlad.search import MemoryIndex, Settings, rank
     from dataclasses import replace
 
     from convlad.whitening import mine_pairs
+    from probe_ensemble import encoded
     from probe_rerank import judge
 
     bench = load_groups(a.bench)
     train, _ = training_paths(a.train)
-    cache = EvalCache()
-    model = ConvVLAD(backbone=a.backbone)
-    fit_model(model, train, cache=cache)
-    enc, _, _, _ = encode_benchmark(model, bench, 300, cache=cache)
+    model, enc = encoded(a.backbone, bench, train)
     v = replace(model.verifier(), link=False)  # the search without its links; this script adds its own
     X = enc.X
     pairs = mine_pairs(X, enc.local, v)

@@ -74,6 +74,12 @@ def test_the_same_photo_ranks_alike_through_every_door(dev_index, name):
         assert by_api[0]["path"] == rel  # the service shows paths relative to the indexed folder
 
 
+def _pairs_as_rows(st, row_of: dict) -> np.ndarray:
+    """The index's verified pairs as rows of eval's arrays, each with its ends in the index's order
+    (a photo's partners are summed in that order, so the floats are the same)."""
+    return np.vectorize(row_of.get)(st._ids_at(st._aug[0].ravel()).reshape(-1, 2))
+
+
 def test_map_through_the_index_is_evals(dev_index):
     """Ranking every mvbench-dev query by its id through the store is ``eval``'s ranking of the same
     descriptors: one search, the same APs, re-ranked or not."""
@@ -90,7 +96,7 @@ def test_map_through_the_index_is_evals(dev_index):
     # the index augments: eval is given its pairs, as rows, each with its ends in the index's order
     # (a photo's partners are summed in that order, so the floats are the same)
     assert st.augmented and st.info()["pairs"] > 0
-    pairs = np.vectorize(row_of.get)(st._ids_at(st._aug[0].ravel()).reshape(-1, 2))
+    pairs = _pairs_as_rows(st, row_of)
     res = evaluate_descriptors(bench, st.vectors(ids), rerank=100, local=local, verifier=st.model.verifier(),
                                pairs=pairs)
     for settings, want in ((Settings(k=len(st)), res.mAP), (Settings(k=len(st), rerank=0), res.extra["mAP_without_rerank"])):
@@ -132,8 +138,7 @@ def test_the_grid_of_eval_folds_ranks_as_the_one_search(dev_index):
     ids = np.array([id_of[str(Path(p).relative_to(need(MVBENCH_DEV)))] for p in bench.paths])
     X, (local, _) = st.vectors(ids), st.local_codes(ids)
     v = st.model.verifier()
-    row_of = {int(i): r for r, i in enumerate(ids)}
-    pairs = np.vectorize(row_of.get)(st._ids_at(st._aug[0].ravel()).reshape(-1, 2))  # as the index augments
+    pairs = _pairs_as_rows(st, {int(i): r for r, i in enumerate(ids)})
     q = slice(0, 191, 3)  # a third of the queries: the same code path, a third of the time
     bench = replace(bench, query_items=bench.query_items[q], positives=bench.positives[q], junk=bench.junk[q],
                     query_db=bench.query_db[q], groups=bench.groups[q])

@@ -217,8 +217,7 @@ class SearchGrid:
                 ev = evs[q][:depth]
                 keep = ev.tentative > v._gate_value()
                 ev = Evidence(np.where(keep, ev.inliers, 0), ev.tentative, ev.area)
-                link = linked(self.index, ids[:depth], ev.inliers, v.sure) >= 0 if v.links else None
-                order = v.order_by(self.dist[q][:depth], ev, link)
+                order = v.order_by(self.dist[q][:depth], ev, linked(self.index, ids[:depth], ev.inliers, v) >= 0)
                 ids = np.concatenate([ids[:depth][order], ids[depth:]])
             rankings.append(np.concatenate([np.asarray(self.junk[q], np.int64), ids]))
         return query_aps(self.bench, rankings)

@@ -146,7 +146,7 @@ def rerank(index, query, ids: np.ndarray, distances: np.ndarray, n: int, verifie
         except KeyError:  # deleted since the search (another thread refreshed): its own order stands
             pass
     ev = verifier.verify(query, codes, stored)
-    through = linked(index, head, ev.inliers, verifier.sure) if verifier.links else np.full(len(head), -1, np.int64)
+    through = linked(index, head, ev.inliers, verifier)
     order = verifier.order_by(scored, ev, through >= 0)
     ids = np.concatenate([head[order], ids[n:]])
     distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
@@ -155,9 +155,10 @@ def rerank(index, query, ids: np.ndarray, distances: np.ndarray, n: int, verifie
     return ids, distances, [int(ev.inliers[o]) if stored[o] else None for o in order] + rest, via + rest
 
 
-def linked(index, head: np.ndarray, inliers: np.ndarray, sure: int) -> np.ndarray:
+def linked(index, head: np.ndarray, inliers: np.ndarray, verifier: Verifier) -> np.ndarray:
     """For each photo of a verified shortlist ``head`` (ids) that is not itself a sure match of the
-    query (``inliers`` ≥ ``sure``), the photo it is linked through (-1: none): the photos of ``head``
+    query (``inliers`` ≥ ``verifier.sure``), the photo it is linked through (-1: none, and for all
+    where the verifier does not link, ``Verifier.links``): the photos of ``head``
     that the index's verified pairs (``partners``, mined at the same level) join to a sure match,
     directly or through other such photos of ``head``, each through the one that reached it first
     (the sure matches with the most inliers first). A second view of a place the query shares with a
@@ -167,9 +168,9 @@ def linked(index, head: np.ndarray, inliers: np.ndarray, sure: int) -> np.ndarra
     gains more than one step of it (docs/defaults.md)."""
     via = np.full(len(head), -1, np.int64)
     find = getattr(index, "partners", None)
-    inliers = np.asarray(inliers)
+    inliers, sure = np.asarray(inliers), verifier.sure
     frontier = np.flatnonzero(inliers >= sure)
-    if find is None or not len(frontier):
+    if find is None or not verifier.links or not len(frontier):
         return via
     frontier = frontier[np.argsort(-inliers[frontier], kind="stable")]
     at = {int(h): k for k, h in enumerate(head)}
