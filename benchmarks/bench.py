@@ -274,8 +274,8 @@ def job_search(n: int, d: int = 128, nq: int = 200, seed: int = 0) -> dict:
     clusters (places, objects) of a few to tens of images, unit-norm; queries are new views."""
     import faiss
 
-    from convlad.index import ExactIndex, default_nprobe
-    from convlad.store import IndexStore
+    from convlad.index.ann import ExactIndex, default_nprobe
+    from convlad.index.store import IndexStore
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(1, n // 20), d)).astype(np.float32)
@@ -343,7 +343,7 @@ def job_store_build(folder: str, n: int, d: int = 128, nq: int = 200, seed: int 
     queries and their exact top 10 (a scan of every segment) for the search job."""
     import faiss
 
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     centres, chunk = _collection(n, d, seed)
     rng = np.random.default_rng(seed + 1)
@@ -387,7 +387,7 @@ def job_store_search(folder: str) -> dict:
     re-ranked from the memory-mapped descriptors)."""
     import faiss
 
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     Q = np.load(Path(folder) / "bench-queries.npy")
     gt = np.load(Path(folder) / "bench-gt.npy")
@@ -413,7 +413,7 @@ def job_store_search(folder: str) -> dict:
 def job_store_write(folder: str, appends: int = 5, batch: int = 1000, d: int = 128) -> dict:
     """The writer on the big store: append 1 000 photos' descriptors (one commit each), delete
     1 000 photos, compact (the small segments merged, the dead rows dropped)."""
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     rng = np.random.default_rng(7)
     t = time.perf_counter()
@@ -443,13 +443,13 @@ def job_store_write(folder: str, appends: int = 5, batch: int = 1000, d: int = 1
 def job_index(model: str, folder: str, out: str, ray: bool) -> dict:
     """Index a folder into a new store, in this process or on a local Ray (2 actors of 1 CPU)."""
     from convlad.pipeline import ConvVLAD
-    from convlad.store import IndexStore
-    from convlad.sync import sync
+    from convlad.index.store import IndexStore
+    from convlad.index.sync import sync
 
     t = time.perf_counter()
     with IndexStore.create(out, model=ConvVLAD.load(model), root=folder) as st:
         if ray:
-            from convlad.cluster import sync_with_ray
+            from convlad.index.cluster import sync_with_ray
 
             s = sync_with_ray(st, None, batch_size=16, progress=False, report=lambda m: None)
         else:
@@ -471,11 +471,11 @@ def measure_serve(quick: bool) -> dict:
     mvbench-dev with the default descriptor."""
     from load import compare
 
-    from convlad.datasets import load_groups
+    from convlad.study.datasets import load_groups
     from convlad.images import list_images
     from convlad.pipeline import ConvVLAD
-    from convlad.store import IndexStore
-    from convlad.sync import sync
+    from convlad.index.store import IndexStore
+    from convlad.index.sync import sync
 
     with tempfile.TemporaryDirectory() as tmp:
         print("serve: fitting the default descriptor, indexing mvbench-dev ...", flush=True)
@@ -497,8 +497,8 @@ def measure_rerank(quick: bool) -> dict:
     global ranking of the same index in the same run (the issue's budget: ≤ 50 ms added per query
     on 2 cores); and the mining that augmentation and the learned whitening share, against the
     encoding of the same photos, both per 1 000 photos."""
-    from convlad.datasets import load_groups
-    from convlad.evaluate import evaluate_ranking, query_descriptors
+    from convlad.study.datasets import load_groups
+    from convlad.study.evaluate import evaluate_ranking, query_descriptors
     from convlad.images import list_images
     from convlad.pipeline import ConvVLAD
     from convlad.search import MemoryIndex, Settings, rank
@@ -641,7 +641,7 @@ def main():
         return
     if not (SHARED / "mvbench-dev").is_dir():
         sys.exit(f"benchmarks need the real photos in {SHARED} (the shared data folder beside the repo)")
-    from convlad.datasets import load_groups
+    from convlad.study.datasets import load_groups
 
     dev = load_groups(SHARED / "mvbench-dev").paths[::2][:32 if a.quick else 96]
     holidays = sorted(str(p) for p in (SHARED / "samples" / "holidays").glob("*.jpg"))

@@ -65,11 +65,11 @@ def main():
 
     if importlib.util.find_spec("torchao") is None:
         sys.exit("benchmarks/int8.py needs torchao: pip install torchao")
-    from convlad.datasets import load_groups, training_paths
-    from convlad.evaluate import evaluate_descriptors
+    from convlad.study.datasets import load_groups, training_paths
+    from convlad.study.evaluate import evaluate_descriptors
     from convlad.extract import cpu_flags, scale_size
     from convlad.images import load_warped
-    from convlad.metrics import bootstrap_difference
+    from convlad.study.metrics import bootstrap_difference
     from convlad.pipeline import ConvVLAD
 
     torch.manual_seed(0)

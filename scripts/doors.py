@@ -19,13 +19,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     a = ap.parse_args()
-    from convlad.datasets import load_groups
-    from convlad.evaluate import evaluate_model, evaluate_ranking
+    from convlad.study.datasets import load_groups
+    from convlad.study.evaluate import evaluate_model, evaluate_ranking
     from convlad.images import list_images
     from convlad.pipeline import ConvVLAD
     from convlad.search import Settings, search_ids, search_images
-    from convlad.store import IndexStore
-    from convlad.sync import sync
+    from convlad.index.store import IndexStore
+    from convlad.index.sync import sync
 
     shared = Path(a.shared)
     train = shared / "mvbench-train" / "images"

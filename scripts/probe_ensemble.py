@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def encoded(backbone: str, bench, train):
     """The default recipe on ``backbone``, fitted and encoded through eval's cache."""
-    from convlad.evalcache import EvalCache
-    from convlad.evaluate import encode_benchmark, fit_model
+    from convlad.study.evalcache import EvalCache
+    from convlad.study.evaluate import encode_benchmark, fit_model
     from convlad.pipeline import ConvVLAD
 
     cache = EvalCache()
@@ -44,8 +44,8 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
-    from convlad.datasets import load_groups, training_paths
-    from convlad.evaluate import evaluate_descriptors
+    from convlad.study.datasets import load_groups, training_paths
+    from convlad.study.evaluate import evaluate_descriptors
     from convlad.whitening import mine_pairs
     from probe_rerank import judge
 

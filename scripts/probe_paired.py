@@ -88,9 +88,9 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
-    from convlad.datasets import load_groups, training_paths
-    from convlad.evaluate import query_aps, query_descriptors
-    from convlad.metrics import bootstrap_difference
+    from convlad.study.datasets import load_groups, training_paths
+    from convlad.study.evaluate import query_aps, query_descriptors
+    from convlad.study.metrics import bootstrap_difference
     from convlad.search import MemoryIndex, Settings, rank
     from dataclasses import replace
 

@@ -44,7 +44,7 @@ def encode(cache: Path):
     if f.is_file():
         z = np.load(f)
         return {k: z[k] for k in z.files}
-    from convlad.datasets import load_groups, training_paths
+    from convlad.study.datasets import load_groups, training_paths
     from convlad.extract import FeatureExtractor
     from convlad.pipeline import ConvVLAD
     from convlad.verify import chance_level
@@ -79,8 +79,8 @@ def judge(families: dict, reference, bench, seeds: int = 3) -> dict:
     """Each family's candidates (name → per-query APs) against the default's APs (``reference(family)``):
     the full set's best, and the out-of-fold choice among the default and the candidates for
     ``seeds`` deals of the folds, printed as a table and returned as a JSON-able dict."""
-    from convlad.folds import cross_validate, group_folds
-    from convlad.metrics import bootstrap_difference
+    from convlad.study.folds import cross_validate, group_folds
+    from convlad.study.metrics import bootstrap_difference
 
     rows = {}
     print(f"\n{'family':<20}{'candidates':>11}  {'full-set best':>44}   out of fold, seeds 0/1/2 (gain [95%])")
@@ -107,8 +107,8 @@ def main():
     a = ap.parse_args()
     # the figures in docs/defaults.md are fp32's; bf16's last bits move this plateau's near-ties
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
-    from convlad.datasets import load_groups
-    from convlad.evaluate import query_aps
+    from convlad.study.datasets import load_groups
+    from convlad.study.evaluate import query_aps
     from convlad.verify import LocalCodes, Verifier
 
     bench = load_groups(SHARED / "mvbench-dev")

@@ -60,8 +60,8 @@ def encode(cache: Path):
         return {k: z[k] for k in z.files}
     import cv2
 
-    from convlad.datasets import load_groups, training_paths
-    from convlad.evalcache import EvalCache
+    from convlad.study.datasets import load_groups, training_paths
+    from convlad.study.evalcache import EvalCache
     from convlad.extract import FeatureExtractor
     from convlad.pipeline import ConvVLAD
 
@@ -177,8 +177,8 @@ def main():
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "probe-verify.json"))
     a = ap.parse_args()
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
-    from convlad.datasets import load_groups
-    from convlad.evaluate import query_aps
+    from convlad.study.datasets import load_groups
+    from convlad.study.evaluate import query_aps
     from convlad.verify import LocalCodes, Verifier, chance_level
 
     bench = load_groups(SHARED / "mvbench-dev")

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from convlad.study import markdown_table, plot_sweep, read_csv, sweep_title
+from convlad.study.sweep import markdown_table, plot_sweep, read_csv, sweep_title
 
 REPO = Path(__file__).resolve().parents[1]
 # backbone → layers swept. InceptionV3 from pool1 (stride 4) on, as the paper swept GoogLeNet from
@@ -172,7 +172,7 @@ Regenerate: part of `make results` (this section's figures take about a minute).
 def rerank_section(dataset: str, train: str, out: Path) -> str:
     import numpy as np
 
-    from convlad.metrics import bootstrap_difference
+    from convlad.study.metrics import bootstrap_difference
 
     def aps(doc: dict, key: str) -> np.ndarray:  # JSON null: a query without an AP
         return np.array([np.nan if x is None else x for x in doc[key]])
@@ -203,7 +203,7 @@ the 300 strongest positions of the VLAD layer at scale 2, kept as int8 codes wit
 mutual nearest neighbours; an affine model by OpenCV's RANSAC; inliers beyond the level unrelated
 photos reach by chance add to the cosine similarity. That level ("chance") is measured per model
 when it is fitted, on pairs of its training photos (mvbench-train). Gains are paired, with a 95%
-bootstrap interval over the 191 queries (`convlad compare`, or `convlad.metrics.bootstrap_difference`).
+bootstrap interval over the 191 queries (`convlad compare`, or `convlad.study.metrics.bootstrap_difference`).
 Time: ranking plus verification, per query, on this machine's 2 cores; encoding: images/s of the
 whole descriptor (scales 1 and 2, eager).
 

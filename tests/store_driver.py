@@ -61,7 +61,7 @@ def say(*words) -> None:
 
 
 def main(argv=None) -> None:
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     ap = argparse.ArgumentParser()
     ap.add_argument("index")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlad.store import IndexStore
+from convlad.index.store import IndexStore
 
 from .conftest import MVBENCH_DEV, need
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlad.store import IndexStore
+from convlad.index.store import IndexStore
 
 from .conftest import SAMPLES, need
 from .servers import CLI, build_index, cli, free_port

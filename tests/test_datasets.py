@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlad.datasets import (DatasetError, detect_kind, load_holidays, load_oxford_paris, load_revisited,
+from convlad.study.datasets import (DatasetError, detect_kind, load_holidays, load_oxford_paris, load_revisited,
                               load_ukbench, open_dataset, training_paths)
-from convlad.evaluate import evaluate_descriptors, evaluate_ranking, extra_query_items
+from convlad.study.evaluate import evaluate_descriptors, evaluate_ranking, extra_query_items
 
 from .conftest import MVBENCH_DEV, SAMPLES, need
 
@@ -206,7 +206,7 @@ def test_cropped_query_descriptors_are_used(tmp_path):
 def test_ties_are_broken_by_database_order():
     """Two database images with the same descriptor: the exact search ranks the lower index first,
     so AP is reproducible; a positive tied with a negative scores by that order."""
-    from convlad.datasets import RetrievalBenchmark
+    from convlad.study.datasets import RetrievalBenchmark
 
     X = np.array([[0, 0], [1, 0], [1, 0], [5, 5]], np.float32)
     bench = RetrievalBenchmark(name="t", root=Path("."), paths=["a", "b", "c", "d"], query_items=["a"],

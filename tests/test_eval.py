@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from convlad.datasets import load_groups
-from convlad.evaluate import evaluate_descriptors, query_aps
+from convlad.study.datasets import load_groups
+from convlad.study.evaluate import evaluate_descriptors, query_aps
 
 from .conftest import MVBENCH_DEV, MVBENCH_TRAIN, need
 

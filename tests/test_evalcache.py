@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from convlad.evalcache import EvalCache
+from convlad.study.evalcache import EvalCache
 from convlad.pipeline import ConvVLAD
 
 

@@ -4,9 +4,9 @@ the plain implementation of ``convlad.reference``: the same descriptors, the sam
 import numpy as np
 import pytest
 
-from convlad.datasets import load_groups
-from convlad.evalcache import EvalCache
-from convlad.evaluate import evaluate_descriptors
+from convlad.study.datasets import load_groups
+from convlad.study.evalcache import EvalCache
+from convlad.study.evaluate import evaluate_descriptors
 from convlad.pipeline import ConvVLAD
 from convlad.reference import plain_descriptors, vlad_numpy
 

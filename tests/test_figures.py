@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convlad.figures import LABEL, _neighbours, clusters_figure, parse_layer_spec, patch_bank, reconstruct
+from convlad.study.figures import LABEL, _neighbours, clusters_figure, parse_layer_spec, patch_bank, reconstruct
 from convlad.images import load_warped
 
 from .servers import cli

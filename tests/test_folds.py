@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from convlad.folds import combinations, cross_validate, group_folds, parse_grid
+from convlad.study.folds import combinations, cross_validate, group_folds, parse_grid
 from convlad.verify import Evidence, Verifier, significance
 
 from .conftest import MVBENCH_DEV, MVBENCH_TRAIN, REPO, need

@@ -2,7 +2,7 @@
 import faiss
 import numpy as np
 
-from convlad.index import ExactIndex
+from convlad.index.ann import ExactIndex
 
 
 def clustered(n, d=128, seed=0):
@@ -17,7 +17,7 @@ def clustered(n, d=128, seed=0):
 
 
 def _ivfpq_store(path, X):
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     st = IndexStore.create(path, dim=X.shape[1], ann="ivfpq")
     st.add_vectors(X, [f"{i}.jpg" for i in range(len(X))])
@@ -27,7 +27,7 @@ def _ivfpq_store(path, X):
 def test_ivfpq_recall_exact_distances_and_reopen(tmp_path):
     """The IVF-PQ that serves the store: its recall against exact search, exact distances for the
     shortlist, and the same answers from a reader that opens it from disk."""
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     X, Q = clustered(10_000)
     flat = faiss.IndexFlatL2(X.shape[1])

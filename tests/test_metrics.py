@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from convlad import metrics as M
+from convlad.study import metrics as M
 
 
 def oxford_compute_ap(pos, amb, ranked_list):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from convlad.search import DEFAULTS, Settings, rank, search_ids, search_images
-from convlad.store import IndexStore
+from convlad.index.store import IndexStore
 
 from .conftest import MVBENCH_DEV, need
 from .servers import Server, cli
@@ -83,8 +83,8 @@ def _pairs_as_rows(st, row_of: dict) -> np.ndarray:
 def test_map_through_the_index_is_evals(dev_index):
     """Ranking every mvbench-dev query by its id through the store is ``eval``'s ranking of the same
     descriptors: one search, the same APs, re-ranked or not."""
-    from convlad.datasets import load_groups
-    from convlad.evaluate import evaluate_descriptors, evaluate_ranking
+    from convlad.study.datasets import load_groups
+    from convlad.study.evaluate import evaluate_descriptors, evaluate_ranking
 
     st = IndexStore.open(dev_index / "default.index")
     bench = load_groups(need(MVBENCH_DEV))
@@ -128,9 +128,9 @@ def test_the_grid_of_eval_folds_ranks_as_the_one_search(dev_index):
     must still be those of ``rank`` with that verifier."""
     from dataclasses import replace
 
-    from convlad.datasets import load_groups
-    from convlad.evaluate import evaluate_descriptors
-    from convlad.folds import SearchGrid, _truncate
+    from convlad.study.datasets import load_groups
+    from convlad.study.evaluate import evaluate_descriptors
+    from convlad.study.folds import SearchGrid, _truncate
 
     st = IndexStore.open(dev_index / "default.index")
     bench = load_groups(need(MVBENCH_DEV))

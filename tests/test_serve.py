@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from convlad.store import IndexStore
+from convlad.index.store import IndexStore
 
 from .servers import TOKEN, Server, build_index
 
@@ -245,7 +245,7 @@ def test_a_slow_client_is_cut_off_and_others_are_served_meanwhile(server):
 def test_writes_are_refused_beyond_loopback_without_a_token(setup):
     from fastapi.testclient import TestClient
 
-    from convlad.serve import create_app
+    from convlad.serving.serve import create_app
 
     client = TestClient(create_app(setup[1], host="0.0.0.0", compile=False))
     r = client.post("/api/images", files=_multipart("image", "a.jpg", _photo(setup)))

@@ -101,7 +101,7 @@ def test_an_unexpected_fault_is_one_json_sentence_with_a_request_id(setup, caplo
     """Fault injection in a real application: the statistics route made to fail unexpectedly."""
     from fastapi.testclient import TestClient
 
-    from convlad.serve import create_app
+    from convlad.serving.serve import create_app
 
     app = create_app(setup[1], compile=False)
     svc = app.state.service
@@ -110,7 +110,7 @@ def test_an_unexpected_fault_is_one_json_sentence_with_a_request_id(setup, caplo
         raise RuntimeError("a fault nobody planned for")
 
     svc.stats = broken
-    with TestClient(app) as client, caplog.at_level("ERROR", logger="convlad.serve"):
+    with TestClient(app) as client, caplog.at_level("ERROR", logger="convlad.serving.serve"):
         r = client.get("/api/stats")
     rid = r.headers["x-request-id"]
     assert r.status_code == 500 and r.json() == {"error": f"internal error (request id {rid}); the server's log has "

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from convlad.images import list_images
-from convlad.index import ExactIndex
-from convlad.segments import StoreLocked
+from convlad.index.ann import ExactIndex
+from convlad.index.segments import StoreLocked
 from convlad.storage import FileFormatError, atomic_savez
-from convlad.store import IndexStore
+from convlad.index.store import IndexStore
 
 
 def clustered(n, d=32, seed=0):
@@ -181,7 +181,7 @@ def test_walk_reaches_each_file_once_and_reports_bad_links(tmp_path):
 
 
 def test_many_small_commits_are_merged_automatically(tmp_path, monkeypatch):
-    import convlad.merge as merge
+    import convlad.index.merge as merge
 
     monkeypatch.setattr(merge, "MAX_SMALL_SEGMENTS", 8)  # 64 in use; the policy, not the number
     X = clustered(40, d=8, seed=4)
@@ -194,7 +194,7 @@ def test_many_small_commits_are_merged_automatically(tmp_path, monkeypatch):
 
 
 def test_merge_policy_is_a_pure_choice_of_neighbouring_small_or_dirty_segments():
-    from convlad.merge import plan_merges
+    from convlad.index.merge import plan_merges
 
     # small runs merge up to the target; a large clean segment ends a run and stays
     assert plan_merges([10, 10, 10, 900, 10, 10], [10, 10, 10, 900, 10, 10], target_rows=1000) == [[0, 1, 2], [4, 5]]

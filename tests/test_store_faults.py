@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from convlad.storage import FileFormatError
-from convlad.store import IndexStore
+from convlad.index.store import IndexStore
 
 from convlad.whitening import augment
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from convlad.cache import FeatureCache
-from convlad.datasets import load_ukbench
+from convlad.study.datasets import load_ukbench
 from convlad.extract import FeatureExtractor
 from convlad.images import load_warped
 

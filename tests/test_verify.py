@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from convlad.metrics import bootstrap_difference
+from convlad.study.metrics import bootstrap_difference
 from convlad.search import Settings, plain_distances, search_images
-from convlad.sync import sync
+from convlad.index.sync import sync
 from convlad.verify import MIN_CHANCE, LocalCodes, Verifier, chance_level, select, tentative_matches
 
 from .servers import cli, groups_of_dev
@@ -177,7 +177,7 @@ def test_a_photo_paired_with_a_sure_match_ranks_as_if_it_verified_sure(model):
 
 @pytest.mark.e2e
 def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_path):
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     groups = list(groups_of_dev().values())[:4]
     photos = tmp_path / "photos"

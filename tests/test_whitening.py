@@ -175,7 +175,7 @@ def test_an_index_that_augments_ranks_as_eval_does(photos_and_views, encoded, tm
     """The store mines each added photo's pairs as eval mines the benchmark's, and searches the
     same augmented rows: built in one go it ranks exactly as eval's ``--augment verified``."""
     from convlad.search import MemoryIndex, Settings, features, rank
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     _, paths, _ = photos_and_views
     model, enc = encoded
@@ -208,7 +208,7 @@ def test_an_index_keeps_its_pairs_through_appends_deletes_compaction_and_ivfpq(p
     """Photos added later pair with those before them from their own side; a pair goes with a
     deleted photo; compaction carries the pairs; the IVF-PQ's shortlist is made exact with the
     augmented rows."""
-    from convlad.store import IndexStore
+    from convlad.index.store import IndexStore
 
     _, paths, of = photos_and_views
     model, enc = encoded

@@ -7,7 +7,7 @@ __all__ = ["ConvVLAD", "Config", "VLAD", "PCAWhitening", "IndexStore", "__versio
 # Imported on first use (PEP 562): the store, its readers and the command line's usage errors do not
 # pay for importing torch (2 s) unless they encode images.
 _LAZY = {"ConvVLAD": "pipeline", "Config": "pipeline", "VLAD": "encoding", "PCAWhitening": "encoding",
-         "IndexStore": "store"}
+         "IndexStore": "index.store"}
 
 
 def __getattr__(name):

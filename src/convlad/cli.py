@@ -16,13 +16,13 @@ from typing import List, Optional
 
 import typer
 
-from . import cli_study
+from .study import cli as cli_study
 from .backbones import BACKBONES, WeightsError, get_backbone
 from .cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, PooledOpt, PowerOpt,
                          PrecisionOpt, QeOpt, ScalesOpt, SearchRerankOpt, UserError, WaitOpt, WeightsOpt, _check_dim,
                          _compile, _config, _model, _precision, _settings, _warn)
 from .images import ImageError, list_images
-from .segments import MODEL
+from .index.segments import MODEL
 from .storage import FileFormatError
 
 def _flags_as_flags():
@@ -101,8 +101,8 @@ def index(
 ):
     """Index a folder; run again on a grown folder to add only the new images."""
     from .pipeline import ConvVLAD
-    from .store import IndexStore
-    from .sync import sync
+    from .index.store import IndexStore
+    from .index.sync import sync
 
     if ann is not None and ann not in ("auto", "exact", "ivfpq"):
         raise UserError(f"--ann {ann!r}: choose auto, exact or ivfpq")
@@ -134,7 +134,7 @@ def index(
         idx.model.precision = _precision(precision)
         t = time.time()
         if ray is not None:
-            from .cluster import RayMissing, sync_with_ray
+            from .index.cluster import RayMissing, sync_with_ray
 
             try:
                 s = sync_with_ray(idx, None if ray == "local" else ray, batch_size=batch_size, report=_warn)
@@ -181,7 +181,7 @@ def search(
 ):
     """Rank the indexed photos by similarity to each query photo (ids for `convlad explain --id`)."""
     from .search import search_images
-    from .store import IndexStore
+    from .index.store import IndexStore
 
     idx = IndexStore.open(index_file)
     settings = _settings(idx, k, rerank, qe, str(index_file))
@@ -225,7 +225,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Describe an index: model, images, segments, dead rows, generation, size on disk."""
-    from .store import IndexStore
+    from .index.store import IndexStore
 
     from .extract import cpu_flags, default_device, resolve_precision
 
@@ -249,7 +249,7 @@ def compact(
     wait: bool = WaitOpt,
 ):
     """Merge small segments and drop deleted rows; safe while others search."""
-    from .store import IndexStore
+    from .index.store import IndexStore
 
     t = time.time()
     with IndexStore.open(index_file, write=True, wait=wait) as idx:
@@ -272,7 +272,7 @@ def explain(
     """Why a result matched: the spatial verification that ranked it, drawn (give it by --rank or --id)."""
     from .explain import draw_matches, match_in_index
     from .search import encode, search_images
-    from .store import IndexStore
+    from .index.store import IndexStore
 
     if (rank is None) == (id_ is None):
         raise UserError("give the result by --rank N (its place in `convlad search`) or by --id N (its id), one of them")
@@ -340,7 +340,7 @@ def serve(
     precision: str = PrecisionOpt,
 ):
     """Serve an index: search API (docs at /docs) and a web page at /."""
-    from .serve import serve as run_server
+    from .serving.serve import serve as run_server
 
     if not 0 < port < 65536:
         raise UserError(f"--port {port}: must be from 1 to 65535")

@@ -121,7 +121,7 @@ def _settings(index, k: int, rerank: Optional[int], qe: int, where: str):
 
 
 def _load_bench(dataset: Path, kind: Optional[str], full_query: bool):
-    from .datasets import open_dataset
+    from .study.datasets import open_dataset
 
     return open_dataset(dataset, kind, full_query=full_query or None)
 

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from .functional import alpha_query_expansion
-from .index import ExactIndex
+from .index.ann import ExactIndex
 from .verify import LocalCodes, Verifier
 from .whitening import augment
 

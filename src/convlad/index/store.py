@@ -30,12 +30,12 @@ import numpy as np
 
 from . import legacy
 from . import segments as S
-from .index import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, default_nprobe, encode_codes,
+from .ann import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, default_nprobe, encode_codes,
                     ivfpq_sample_size, new_ivfpq, refine)
 from .merge import COMPACT_TARGET, needs_compaction, plan_merges
-from .storage import FileFormatError
-from .verify import LOCAL_K, LocalCodes
-from .whitening import AUGMENT, NEIGHBOURS, augment, nearest, pairs_of, unique_pairs, verified_partners
+from ..storage import FileFormatError
+from ..verify import LOCAL_K, LocalCodes
+from ..whitening import AUGMENT, NEIGHBOURS, augment, nearest, pairs_of, unique_pairs, verified_partners
 
 MODEL = S.MODEL
 RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
@@ -296,7 +296,7 @@ class IndexStore:
         if self._model is None:
             if not self.m.get("model"):
                 raise FileFormatError(f"{self.path}: a store of descriptors without a model cannot encode images")
-            from .pipeline import ConvVLAD
+            from ..pipeline import ConvVLAD
 
             self._model = ConvVLAD.load(self.path / self.m["model"])
         return self._model
@@ -694,7 +694,7 @@ class IndexStore:
     def compact(self, target_rows: int = COMPACT_TARGET, progress: bool = False) -> dict:
         """Merge runs of small segments (and any with dead rows) into segments of up to ``target_rows``
         live rows, dropping the dead ones; one commit. Readers keep searching throughout."""
-        from . import progress as P
+        from .. import progress as P
 
         self._need_writer()
         m = self.m

@@ -34,15 +34,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .explain import match_view, oriented_size
-from .images import ImageError
+from ..explain import match_view, oriented_size
+from ..images import ImageError
 from .service import CAPS, ApiError, Service, whole
 from .service import image_id as parse_id
 
 WEB = Path(__file__).with_name("web")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8",
           "favicon.svg": "image/svg+xml"}
-log = logging.getLogger("convlad.serve")
+log = logging.getLogger("convlad.serving.serve")
 
 # the page loads its code and style from this server only, runs no inline code, and is never framed
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -380,7 +380,7 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
         """The match view of a query (``query``: the id its search returned) or of an indexed photo
         (``with_id``) against image ``image_id``: the spatial verification that ranked it, the same
         features and inliers as the search's; PNG, or JSON with ``format=json``."""
-        from .explain import draw_matches
+        from ..explain import draw_matches
 
         i = parse_id(image_id)
         if format not in ("png", "json"):

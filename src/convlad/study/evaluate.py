@@ -12,9 +12,9 @@ import numpy as np
 
 from .datasets import RetrievalBenchmark
 from .metrics import average_precision, ns_score, positive_ranks, precision_at_k
-from .search import RERANK, MemoryIndex, Settings, rank
-from .verify import LOCAL_K, LocalCodes, Verifier
-from .whitening import AUGMENT
+from ..search import RERANK, MemoryIndex, Settings, rank
+from ..verify import LOCAL_K, LocalCodes, Verifier
+from ..whitening import AUGMENT
 
 PRECISION_KS = (1, 5, 10)
 
@@ -255,7 +255,7 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
 
     whitening, pca_result, X, pairs = "PCA", None, enc.X, None
     if whiten != "pca" or augment != "none":
-        from .whitening import from_collection
+        from ..whitening import from_collection
 
         try:
             col = from_collection(X, Xq, enc.local, model.verifier(), whiten, augment, progress)

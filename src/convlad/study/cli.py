@@ -9,11 +9,11 @@ from typing import List, Optional
 
 import typer
 
-from .backbones import get_backbone
-from .cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, FullQueryOpt, KindOpt, KOpt, LayerOpt,
+from ..backbones import get_backbone
+from ..cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, FullQueryOpt, KindOpt, KOpt, LayerOpt,
                          PooledOpt, PowerOpt, PrecisionOpt, QeOpt, RerankOpt, ScalesOpt, TrainOpt, UserError, WeightsOpt,
                          _check_dim, _compile, _config, _load_bench, _model, _print_metrics, _scales, _warn)
-from .images import ImageError, list_images
+from ..images import ImageError, list_images
 
 datasets_app = typer.Typer(no_args_is_help=True, help="Benchmarks: download, check.")
 figure_app = typer.Typer(no_args_is_help=True, help="The paper's Figures 3 and 4 for any backbone, layers and scales.")
@@ -54,7 +54,7 @@ def eval_(
     from .datasets import training_paths
     from .evalcache import EvalCache
     from .evaluate import evaluate_model, fit_model
-    from .whitening import AUGMENT
+    from ..whitening import AUGMENT
 
     if len(args) > 2:
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
@@ -103,7 +103,7 @@ def eval_(
                    f"chance level {ev.chance} inliers); "
                    f"ranking + verification {ev.rank_ms_per_query:.1f} ms/query")
     if aps_out is not None:
-        from .storage import write_durable
+        from ..storage import write_durable
 
         doc = ev.aps_document()
         write_durable(aps_out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
@@ -117,7 +117,7 @@ def eval_(
 
 def _eval_folds(bench, train_paths, train_label, grid_specs, k, seed, out, rerank, cache, make_model):
     from .folds import cross_validate_model, parse_grid
-    from .storage import write_durable
+    from ..storage import write_durable
 
     if not bench.groups or len(set(bench.groups)) < k:
         raise UserError(f"{bench.name}: --folds {k} needs at least {k} groups of queries")
@@ -205,9 +205,9 @@ def sweep(
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
 ):
     """The paper's study: mAP of every layer's VLAD at every scale, uncompressed and PCA-whitened → CSV + PNG."""
-    from .cache import FeatureCache
+    from ..cache import FeatureCache
     from .datasets import training_paths
-    from .study import plot_sweep, sweep as run_sweep, sweep_title, write_csv
+    from .sweep import plot_sweep, sweep as run_sweep, sweep_title, write_csv
 
     bench = _load_bench(dataset, kind, full_query)
     train_paths, train_label = training_paths(train_dir)
@@ -241,7 +241,7 @@ def table(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table to this file."),
 ):
     """Tables 2–3 of the paper from sweeps: best layer per dataset, scale 1 / 2 / both, uncompressed vs compressed."""
-    from .study import markdown_table, read_csv
+    from .sweep import markdown_table, read_csv
 
     tables = []
     for c in csvs:

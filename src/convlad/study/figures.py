@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .extract import FeatureExtractor, scale_size
-from .images import load_warped
+from ..extract import FeatureExtractor, scale_size
+from ..images import load_warped
 
 LABEL = 22  # pixels of caption above each panel
 
@@ -52,7 +52,7 @@ def parse_layer_spec(text: str) -> tuple[str, float]:
 def patch_bank(backbone, paths, layer: str, scale: float, device=None, progress: bool = False) -> PatchBank:
     """Local features of ``layer`` at ``scale`` for every image of ``paths`` (warped to n×n), with
     the centre patch of each one's receptive field."""
-    from . import progress as P
+    from .. import progress as P
 
     n = scale_size(scale)
     ex = FeatureExtractor(backbone, [layer], device=device or "cpu")

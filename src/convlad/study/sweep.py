@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import FeatureCache
+from ..cache import FeatureCache
 from .datasets import RetrievalBenchmark
-from .encoding import PCAWhitening, VLAD
+from ..encoding import PCAWhitening, VLAD
 from .evaluate import evaluate_descriptors, extra_query_items
-from .functional import l2n
-from .images import ImageError
+from ..functional import l2n
+from ..images import ImageError
 
 FAR = 1e3  # coordinate of the stand-in for an unreadable database image: ranked after every other
 
@@ -76,7 +76,7 @@ def sweep(bench: RetrievalBenchmark, train_items: Sequence, cache: FeatureCache,
           compile: bool | str = "auto", report: Callable[[str], None] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per (layer, scale) and per layer for the concatenation of all scales ("1+2"), with
     the benchmark's metrics on the uncompressed VLAD (``*_full``) and PCA-whitened to ``dim``."""
-    from . import progress as P
+    from .. import progress as P
 
     layers = cache.backbone.resolve_layers(list(layers))
     scales = [float(s) for s in scales]

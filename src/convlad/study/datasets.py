@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .images import Box, list_images
+from ..images import Box, list_images
 
 
 class DatasetError(ValueError):
@@ -339,7 +339,7 @@ DOWNLOADS: dict[str, list[tuple[str, str]]] = {
 
 def _fetch(url: str, dest: Path, progress: bool = True) -> None:
     """Download ``url`` to ``dest`` through a temporary file, so a broken transfer leaves nothing."""
-    from . import progress as P
+    from .. import progress as P
 
     tmp = dest.with_name(dest.name + ".part")
     try:

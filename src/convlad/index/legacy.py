@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from . import segments as S
-from .storage import load_npz
+from ..storage import load_npz
 
 FORMAT = "convlad-index"
 
 
 def arrays(path: Path):
     """(meta, model, X, paths, stamps) of a single-file index."""
-    from .pipeline import ConvVLAD
+    from ..pipeline import ConvVLAD
 
     meta, arrays = load_npz(path, FORMAT, 1)
     model = ConvVLAD.from_state(meta["model"], {k[6:]: v for k, v in arrays.items() if k.startswith("model/")})

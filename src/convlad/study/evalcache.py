@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import weights_fingerprint
-from .pipeline import FORMAT, FORMAT_VERSION, ConvVLAD, Encoded
-from .storage import FileFormatError, atomic_savez, load_npz
-from .verify import LocalCodes
+from ..cache import weights_fingerprint
+from ..pipeline import FORMAT, FORMAT_VERSION, ConvVLAD, Encoded
+from ..storage import FileFormatError, atomic_savez, load_npz
+from ..verify import LocalCodes
 
 ENCODED = "convlad-encoded"
 

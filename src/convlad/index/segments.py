@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .storage import FileFormatError, check_header, create_file, fsync_dir, write_durable
+from ..storage import FileFormatError, check_header, create_file, fsync_dir, write_durable
 
 MANIFEST = "MANIFEST"
 LOCK = "LOCK"

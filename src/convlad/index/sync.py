@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import merge_scans, scan_images
-from .verify import LocalCodes
+from ..images import merge_scans, scan_images
+from ..verify import LocalCodes
 
 COMMIT_EVERY = 500  # images per segment while indexing a folder
 COMMIT_SECONDS = 30.0  # ... or a segment at least this often, so an interrupted first run keeps its work

@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import progress as P
-from . import search as S
-from .extract import cpu_flags, scale_size, want_compile
-from .images import ImageError, load_image, load_warped
-from .segments import UPLOADS, StoreLocked, is_upload_file, new_upload_name
-from .storage import write_durable
-from .store import IndexStore
-from .verify import LocalCodes
+from .. import progress as P
+from .. import search as S
+from ..extract import cpu_flags, scale_size, want_compile
+from ..images import ImageError, load_image, load_warped
+from ..index.segments import UPLOADS, StoreLocked, is_upload_file, new_upload_name
+from ..storage import write_durable
+from ..index.store import IndexStore
+from ..verify import LocalCodes
 
 THUMB = 256
 # what a request may ask for: without the server's token, modest caps; with it, the full ones

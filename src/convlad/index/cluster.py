@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .sync import Committer, plan_sync
-from .verify import LocalCodes
+from ..verify import LocalCodes
 
 
 class RayMissing(RuntimeError):
@@ -40,7 +40,7 @@ class Encoder:
     def __init__(self, state, batch_size: int, device: str | None, local: int = 0, precision: str = "auto"):
         import torch
 
-        from .pipeline import ConvVLAD
+        from ..pipeline import ConvVLAD
 
         import ray
 
@@ -70,7 +70,7 @@ class Encoder:
 def scan_on_cluster(ray, root: Path) -> list:
     """Walk the folder on the cluster: the files at its top here, each top-level subfolder in a task
     of its own; in the local walk's order, so the same name of a file reached twice is kept."""
-    from .images import scan_images
+    from ..images import scan_images
 
     subs = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and e.is_dir())
 
@@ -90,7 +90,7 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
     """``sync.sync`` with the encoding on a Ray cluster (``address``: None starts Ray locally,
     ``auto`` or ``ray://host:port`` joins one)."""
     ray = _ray()
-    from . import progress as P
+    from .. import progress as P
 
     root = Path(store.root)
     if not ray.is_initialized():

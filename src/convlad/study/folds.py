@@ -24,12 +24,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import progress as P
+from .. import progress as P
 from .evaluate import query_aps, query_descriptors
 from .metrics import bootstrap_difference
-from .search import MemoryIndex, Settings, linked, plain_distances, rank
-from .verify import Evidence, LocalCodes, Verifier
-from .whitening import AUGMENT
+from ..search import MemoryIndex, Settings, linked, plain_distances, rank
+from ..verify import Evidence, LocalCodes, Verifier
+from ..whitening import AUGMENT
 
 DESCRIPTOR_KEYS = ("layer", "pooled", "power", "gem")
 COLLECTION_KEYS = ("whiten", "augment")  # learned from the encoded benchmark itself: no refit
@@ -271,7 +271,7 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
     import time
 
     from .evaluate import encode_benchmark, fit_model
-    from .verify import LOCAL_K
+    from ..verify import LOCAL_K
 
     t = time.time()
     folds = group_folds(bench.groups, k, seed)
@@ -290,7 +290,7 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
             X, pairs_, Xq = enc.X, None, enc_q.X if enc_q else None
             augment = wh.get("augment", AUGMENT)  # where not a candidate: the eval's and the index's default
             if wh.get("whiten", "pca") != "pca" or augment != "none":
-                from .whitening import from_collection, mine
+                from ..whitening import from_collection, mine
 
                 pairs = mine(X, enc.local, model.verifier(), progress) if pairs is None else pairs
                 col = from_collection(X, Xq, enc.local, model.verifier(), wh.get("whiten", "pca"),
