@@ -46,7 +46,7 @@ def main():
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
     from convlad.study.datasets import load_groups, training_paths
     from convlad.study.evaluate import evaluate_descriptors
-    from convlad.whitening import mine_pairs
+    from convlad.pairs import mine_pairs
     from probe_rerank import judge
 
     bench = load_groups(SHARED / "mvbench-dev")

@@ -5,7 +5,7 @@ False)`` turns it off); this script compares the search without it against the c
 and checks that the search ranks, query for query, as the candidate "sure (3 × chance) beta 1
 shortlist chain": links within the shortlist, followed from photo to linked photo.
 
-An index mines, as photos are added, each photo's verified partners (``whitening.mine_pairs``: three
+An index mines, as photos are added, each photo's verified partners (``pairs.mine_pairs``: three
 times the chance level of inliers, the pairs database-side augmentation adds over). At query time
 the shortlist is verified (``search.rank``); a photo paired in the index with one of the query's
 *sure* matches (inliers at least the same mining level) is then one verified link away from the
@@ -94,7 +94,7 @@ def main():
     from convlad.search import MemoryIndex, Settings, rank
     from dataclasses import replace
 
-    from convlad.whitening import mine_pairs
+    from convlad.pairs import mine_pairs
     from probe_ensemble import encoded
     from probe_rerank import judge
 

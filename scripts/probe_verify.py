@@ -99,13 +99,13 @@ def pair_features(v, query, cands, area: float) -> np.ndarray:
     from convlad.verify import fit_affine
 
     xq = query[1]
-    fwd, ok, best = v._tentative(query, cands)
+    fwd, ok, best = v.tentative(query, cands)
     cells = cands.cells.astype(np.float32) + 0.5
     F = np.zeros((len(cands), len(FEATURES)))
     for j in range(len(cands)):
         rows = np.flatnonzero(ok[j])
         F[j, 1] = np.log1p(len(rows))
-        if not v._gate(len(rows)):
+        if len(rows) <= v.gate:
             continue
         src, dst = xq[rows], cells[j, fwd[j, rows]]
         A, mask = fit_affine(src, dst, v.threshold)
@@ -134,7 +134,7 @@ def ratio_verifier(r: float, **kw):
         ratio: float = 1.0
 
         def _tentative(self, query, candidates):
-            fwd, ok, best = super()._tentative(query, candidates)
+            fwd, ok, best = super().tentative(query, candidates)
             C = candidates.descriptors()
             n, k, d = C.shape
             S = (query[0] @ C.reshape(n * k, d).T).reshape(len(query[0]), n, k).transpose(1, 0, 2)

@@ -75,9 +75,9 @@ def test_the_same_photo_ranks_alike_through_every_door(dev_index, name):
 
 
 def _pairs_as_rows(st, row_of: dict) -> np.ndarray:
-    """The index's verified pairs as rows of eval's arrays, each with its ends in the index's order
-    (a photo's partners are summed in that order, so the floats are the same)."""
-    return np.vectorize(row_of.get)(st._ids_at(st._aug[0].ravel()).reshape(-1, 2))
+    """The index's verified pairs as rows of eval's arrays, sorted by id, the order in which the
+    index sums a photo's partners (so the floats are the same)."""
+    return np.vectorize(row_of.get)(st.pairs())
 
 
 def test_map_through_the_index_is_evals(dev_index):

@@ -24,7 +24,7 @@ import pytest
 from convlad.storage import FileFormatError
 from convlad.index.store import IndexStore
 
-from convlad.whitening import augment
+from convlad.pairs import augment
 
 from .store_driver import deleted, name, twin_vector, vector
 
@@ -52,9 +52,9 @@ def live_state(index, augmented: bool = False) -> dict[str, np.ndarray]:
     assert len(paths) == len(set(paths)), "a photo is in the index twice"
     X = st.vectors([i for i, _, _ in items]) if items else np.zeros((0, 16), np.float32)
     Y, pairs = X, set()
-    if augmented and st._aug is not None:
+    if augmented and len(st.pairs()):
         row = {i: r for r, (i, _, _) in enumerate(items)}
-        P = np.array([[row[int(a)], row[int(b)]] for a, b in st._ids_at(st._aug[0].ravel()).reshape(-1, 2)])
+        P = np.array([[row[int(a)], row[int(b)]] for a, b in st.pairs()])
         pairs = {tuple(sorted((paths[a], paths[b]))) for a, b in P}
         assert all(int(a[1:]) // 2 == int(b[1:]) // 2 for a, b in pairs), f"a pair of photos that are not twins: {pairs}"
         Y = augment(X, P)

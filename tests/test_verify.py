@@ -191,10 +191,10 @@ def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_pa
         ids = np.array([i for i, _, _ in st.items()])
         before, have = st.local_codes(ids)
         assert have.all() and before.codes.shape[1:] == (300, 80)
-        assert len(st._segs) > 1 and all("local-codes" in s.extra for s in st._segs)
+        assert len(st.segments()) > 1 and all("local-codes" in s["arrays"] for s in st.segments())
         st.remove(ids[:1])
         st.compact()
-        assert len(st._segs) == 1
+        assert len(st.segments()) == 1
         after, have = st.local_codes(ids)
         assert not have[0] and have[1:].all()
         np.testing.assert_array_equal(after.codes[1:], before.codes[1:])
@@ -232,7 +232,7 @@ def test_store_keeps_local_features_through_compaction_and_reranks(model, tmp_pa
     # a store made without local features re-ranks nothing: the order stays the global one
     with IndexStore.create(tmp_path / "b.index", model=model, root=photos, local=0) as st:
         sync(st, progress=False, report=lambda *_: None)
-        assert "local-codes" not in st._segs[0].extra
+        assert "local-codes" not in st.segments()[0]["arrays"]
         plain, _ = search_images(st, queries, Settings(k=5, rerank=0))
         same, _ = search_images(st, queries, Settings(k=5, rerank=20))
     assert [[h.id for h in hits] for _, hits in same] == [[h.id for h in hits] for _, hits in plain]
@@ -274,7 +274,7 @@ def test_a_shortlist_matches_as_each_pair_alone_does():
     cells = rng.integers(0, 28, size=(7, 60, 2)).astype(np.uint8)
     L = LocalCodes(codes, cells, count)
     query = L.features(0)
-    fwd, ok, best = Verifier(min_similarity=0.3)._tentative(query, L[np.arange(1, 7)])
+    fwd, ok, best = Verifier(min_similarity=0.3).tentative(query, L[np.arange(1, 7)])
     for j in range(6):
         S = query[0] @ L.features(j + 1)[0].T
         rows, cols = tentative_matches(S, 0.3)
@@ -292,8 +292,8 @@ def test_a_feature_is_matched_once_even_where_features_tie(model, train_images):
     dq, xq = dq.copy(), xq.copy()
     dq[:40] = dq[0]  # forty query features identical to the first
     v = model.verifier()
-    fwd, ok, _ = v._tentative((dq, xq), L[[1]])
+    fwd, ok, _ = v.tentative((dq, xq), L[[1]])
     matched = fwd[0][ok[0]]
     assert len(matched) == len(set(matched.tolist()))
-    twin = v._tentative((dq, xq), L[[0]])  # against its own photo: the first of the tied ones matches
+    twin = v.tentative((dq, xq), L[[0]])  # against its own photo: the first of the tied ones matches
     assert twin[1][0][:40].sum() <= 1 and twin[1][0][40:].sum() >= 200

@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from convlad.whitening import LearnedWhitening, augment, from_collection, ledoit_wolf, mine_pairs
+from convlad.pairs import augment, mine_pairs
+from convlad.whitening import LearnedWhitening, from_collection, ledoit_wolf
 
 from .conftest import REPO
 
@@ -166,9 +167,7 @@ def test_augmentation_adds_only_verified_partners_and_queries_keep_their_own(pho
 
 
 def _pairs_of_store(st) -> set:
-    pairs, _, _ = st._aug if st._aug is not None else (np.zeros((0, 2), np.int64), None, None)
-    ids = st._ids_at(pairs.ravel()).reshape(-1, 2)
-    return {(int(a), int(b)) for a, b in ids}
+    return {(int(a), int(b)) for a, b in st.pairs()}
 
 
 def test_an_index_that_augments_ranks_as_eval_does(photos_and_views, encoded, tmp_path):
@@ -235,15 +234,18 @@ def test_an_index_keeps_its_pairs_through_appends_deletes_compaction_and_ivfpq(p
             D, I = st.search(Xs[:10], 8)
             assert np.allclose(D, ((Y[I] - Xs[:10, None]) ** 2).sum(-1), atol=1e-5)  # distances to the augmented rows
             if ann == "exact":
-                assert np.allclose(st._exact.X.numpy(), Y, atol=1e-6)  # appended: older rows updated in place
+                # appended: older rows updated in place, each row searched as augmented
+                assert np.allclose(st.rows_searched(np.arange(len(Xs))), Y, atol=1e-6)
+                D1, _ = st.search(Y, 1)  # a photo and its view augmented by each other alone tie: distances only
+                assert np.allclose(D1[:, 0], 0, atol=1e-5)
             # a deleted photo's pairs go: its partners search with their plain rows again
             a, b = next((a, b) for a, b in sorted(pairs) if sum(a in p or b in p for p in pairs) == 1)
             st.remove([a])
             assert all(a not in p for p in _pairs_of_store(st)) and _pairs_of_store(st) == pairs - {(a, b)}
             keep = np.array([i for i in range(len(Xs)) if i != a])
             Y2 = augment(Xs, np.array(sorted(pairs - {(a, b)}), np.int64))
-            assert np.allclose(st._search_rows(st._positions([b])), Xs[b], atol=1e-6)
+            assert np.allclose(st.rows_searched([b]), Xs[b], atol=1e-6)
             st.compact(target_rows=10_000)
-            assert len(st._segs) == 1 and _pairs_of_store(st) == pairs - {(a, b)}
+            assert len(st.segments()) == 1 and _pairs_of_store(st) == pairs - {(a, b)}
             D, I = st.search(Xs[keep[:10]], 8)
             assert a not in I and np.allclose(D, ((Y2[I] - Xs[keep[:10], None]) ** 2).sum(-1), atol=1e-5)

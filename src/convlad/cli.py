@@ -103,6 +103,7 @@ def index(
     from .pipeline import ConvVLAD
     from .index.store import IndexStore
     from .index.sync import sync
+    from .pairs import check_augment
 
     if ann is not None and ann not in ("auto", "exact", "ivfpq"):
         raise UserError(f"--ann {ann!r}: choose auto, exact or ivfpq")
@@ -110,8 +111,7 @@ def index(
         raise UserError(f"--checkpoint-every {checkpoint_every}: must be at least 1")
     if local is not None and not 0 <= local <= 65535:
         raise UserError(f"--local-features {local}: must be between 0 and 65535")
-    if augment is not None and augment not in ("none", "verified"):
-        raise UserError(f"--augment {augment!r}: choose none or verified")
+    check_augment(augment, "--augment")
     if augment == "verified" and local == 0:
         raise UserError("--augment verified with --local-features 0: pairs are mined by verifying local features")
     if len(args) > 2:

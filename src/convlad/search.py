@@ -8,7 +8,7 @@ encoded with the index's own local-feature layout (``local_k``), so one photo sc
 whichever door it comes through.
 
 An index that augments (``augmented``: each photo's row summed with those of the photos it
-verified with, ``whitening.augment``) is searched by those rows, while the verification's score
+verified with, ``pairs.augment``) is searched by those rows, while the verification's score
 adds its bonus to the plain descriptors' similarity (``plain_distances``): its unit of evidence was
 set against them, and the pairs that augmentation adds are the ones verification finds anyway.
 On mvbench-dev that keeps the re-ranked ranking as it was without augmentation, query for query,
@@ -29,8 +29,8 @@ import numpy as np
 
 from .functional import alpha_query_expansion
 from .index.ann import ExactIndex
-from .verify import LocalCodes, Verifier
-from .whitening import augment
+from .verify import Evidence, LocalCodes, Verifier
+from .pairs import augment
 
 # The default re-ranking depth: +0.055 mAP on mvbench-dev [+0.030, +0.085]; as much on Lite1/2,
 # MobileNetV2 and synthetic views (docs/defaults.md)
@@ -146,13 +146,22 @@ def rerank(index, query, ids: np.ndarray, distances: np.ndarray, n: int, verifie
         except KeyError:  # deleted since the search (another thread refreshed): its own order stands
             pass
     ev = verifier.verify(query, codes, stored)
-    through = linked(index, head, ev.inliers, verifier)
-    order = verifier.order_by(scored, ev, through >= 0)
+    order, through = reorder(index, head, scored, ev, verifier)
     ids = np.concatenate([head[order], ids[n:]])
     distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
     rest = [None] * (len(ids) - len(head))
     via = [int(through[o]) if through[o] >= 0 else None for o in order]
     return ids, distances, [int(ev.inliers[o]) if stored[o] else None for o in order] + rest, via + rest
+
+
+def reorder(index, head: np.ndarray, scored: np.ndarray, ev: Evidence, verifier: Verifier):
+    """The last step of every re-ranking (``rerank``, and ``eval --folds``' grid, which verifies once
+    for many settings): a verified shortlist ``head`` (ids), with the distances its score adds to
+    (``scored``) and its evidence ``ev``, ordered by ``verifier.order_by`` with the links through the
+    index's pairs (``linked``). Returns (the order, positions into ``head``; the photo each position
+    is linked through, -1 where none)."""
+    through = linked(index, head, ev.inliers, verifier)
+    return verifier.order_by(scored, ev, through >= 0), through
 
 
 def linked(index, head: np.ndarray, inliers: np.ndarray, verifier: Verifier) -> np.ndarray:
@@ -220,7 +229,7 @@ def search_ids(index, ids, settings: Settings = DEFAULTS) -> list[list[Hit]]:
 class MemoryIndex:
     """Descriptors (and local features) held in memory, ids = row numbers: a benchmark's database
     for ``eval``, searched exactly, through the same ``rank`` as a store. ``pairs`` (m, 2): verified
-    pairs of rows (``whitening.mine_pairs``) to augment over, as a store that augments does."""
+    pairs of rows (``pairs.mine_pairs``) to augment over, as a store that augments does."""
 
     def __init__(self, X: np.ndarray, local: LocalCodes | None = None, verifier: Verifier | None = None,
                  pairs: np.ndarray | None = None):
@@ -259,4 +268,4 @@ class MemoryIndex:
 
 __all__ = ["DEFAULTS", "Hit", "K", "MemoryIndex", "RERANK", "Settings", "encode", "features", "linked", "plain_distances", "rank",
            "rerank",
-           "search_ids", "search_images", "verifier_of"]
+           "reorder", "search_ids", "search_images", "verifier_of"]

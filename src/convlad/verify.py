@@ -39,7 +39,7 @@ LOCAL_K = 300
 MIN_CHANCE = 3
 # A pair is sure from this many times the chance level of inliers: unrelated photos never reached it
 # against their nearest (among mvbench-train's, 16-23 inliers nine times in 8 000 pairs, 24 never;
-# whitening's docstring). An index mines its verified pairs at this level (``whitening.mine_pairs``),
+# whitening's docstring). An index mines its verified pairs at this level (``pairs.mine_pairs``),
 # and the search trusts a link through one (``Verifier.order_by``'s ``linked``)
 SURE = 3
 
@@ -275,7 +275,7 @@ class Verifier:
             got = list(pool.map(lambda idx: self._evidence(query, candidates[idx]), parts))
         return Evidence(*(np.concatenate([getattr(e, f) for e in got]) for f in ("inliers", "tentative", "area")))
 
-    def _tentative(self, query, candidates: LocalCodes):
+    def tentative(self, query, candidates: LocalCodes):
         """Mutual nearest neighbours above ``min_similarity`` of every pair at once: (fwd (n, m), the
         candidate feature each query feature is nearest to; ok (n, m) bool; best (n, m) similarity)."""
         dq, _ = query
@@ -305,23 +305,28 @@ class Verifier:
         ok[pair[~first], q[~first]] = False
         return fwd, ok, best
 
-    def _gate(self, n_tentative: int) -> bool:
+    @property
+    def gate(self) -> int:
+        """A pair is fitted only with more tentative matches than this (``min_tentative``, else twice
+        the chance level)."""
         # RANSAC is most of the time left: a fit is worth it only where more than half of twice
         # the chance level could agree; on mvbench-dev this gate changed the order of one query
         # in 191 against a gate at the chance level itself (mAP 0.8665 both), 57 → 42 ms a query
-        return n_tentative > self._gate_value()
-
-    def _gate_value(self) -> int:
         return 2 * self.chance if self.min_tentative is None else max(2, self.min_tentative)
+
+    def gated(self, ev: Evidence) -> Evidence:
+        """``ev`` (verified at a lower gate) as this verifier's gate would have left it: no inliers
+        where there were ``gate`` tentative matches or fewer."""
+        return Evidence(np.where(ev.tentative > self.gate, ev.inliers, 0), ev.tentative, ev.area)
 
     def _evidence(self, query, candidates: LocalCodes) -> Evidence:
         xq = query[1]
-        fwd, ok, _ = self._tentative(query, candidates)
+        fwd, ok, _ = self.tentative(query, candidates)
         cells = candidates.cells.astype(np.float32) + 0.5
         out = np.zeros(len(candidates), np.int64)
         tentative = ok.sum(1).astype(np.int64)
         for j in range(len(candidates)):
-            if self._gate(int(tentative[j])):
+            if int(tentative[j]) > self.gate:
                 out[j] = fit_inliers(xq[ok[j]], cells[j, fwd[j, ok[j]]], self.threshold)
         return Evidence(out, tentative, _spanned(candidates))
 
@@ -335,11 +340,11 @@ class Verifier:
         if len(query[0]) < 3:
             z = np.zeros(0, np.int64)
             return PairMatch(z, z, np.zeros(0, np.float32), np.zeros(0, bool), None, False)
-        fwd, ok, best = self._tentative(query, candidate)
+        fwd, ok, best = self.tentative(query, candidate)
         rows = np.flatnonzero(ok[0])
         cols = fwd[0, rows]
         cells = candidate.cells.astype(np.float32) + 0.5
-        fitted = self._gate(len(rows))
+        fitted = len(rows) > self.gate
         A, mask = fit_affine(xq[ok[0]], cells[0, cols], self.threshold) if fitted else (None, np.zeros(len(rows), bool))
         return PairMatch(rows, cols, best[0, rows].astype(np.float32), mask, A, fitted)
 

@@ -12,41 +12,33 @@ generation it opened (its segments stay mapped even if a compaction deletes them
 ``refresh()``. Crash safety is the manifest rename: what it names is complete on disk, and what it
 does not name is garbage the next writer deletes.
 
-Why one class of some 600 lines: a generation's state (segments, liveness, offsets, the IVF-PQ and
-the exact index) is swapped whole under one lock by ``_install``, and the writer's commits extend
-it in place (O(new) per commit); readers and the writer share that state, so it stays in one
-class rather than being spread over modules that would each reach into it.
+Why one class of some 700 lines: a generation's state (segments, liveness, offsets, the pair
+overlay, the IVF-PQ and the exact index) is swapped whole under one lock by ``_install``, and the
+writer's commits extend it in place (O(new) per commit); readers and the writer share that state, so
+it stays in one class rather than being spread over modules that would each reach into it. What
+does not touch that state lives apart: the pairs' arithmetic in ``pairs.py``, the IVF-PQ's upkeep in
+``ivf.py``, the files in ``segments.py``, the merge policy in ``merge.py``.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from . import legacy
 from . import segments as S
-from .ann import (ANN_MIN_SHORTLIST, ANN_RERANK, ANN_THRESHOLD, ExactIndex, default_nprobe, encode_codes,
-                    ivfpq_sample_size, new_ivfpq, refine)
+from . import ivf as IVF
+from .ann import ANN_THRESHOLD, ExactIndex
 from .merge import COMPACT_TARGET, needs_compaction, plan_merges
 from ..storage import FileFormatError
 from ..verify import LOCAL_K, LocalCodes
-from ..whitening import AUGMENT, NEIGHBOURS, augment, nearest, pairs_of, unique_pairs, verified_partners
+from ..pairs import AUGMENT, PairOverlay, check_augment, mine_additions, pairs_of, unique_pairs
 
 MODEL = S.MODEL
 RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
-ENCODE_CHUNK = 65_536
-
-
-def _unmap_pages(a: np.ndarray) -> None:
-    """Drop a memory map's pages from this process (not from the page cache): they were read once."""
-    mm = getattr(a, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _live_mask(ids: np.ndarray, dead: np.ndarray) -> np.ndarray | None:
@@ -87,7 +79,7 @@ class IndexStore:
         self._ivf = self._exact = self._exact_pos = self._trained = None
         self._n_dead = 0
         self._pairs_cache: dict[str, np.ndarray] = {}
-        self._aug = None  # the live verified pairs, by position, where the store augments (``_overlay``)
+        self._aug: PairOverlay | None = None  # the live verified pairs, by position, where the store augments
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -121,14 +113,13 @@ class IndexStore:
         kept relative to it); ``ann``: auto, exact or ivfpq (None keeps the store's, auto if new);
         ``local``: local features kept per image for re-ranking (``verify.LOCAL_K`` when None and
         the store is new; 0 keeps none); ``augment``: "verified" mines each added photo's pairs
-        and searches the database side augmented over them, "none" does not (``whitening.AUGMENT``
+        and searches the database side augmented over them, "none" does not (``pairs.AUGMENT``
         when None and the store is new and keeps local features). These settings are the store's:
         they apply to later additions."""
         path = Path(path)
         if ann is not None and ann not in ("auto", "exact", "ivfpq"):
             raise ValueError(f"index type must be auto, exact or ivfpq, not {ann!r}")
-        if augment is not None and augment not in ("none", "verified"):
-            raise ValueError(f"augment must be none or verified, not {augment!r}")
+        check_augment(augment)
         root = str(Path(root).resolve()) if root is not None else None
         fingerprint = model.fingerprint() if model is not None else None
         if path.is_file() or _interrupted_conversion(path):
@@ -209,16 +200,10 @@ class IndexStore:
         for s in m["segments"]:
             seg = self._seg_cache.get(s["name"]) or S.read_segment(self.path, s["name"])
             segs.append(seg)
-        codes = {}
+        codes = IVF.load_codes(self.path, m, self._codes_cache)
         if m.get("ivf"):
-            d = m["ivf"]["dir"]
-            for s in m["segments"]:
-                key = (d, s["name"])
-                codes[key] = self._codes_cache.get(key)
-                if codes[key] is None:
-                    codes[key] = np.load(S.codes_file(self.path, d, s["name"]), mmap_mode="r")
             same = self.m.get("ivf") == m["ivf"] and self._trained is not None
-            trained = self._trained if same else faiss.read_index(str(S.trained_file(self.path, d)))
+            trained = self._trained if same else IVF.read_trained(self.path, m["ivf"])
         dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
         # liveness per segment, recomputed only for new segments or new tombstones (O(new) commits)
         live = []
@@ -241,7 +226,7 @@ class IndexStore:
             # appended with the same tombstones, the older pairs keep their positions: only the
             # new segments' are looked up (a commit costs O(new) here too)
             grown = appended and same_dead
-            kept = len(self._aug[0]) if grown and self._aug is not None else 0  # pairs of the generation before
+            kept = len(self._aug) if grown and self._aug is not None else 0  # pairs of the generation before
             self._aug = self._overlay(segs[len(old_names):] if grown else segs, self._aug if grown else None)
             # the IVF-PQ holds every row, dead ones too (they are filtered from its shortlist), so
             # deletes leave it as it is and appends extend it; the exact index holds live rows only
@@ -257,7 +242,7 @@ class IndexStore:
                 X = np.concatenate([self._exact.X.numpy(), self._search_rows(new)])
                 self._exact_pos = np.concatenate([self._exact_pos, new])
                 # older photos the new ones verified with (the overlay's new pairs): their rows changed
-                p = self._aug[0][kept:].ravel() if self._aug is not None else np.zeros(0, np.int64)
+                p = self._aug.pairs[kept:].ravel() if self._aug is not None else np.zeros(0, np.int64)
                 changed = np.unique(p[p < self._offsets[len(old_names)]])
                 if len(changed):
                     X[np.searchsorted(self._exact_pos, changed)] = self._search_rows(changed)
@@ -317,7 +302,7 @@ class IndexStore:
             out[np.flatnonzero(sel)[order]] = got
         return out
 
-    # -- augmentation over verified pairs (``whitening.augment``) --------------------------------------
+    # -- the verified pairs (``pairs.py``) ---------------------------------------------------------------
     def _segment_pairs(self, seg) -> np.ndarray:
         """The pairs (ids) that a segment's photos verified into when they were added."""
         got = self._pairs_cache.get(seg.name)
@@ -326,34 +311,13 @@ class IndexStore:
             got = pairs_of(np.asarray(seg.ids), np.asarray(P)) if P is not None else np.zeros((0, 2), np.int64)
         return got
 
-    def _overlay(self, segs, previous=None):
-        """The live pairs by position, with each pair listed under both of its ends for lookup:
-        (pairs (m, 2), ends (2m,) sorted, the pair of each end); None when there are none. A pair
-        with a deleted photo drops out. ``segs``: the segments whose pairs to add to ``previous``
-        (the overlay of the generation this one appends to), or all of them (``previous`` None).
-
-        A photo's partners are summed in the order of ``pairs``, as ``whitening.augment`` sums
-        them over pairs sorted by (first, second): the pairs are sorted so, and an appended
-        commit's go after the older ones, which keeps each photo's order: each new pair holds a
-        new photo, whose position is after every older one."""
+    def _overlay(self, segs, previous: PairOverlay | None = None) -> PairOverlay | None:
+        """The live pairs of ``segs`` added to ``previous`` (the overlay of the generation this one
+        appends to), or of all segments (``previous`` None); a pair with a deleted photo drops out."""
         got = [self._pairs_cache[s.name] for s in segs]
         P = np.concatenate([p for p in got if len(p)] or [np.zeros((0, 2), np.int64)])
         pos = self._positions(P.ravel()).reshape(-1, 2)
-        pos = unique_pairs(np.sort(pos[(pos >= 0).all(1)], 1))
-        if previous is None:
-            if not len(pos):
-                return None
-            ends = np.concatenate([pos[:, 0], pos[:, 1]])
-            order = np.argsort(ends, kind="stable")
-            return pos, ends[order], np.concatenate([np.arange(len(pos))] * 2)[order]
-        if not len(pos):
-            return previous
-        old, ends, which = previous
-        new_ends = np.concatenate([pos[:, 0], pos[:, 1]])
-        order = np.argsort(new_ends, kind="stable")
-        at = np.searchsorted(ends, new_ends[order], "right")
-        new_which = (len(old) + np.concatenate([np.arange(len(pos))] * 2))[order]
-        return np.concatenate([old, pos]), np.insert(ends, at, new_ends[order]), np.insert(which, at, new_which)
+        return PairOverlay.build(pos) if previous is None else previous.extended(pos)
 
     def _search_rows(self, pos: np.ndarray) -> np.ndarray:
         """The rows as they are searched: each photo's descriptor augmented over its live pairs,
@@ -362,17 +326,16 @@ class IndexStore:
         X = self._rows(pos)
         if self._aug is None or not len(pos):
             return X
-        pairs, ends, which = self._aug
-        lo, hi = np.searchsorted(ends, pos, "left"), np.searchsorted(ends, pos, "right")
-        touched = hi > lo
-        if not touched.any():
-            return X
-        n = hi - lo
-        starts = np.repeat(lo, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-        P = pairs[np.unique(which[starts])]  # every pair of the rows asked for, in their order
-        U = np.unique(P)
-        X[touched] = augment(self._rows(U), np.searchsorted(U, P))[np.searchsorted(U, pos[touched])]
-        return X
+        return self._aug.augmented(pos, X, self._rows)
+
+    def rows_searched(self, ids) -> np.ndarray:
+        """The rows of ``ids`` as a search compares queries with them: augmented over their live
+        pairs where the store augments, else their descriptors (``vectors``)."""
+        with self._mutex:
+            pos = self._positions(ids)
+            if (pos < 0).any():
+                raise KeyError(f"no image with id {int(np.asarray(ids).ravel()[pos < 0][0])} in {self.path}")
+            return self._search_rows(pos)
 
     def partners(self, ids) -> np.ndarray:
         """(id, partner) for each live verified pair of each live id of ``ids``, in the order of
@@ -381,17 +344,19 @@ class IndexStore:
             if self._aug is None:
                 return np.zeros((0, 2), np.int64)
             ids = np.asarray(ids, np.int64).ravel()
-            pos = self._positions(ids)
-            pairs, ends, which = self._aug
-            lo, hi = np.searchsorted(ends, pos, "left"), np.searchsorted(ends, pos, "right")
-            lo[pos < 0] = hi[pos < 0] = 0
-            n = hi - lo
+            other, n = self._aug.partners(self._positions(ids))
             if not n.sum():
                 return np.zeros((0, 2), np.int64)
-            starts = np.repeat(lo, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-            P, me = pairs[which[starts]], np.repeat(pos, n)
-            other = np.where(P[:, 0] == me, P[:, 1], P[:, 0])
             return np.stack([np.repeat(ids, n), self._ids_at(other)], 1)
+
+    def pairs(self) -> np.ndarray:
+        """Every live verified pair of this generation, as ids (a, b) with a < b: (m, 2) int64,
+        sorted; empty where the store does not augment. The graph the search links through."""
+        with self._mutex:
+            if self._aug is None:
+                return np.zeros((0, 2), np.int64)
+            P = self._ids_at(self._aug.pairs.ravel()).reshape(-1, 2)
+        return unique_pairs(np.sort(P, 1))
 
     def _positions(self, ids) -> np.ndarray:
         """Positions of live ``ids`` in this generation (-1 where unknown or deleted)."""
@@ -454,6 +419,14 @@ class IndexStore:
                 if live is None or live[r]:
                     yield int(ids[r]), paths[r], (int(stamps[r, 0]), int(stamps[r, 1]))
 
+    def segments(self) -> list[dict]:
+        """This generation's segments, in store order: name, rows (dead ones included), live rows,
+        and the arrays kept beside the descriptors (``local-codes``, ``partners``, ...)."""
+        with self._mutex:
+            segs, lives = self._segs, self._live
+        return [{"name": s.name, "rows": len(s), "live": len(s) if lv is None else int(lv.sum()),
+                 "arrays": sorted(s.extra)} for s, lv in zip(segs, lives)]
+
     # -- searching -------------------------------------------------------------------------------
     def _uses_ivf(self) -> bool:
         return bool(self.m.get("ivf")) and self.m.get("ann") != "exact"
@@ -465,12 +438,9 @@ class IndexStore:
         return rows
 
     def _add_codes(self, first: int) -> None:
+        d = self.m["ivf"]["dir"]
         for i in range(first, len(self._segs)):
-            codes = self._codes_cache[(self.m["ivf"]["dir"], self._segs[i].name)]
-            for c in range(0, len(codes), ENCODE_CHUNK):
-                part = np.ascontiguousarray(codes[c:c + ENCODE_CHUNK])
-                self._ivf.add_sa_codes(part, self._offsets[i] + c + np.arange(len(part), dtype=np.int64))
-            _unmap_pages(codes)  # copied into the inverted lists: leave the page cache its copy
+            IVF.add_codes(self._ivf, self._codes_cache[(d, self._segs[i].name)], int(self._offsets[i]))
 
     def _is_live(self, pos: np.ndarray) -> np.ndarray:
         if not self._n_dead:
@@ -480,9 +450,7 @@ class IndexStore:
 
     def _build_search(self) -> None:
         if self._uses_ivf():
-            self._ivf = faiss.clone_index(self._trained)
-            ivf = faiss.extract_index_ivf(self._ivf)
-            ivf.nprobe = default_nprobe(ivf.nlist)
+            self._ivf = IVF.empty_copy(self._trained)
             self._add_codes(0)
         else:
             pos = np.concatenate([self._offsets[i] + self._live_positions(i) for i in range(len(self._segs))]
@@ -494,7 +462,7 @@ class IndexStore:
             if self._ivf is None and self._uses_ivf():
                 self._build_search()
             if self._ivf is not None:
-                faiss.extract_index_ivf(self._ivf).nprobe = nprobe
+                IVF.set_nprobe(self._ivf, nprobe)
 
     def search(self, Q: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(distances, ids), each (nq, k'), k' = min(k, images); squared L2, nearest first. Through the
@@ -509,12 +477,8 @@ class IndexStore:
             if (self._ivf if self._uses_ivf() else self._exact) is None:
                 self._build_search()
             if self._uses_ivf():
-                # dead rows are still in the IVF-PQ: ask for more candidates, then drop them
-                want = max(k * ANN_RERANK, ANN_MIN_SHORTLIST)
-                want += min(self._n_dead, want)
-                _, cand = self._ivf.search(Q, min(int(self._offsets[-1]), want))
-                # the codes are of the plain rows; the shortlist is made exact with the augmented ones
-                D, P = refine(Q, [c[self._is_live(c)] for c in (c[c >= 0] for c in cand)], self._search_rows, k)
+                D, P = IVF.search(self._ivf, Q, k, int(self._offsets[-1]), self._n_dead, self._is_live,
+                                  self._search_rows)
             else:
                 D, J = self._exact.search(Q, k)
                 P = self._exact_pos[J]
@@ -568,41 +532,16 @@ class IndexStore:
         if not wants or live < 2:
             m["ivf"] = None
         elif retrain or ivf is None or live > RETRAIN_GROWTH * ivf["trained_on"]:
-            m["ivf"] = self._train_ivf(m, live)
+            segs = [self._seg_cache.get(s["name"]) or S.read_segment(self.path, s["name"]) for s in m["segments"]]
+            dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
+            lives = [np.arange(len(s)) if (lv := _live_mask(s.ids, dead)) is None else np.flatnonzero(lv) for s in segs]
+            m["ivf"] = IVF.train(self.path, m["dim"], segs, lives)
         else:
             for name, X in new_segments.items():
-                self._write_codes(ivf, name, X, self._trained)
+                IVF.write_codes(self.path, ivf, name, X, self._trained)
         S.write_manifest(self.path, m)
         self._install(m)
         S.collect_garbage(self.path, m)
-
-    def _write_codes(self, ivf: dict, seg_name: str, X: np.ndarray, trained=None) -> None:
-        if trained is None:
-            trained = faiss.read_index(str(S.trained_file(self.path, ivf["dir"])))
-        codes = encode_codes(trained, X, ENCODE_CHUNK)
-        S.write_durable(S.codes_file(self.path, ivf["dir"], seg_name), lambda f: S.save_npy(f, codes))
-
-    def _train_ivf(self, m: dict, live: int) -> dict:
-        """Train an IVF-PQ on a sample of the live rows and encode every segment with it."""
-        segs = [self._seg_cache.get(s["name"]) or S.read_segment(self.path, s["name"]) for s in m["segments"]]
-        dead = np.load(self.path / m["tombstones"]) if m.get("tombstones") else np.zeros(0, np.int64)
-        lives = [np.arange(len(s)) if (lv := _live_mask(s.ids, dead)) is None else np.flatnonzero(lv) for s in segs]
-        offsets = np.concatenate([[0], np.cumsum([len(r) for r in lives])])
-        index, factory = new_ivfpq(live, m["dim"])
-        pick = np.sort(np.random.default_rng(0).choice(live, size=min(live, ivfpq_sample_size(index)), replace=False))
-        which = np.searchsorted(offsets, pick, side="right") - 1
-        sample = np.concatenate([np.asarray(segs[s].X[lives[s][pick[which == s] - offsets[s]]])
-                                 for s in np.unique(which)]).astype(np.float32)
-        index.train(sample)
-        ivf = {"dir": S.new_ivf_dir(), "factory": factory, "trained_on": int(live)}
-        d = self.path / ivf["dir"]
-        d.mkdir()
-        S.write_durable(S.trained_file(self.path, ivf["dir"]), lambda f: f.write(faiss.serialize_index(index).tobytes()))
-        S.crash_point("ivf-train")
-        for s in segs:
-            self._write_codes(ivf, s.name, s.X, index)
-        S.fsync_dir(d)
-        return ivf
 
     def add_vectors(self, X: np.ndarray, paths: list[str], stamps=None, local: LocalCodes | None = None) -> np.ndarray:
         """Append descriptors (and, for re-ranking, their images' local features) as one new
@@ -637,32 +576,10 @@ class IndexStore:
         return self.m.get("augment", "none") == "verified" and bool(self.m.get("model")) and self.local_k > 0
 
     def _mine(self, X: np.ndarray, local: LocalCodes, ids: np.ndarray) -> np.ndarray:
-        """Each new photo's partners (``whitening.mine_pairs``' steps): its ``NEIGHBOURS`` nearest
-        among the live photos (as this store ranks them) and the others being added, verified with
-        the model's verifier. A photo added later finds its pairs with this one from its own side."""
-        sims, rows = nearest(X, NEIGHBOURS)
-        cand = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
-        if len(self):
-            D, I = self.search(X, NEIGHBOURS)
-            sims = np.concatenate([np.where(I >= 0, 1 - D / 2, -np.inf), sims], 1)
-            cand = np.concatenate([I, cand], 1)
-            cand = np.take_along_axis(cand, np.argsort(-sims, axis=1, kind="stable")[:, :NEIGHBOURS], 1)
-        first = int(ids[0])
-
-        def codes_of(js):
-            old = js < first
-            codes, have = local[np.maximum(js - first, 0)], ~old
-            if old.any():
-                got, stored = self.local_codes(js[old])
-                at = np.flatnonzero(old)[stored]
-                if len(at) and got.codes.shape[1:] != codes.codes.shape[1:]:
-                    raise FileFormatError(f"{self.path}: its images keep local features of shape {got.codes.shape[1:]}, "
-                                          f"the new ones {codes.codes.shape[1:]}")
-                codes.codes[at], codes.cells[at], codes.count[at] = got.codes[stored], got.cells[stored], got.count[stored]
-                have[np.flatnonzero(old)] = stored
-            return codes, have
-
-        return verified_partners(local, cand, codes_of, self.model.verifier())
+        try:
+            return mine_additions(self, X, local, ids, self.model.verifier())
+        except ValueError as e:  # local features of another layout
+            raise FileFormatError(f"{self.path}: {e}") from None
 
     def remove(self, ids) -> int:
         """Delete images by id (tombstones); returns how many were live."""
@@ -761,7 +678,7 @@ class IndexStore:
         return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self),
                 "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
                 "dim": self.dim, "augment": self.m.get("augment", "none"),
-                "pairs": 0 if self._aug is None else len(self._aug[0]),
+                "pairs": 0 if self._aug is None else len(self._aug),
                 "search": f"IVF-PQ {ivf['factory']} (trained on {ivf['trained_on']})" if ivf and self._uses_ivf()
                 else "exact", "bytes": size}
 

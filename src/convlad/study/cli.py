@@ -54,7 +54,7 @@ def eval_(
     from .datasets import training_paths
     from .evalcache import EvalCache
     from .evaluate import evaluate_model, fit_model
-    from ..whitening import AUGMENT
+    from ..pairs import AUGMENT, check_augment
 
     if len(args) > 2:
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
@@ -62,8 +62,7 @@ def eval_(
         raise UserError(f"--rerank must be 0 or more, got {rerank}")
     if whiten not in ("pca", "collection"):
         raise UserError(f"--whiten {whiten!r}: choose pca or collection")
-    if augment is not None and augment not in ("none", "verified"):
-        raise UserError(f"--augment {augment!r}: choose none or verified")
+    check_augment(augment, "--augment")
     if folds and (whiten != "pca" or augment is not None):
         raise UserError("--whiten or --augment with --folds: give them as candidates, --grid whiten=pca,collection "
                         "--grid augment=none,verified")

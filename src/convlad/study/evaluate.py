@@ -14,7 +14,7 @@ from .datasets import RetrievalBenchmark
 from .metrics import average_precision, ns_score, positive_ranks, precision_at_k
 from ..search import RERANK, MemoryIndex, Settings, rank
 from ..verify import LOCAL_K, LocalCodes, Verifier
-from ..whitening import AUGMENT
+from ..pairs import AUGMENT, check_augment
 
 PRECISION_KS = (1, 5, 10)
 
@@ -230,7 +230,7 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
     free memory, and so is augmentation, which mines by verifying them. ``whiten="collection"``
     learns a whitening from pairs mined in the benchmark's own database photos
     (``whitening.learn_whitening``: transductive, no labels), ``augment="verified"`` (the default,
-    as an index does) augments the database over those pairs (``whitening.augment``), and it
+    as an index does) augments the database over those pairs (``pairs.augment``), and it
     measures with them; ``pca_result`` then holds the same measured without. ``cache`` (an ``evalcache.EvalCache``)
     keeps the fitted model and the encoding for the next run of the same."""
     t = time.time()
@@ -242,8 +242,9 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
                         f"{need / 2**30:.1f} GiB of local features in memory, more than half of what is free "
                         "(--rerank 0 --augment none: the global ranking of the plain descriptors, without this warning)")
         rerank, whiten, augment = 0, "pca", "none"
-    if whiten not in ("pca", "collection") or augment not in ("none", "verified"):
-        raise ValueError(f"whiten={whiten!r}, augment={augment!r}: pca or collection, none or verified")
+    if whiten not in ("pca", "collection"):
+        raise ValueError(f"whiten={whiten!r}: pca or collection")
+    check_augment(augment)
     local = LOCAL_K if rerank or whiten != "pca" or augment != "none" else 0
     enc, enc_q, t_enc, enc_cached = encode_benchmark(model, bench, local, progress, cache)
     Xq = enc_q.X if enc_q else None

@@ -27,9 +27,9 @@ import numpy as np
 from .. import progress as P
 from .evaluate import query_aps, query_descriptors
 from .metrics import bootstrap_difference
-from ..search import MemoryIndex, Settings, linked, plain_distances, rank
+from ..search import MemoryIndex, Settings, plain_distances, rank, reorder
 from ..verify import Evidence, LocalCodes, Verifier
-from ..whitening import AUGMENT
+from ..pairs import AUGMENT, check_augment
 
 DESCRIPTOR_KEYS = ("layer", "pooled", "power", "gem")
 COLLECTION_KEYS = ("whiten", "augment")  # learned from the encoded benchmark itself: no refit
@@ -66,8 +66,9 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
             raise ValueError(f"--grid {spec!r}: score is inliers or significance")
         if key == "whiten" and set(out) - {"pca", "collection"}:
             raise ValueError(f"--grid {spec!r}: whiten is pca or collection")
-        if key == "augment" and set(out) - {"none", "verified"}:
-            raise ValueError(f"--grid {spec!r}: augment is none or verified")
+        if key == "augment":
+            for v in out:
+                check_augment(v, f"--grid {spec!r}: augment")
         if not out or key in grid:
             raise ValueError(f"--grid {spec!r}: give each key once, with at least one value")
         grid[key] = out
@@ -172,8 +173,8 @@ class SearchGrid:
     def evidence(self, depth: int, features: int, v: Verifier) -> list[Evidence]:
         key = (features, v.min_similarity, v.threshold)
         have = self._evidence.get(key)
-        if have is None or have[0] < depth or have[1] > v._gate_value():
-            gate = v._gate_value() if have is None else min(have[1], v._gate_value())
+        if have is None or have[0] < depth or have[1] > v.gate:
+            gate = v.gate if have is None else min(have[1], v.gate)
             depth = max(depth, have[0] if have else 0)
             fit = replace(v, min_tentative=gate, score="inliers")
             codes = _truncate(self.local, features)
@@ -194,7 +195,7 @@ class SearchGrid:
             if depth and self.local is not None:
                 key = (features, v.min_similarity, v.threshold)
                 d, g, _ = need.get(key, (0, 10**9, None))
-                need[key] = (max(d, depth), min(g, v._gate_value()), v)
+                need[key] = (max(d, depth), min(g, v.gate), v)
         for (features, _, _), (depth, gate, v) in need.items():
             self.evidence(depth, features, replace(v, min_tentative=gate))
 
@@ -214,10 +215,7 @@ class SearchGrid:
         for q in range(len(self.ids)):
             ids = self.ids[q]
             if evs is not None:
-                ev = evs[q][:depth]
-                keep = ev.tentative > v._gate_value()
-                ev = Evidence(np.where(keep, ev.inliers, 0), ev.tentative, ev.area)
-                order = v.order_by(self.dist[q][:depth], ev, linked(self.index, ids[:depth], ev.inliers, v) >= 0)
+                order, _ = reorder(self.index, ids[:depth], self.dist[q][:depth], v.gated(evs[q][:depth]), v)
                 ids = np.concatenate([ids[:depth][order], ids[depth:]])
             rankings.append(np.concatenate([np.asarray(self.junk[q], np.int64), ids]))
         return query_aps(self.bench, rankings)
@@ -290,7 +288,8 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
             X, pairs_, Xq = enc.X, None, enc_q.X if enc_q else None
             augment = wh.get("augment", AUGMENT)  # where not a candidate: the eval's and the index's default
             if wh.get("whiten", "pca") != "pca" or augment != "none":
-                from ..whitening import from_collection, mine
+                from ..pairs import mine
+                from ..whitening import from_collection
 
                 pairs = mine(X, enc.local, model.verifier(), progress) if pairs is None else pairs
                 col = from_collection(X, Xq, enc.local, model.verifier(), wh.get("whiten", "pca"),
