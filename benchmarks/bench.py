@@ -58,9 +58,9 @@ def _runner(method: str, model_path: str):
     from convlad.pipeline import ConvVLAD
     from convlad.reference import plain_descriptors
 
-    model = ConvVLAD.load(model_path)
-    model.device = "cpu"
-    model.compile = method == "compiled"
+    from convlad.runtime import Runtime
+
+    model = ConvVLAD.load(model_path, runtime=Runtime(device="cpu", compile=method == "compiled"))
     if method == "baseline":
         timings: dict = {}
         return (lambda ps: plain_descriptors(model, ps, timings=timings)), model, timings
@@ -197,7 +197,7 @@ def job_forward(backbone: str, size: int, batch: int = 16, reps: int = 7) -> dic
     matmul = 2 * 2048 ** 3 / _median_s(lambda: a @ b, reps) / 1e9
     # the bf16 ceiling of the same run: native on AMX-BF16/AVX512-BF16; emulated elsewhere, where a
     # 2048² product took 100 s (0.17 GFLOP/s) on this AVX2 machine, so a 512² one is timed once
-    from convlad.extract import cpu_has_bf16_engine
+    from convlad.runtime import cpu_has_bf16_engine
 
     engine = cpu_has_bf16_engine()
     n16 = 2048 if engine else 512
@@ -447,13 +447,14 @@ def job_index(model: str, folder: str, out: str, ray: bool) -> dict:
     from convlad.index.sync import sync
 
     t = time.perf_counter()
-    with IndexStore.create(out, model=ConvVLAD.load(model), root=folder) as st:
+    from convlad.runtime import Runtime
+
+    with IndexStore.create(out, model=ConvVLAD.load(model), root=folder, runtime=Runtime(compile=False)) as st:
         if ray:
             from convlad.index.cluster import sync_with_ray
 
             s = sync_with_ray(st, None, batch_size=16, progress=False, report=lambda m: None)
         else:
-            st.model.compile = False
             s = sync(st, progress=False, report=lambda m: None)
         n = len(st)
     seconds = time.perf_counter() - t
@@ -650,7 +651,7 @@ def main():
     holidays = (holidays * 64)[:16 if a.quick else 64]
     import torch
 
-    from convlad.extract import cpu_flags, resolve_precision
+    from convlad.runtime import cpu_flags, resolve_precision
 
     # every speed figure with the CPU's flags and the arithmetic `--precision auto` picks here
     machine = {"cpus": os.cpu_count(), "cpu_flags": list(cpu_flags()),

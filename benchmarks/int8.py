@@ -67,7 +67,8 @@ def main():
         sys.exit("benchmarks/int8.py needs torchao: pip install torchao")
     from convlad.study.datasets import load_groups, training_paths
     from convlad.study.evaluate import evaluate_descriptors
-    from convlad.extract import cpu_flags, scale_size
+    from convlad.extract import scale_size
+    from convlad.runtime import cpu_flags
     from convlad.images import load_warped
     from convlad.study.metrics import bootstrap_difference
     from convlad.pipeline import ConvVLAD
@@ -76,7 +77,7 @@ def main():
     bench = load_groups(SHARED / "mvbench-dev")
     train, _ = training_paths(SHARED / "mvbench-train")
     model = ConvVLAD.load(a.model) if a.model else ConvVLAD().fit(train, progress=True)
-    model.precision = "fp32"
+    model = model.with_runtime(precision="fp32")
     ex = model.extractor
     sizes = [scale_size(s) for s in model.config.scales]
     steps = {n: max(1, ex.max_batch_pixels // (n * n)) for n in sizes}
@@ -135,7 +136,7 @@ def main():
         return orig_run(x, step)
 
     ex._run_chunk = run_chunk
-    model.compile = False
+    model = model.with_runtime(compile=False)
     enc8 = model.transform(bench.paths, local=300)
     ex._run_chunk, ex._compiled = orig_run, compiled
     v = model.verifier()

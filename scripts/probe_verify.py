@@ -64,6 +64,7 @@ def encode(cache: Path):
     from convlad.study.evalcache import EvalCache
     from convlad.extract import FeatureExtractor
     from convlad.pipeline import ConvVLAD
+    from convlad.runtime import Runtime
 
     bench = load_groups(SHARED / "mvbench-dev")
     train, _ = training_paths(SHARED / "mvbench-train")
@@ -75,8 +76,7 @@ def encode(cache: Path):
             views.append(str(cache / "views" / f"{i:04d}_{j}.jpg"))
             cv2.imwrite(views[-1], view(img, rng), [cv2.IMWRITE_JPEG_QUALITY, 70])
     ec = EvalCache()
-    model = ConvVLAD()
-    model.precision = "fp32"
+    model = ConvVLAD(runtime=Runtime(precision="fp32"))
     ec.fit(model, train)
     out = {"chance": np.array(model.chance_)}
     for name, items in (("dev", bench.paths), ("train", train), ("views", views)):

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from convlad.backbones import from_module
-from convlad.extract import COMPILE_MIN_WORK, PRECISIONS, FeatureExtractor, lower_thread_priority, want_compile
+from convlad.extract import FeatureExtractor
+from convlad.runtime import COMPILE_MIN_WORK, PRECISIONS, lower_thread_priority, want_compile
 from convlad.images import load_warped
 
 
@@ -144,7 +145,7 @@ def test_auto_precision_is_bf16_where_the_cpu_has_an_engine_for_it(lite0, dev_im
     """`--precision auto`: bf16 on a CPU with AMX-BF16 or AVX512-BF16, fp32 on one without, the
     detection forced both ways here (CONVLAD_CPU_BF16) so both paths run on any machine; and what
     the detection reads is this machine's /proc/cpuinfo."""
-    from convlad.extract import BF16_FLAGS, cpu_flags, resolve_precision
+    from convlad.runtime import BF16_FLAGS, cpu_flags, resolve_precision
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("CONVLAD_PRECISION", raising=False)

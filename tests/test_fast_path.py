@@ -40,7 +40,7 @@ def test_fast_path_keeps_the_map_on_mvbench(train_images, tmp_path):
     # suite's eval cache: the default eval test's fit where it ran first
     model = ConvVLAD()
     EvalCache().fit(model, train_images, progress=False)
-    model.compile = True  # the path of large jobs (fit above ran eager)
+    model = model.with_runtime(compile=True)  # the path of large jobs (fit above ran eager)
     _, fast, errors = model.transform(bench.paths, progress=False)
     assert not errors and model.extractor.compile
     plain = plain_descriptors(model, bench.paths)

@@ -20,9 +20,9 @@ from .study import cli as cli_study
 from .backbones import BACKBONES, WeightsError, get_backbone
 from .cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, PooledOpt, PowerOpt,
                          PrecisionOpt, QeOpt, ScalesOpt, SearchRerankOpt, UserError, WaitOpt, WeightsOpt, _check_dim,
-                         _compile, _config, _model, _precision, _settings, _warn)
+                         _compile, _config, _model, _precision, _runtime, _settings, _warn)
 from .images import ImageError, list_images
-from .index.segments import MODEL
+from .index.segments import has_model, is_index
 from .storage import FileFormatError
 
 def _flags_as_flags():
@@ -119,19 +119,16 @@ def index(
     model, folder = (None, args[0]) if len(args) == 1 else args
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
+    runtime = _runtime(batch_size, device, compile, precision)
     if model is not None:
         model = ConvVLAD.load(model)
-    elif (out / MODEL).is_file():  # an index made before keeps the model it was made with
-        model = ConvVLAD.load(out / MODEL)
-    else:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "MANIFEST").exists():
+    elif not has_model(out):  # an index made before keeps the model it was made with (model None)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not is_index(out):
             raise UserError(f"{out}: exists and is not an index; choose another --out (or give a model, to "
                             "convert an index of convlad 0.1)")
         model = _fit_on_sample(folder, batch_size, device, compile, precision)
     with IndexStore.create(out, model=model, root=folder, ann=ann, wait=wait, report=_warn, local=local,
-                           augment=augment) as idx:
-        idx.model.batch_size, idx.model.device, idx.model.compile = batch_size, device, _compile(compile)
-        idx.model.precision = _precision(precision)
+                           augment=augment, runtime=runtime) as idx:
         t = time.time()
         if ray is not None:
             from .index.cluster import RayMissing, sync_with_ray
@@ -180,12 +177,12 @@ def search(
     device: Optional[str] = DeviceOpt,
 ):
     """Rank the indexed photos by similarity to each query photo (ids for `convlad explain --id`)."""
-    from .search import search_images
     from .index.store import IndexStore
+    from .runtime import Runtime
+    from .search import search_images
 
-    idx = IndexStore.open(index_file)
+    idx = IndexStore.open(index_file, runtime=Runtime(device=device))
     settings = _settings(idx, k, rerank, qe, str(index_file))
-    idx.model.device = device
     queries = []
     for p in images:  # a folder stands for each photo in it
         queries += [str(p / q) for q in list_images(p)] if p.is_dir() else [str(p)]
@@ -227,7 +224,7 @@ def info(
     """Describe an index: model, images, segments, dead rows, generation, size on disk."""
     from .index.store import IndexStore
 
-    from .extract import cpu_flags, default_device, resolve_precision
+    from .runtime import cpu_flags, default_device, resolve_precision
 
     store = IndexStore.open(index_file)
     d = store.info()

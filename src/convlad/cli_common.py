@@ -61,19 +61,26 @@ def _compile(value: str):
 
 
 def _precision(value: str) -> str:
-    from .extract import PRECISION_SETTINGS
+    from .runtime import PRECISION_SETTINGS
 
     if value not in PRECISION_SETTINGS:
         raise UserError(f"--precision {value!r}: choose {', '.join(PRECISION_SETTINGS)}")
     return value
 
 
+def _runtime(batch_size: int, device: Optional[str], compile: str = "auto", precision: str = "auto"):
+    """The runtime options of a command (``runtime.Runtime``), each checked with one line on error."""
+    from .runtime import Runtime
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    return Runtime(device=device, batch_size=batch_size, compile=_compile(compile), precision=_precision(precision))
+
+
 def _model(cfg, batch_size: int, device: Optional[str], compile: str = "auto", precision: str = "auto"):
     from .pipeline import ConvVLAD
 
-    model = ConvVLAD(cfg)
-    model.batch_size, model.device, model.compile = batch_size, device, _compile(compile)
-    model.precision = _precision(precision)
+    model = ConvVLAD(cfg, runtime=_runtime(batch_size, device, compile, precision))
     _ = model.backbone  # loads the weights now: a missing file fails before any work is done
     return model
 

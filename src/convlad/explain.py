@@ -87,20 +87,37 @@ def match_view(model, query: LocalCodes, query_size, result: LocalCodes, result_
                      layer, scale)
 
 
-def match_in_index(index, query: LocalCodes, query_path, result_id: int) -> MatchView:
-    """The match view of a query against an indexed image, with the local features the index
-    stores for it (encoded afresh, the query's way, where it keeps none)."""
+def warp_grid(model) -> tuple[int, int]:
+    """(h, w) of the verification layer's map for a photo warped to the model's size: where the
+    local features an index stores lie (found by one pass over a blank image)."""
+    from .extract import scale_size
+
+    blank = [np.zeros((n, n, 3), np.uint8) for n in (scale_size(s) for s in model.config.scales)]
+    return model.transform_decoded([blank], local=1).local.grid
+
+
+def match_in_index(index, query: LocalCodes, query_path, result_id: int, fresh: bool = True,
+                   grid: tuple[int, int] | None = None, verifier: Verifier | None = None) -> MatchView:
+    """The match view of a query (its local features, one row, and its photo) against an indexed
+    image (``KeyError`` where the index has no ``result_id``), with the local features the index
+    stores for it; where it keeps none, encoded afresh, the query's way (``fresh``), else a
+    ``LookupError``. A query without its grid (an indexed photo's stored features) lies on the
+    model's warp grid (``grid``, else ``warp_grid``), as do the stored features of a model that warps."""
     model = index.model
     result_path = index.path_of(result_id)
     codes, have = index.local_codes([result_id])
     if not have[0]:
+        if not fresh:
+            raise LookupError(f"image {result_id} keeps no local features to verify")
         codes = model.transform([result_path], progress=False, local=query.codes.shape[1]).local
         if codes is None or not len(codes):
             raise ValueError(f"{result_path}: cannot be read to draw its matches")
     elif model.config.resize != "warp":  # its own map shape: from a fresh pass over its photo
-        fresh = model.transform([result_path], progress=False, local=1).local
-        codes = LocalCodes(codes.codes, codes.cells, codes.count, fresh.grid if fresh is not None else None)
-    return match_view(model, query, oriented_size(query_path), codes, oriented_size(result_path))
+        again = model.transform([result_path], progress=False, local=1).local
+        codes = LocalCodes(codes.codes, codes.cells, codes.count, again.grid if again is not None else None)
+    if query.grid is None:
+        query = LocalCodes(query.codes, query.cells, query.count, grid or warp_grid(model))
+    return match_view(model, query, oriented_size(query_path), codes, oriented_size(result_path), verifier)
 
 
 def draw_matches(m: MatchView, query_path, result_path, out=None, height: int = 360, max_lines: int = 80):
@@ -155,4 +172,4 @@ def _word_colour(word: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-__all__ = ["MatchView", "draw_matches", "match_in_index", "match_view", "oriented_size"]
+__all__ = ["MatchView", "draw_matches", "match_in_index", "match_view", "oriented_size", "warp_grid"]

@@ -2,10 +2,11 @@
 concatenation → PCA-whitening. ``fit`` on training images, ``transform`` images into descriptors."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from . import functional as Fn
 from . import progress as P
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .encoding import PCAWhitening, VLAD
-from .extract import Batch, FeatureExtractor, iter_batches, want_compile
+from .extract import Batch, FeatureExtractor, iter_batches
+from .runtime import Runtime, want_compile
 from .storage import atomic_savez, load_npz
 from .verify import LOCAL_K, LocalCodes, Verifier, chance_level, select
 
@@ -102,21 +104,33 @@ class ConvVLAD:
     >>> ok, X, errors = model.transform(paths)   # X: (len(ok), 128) float32, rows L2-normalised
     """
 
-    def __init__(self, config: Config | None = None, **kw):
+    def __init__(self, config: Config | None = None, runtime: Runtime | None = None, **kw):
         if config is not None and kw:
             raise TypeError("give either a Config or keyword arguments, not both")
         self.config = config or Config(**kw)
         self._backbone = None
         self._extractor = None
-        self.batch_size = 16
-        self.workers = 2
-        self.device = None
-        # torch.compile for the forward pass: True, False, or "auto" (CPU jobs large enough to pay
-        # back the one-off compilation; see extract.COMPILE_MIN_WORK)
-        self.compile: bool | str = "auto"
-        # the network's arithmetic: "auto" (bf16 where the CPU or GPU has an engine for it, else fp32),
-        # "fp32", "bf16" or "fp16" (autocast; see extract.resolve_precision)
-        self.precision = "auto"
+        # where and how the network runs (device, batch size, workers, compile, precision): passed
+        # in, never set on a fitted model (``with_runtime`` gives the same model run otherwise)
+        self.runtime = runtime or Runtime()
+
+    # the runtime's options, read where the model runs
+    batch_size = property(lambda self: self.runtime.batch_size)
+    workers = property(lambda self: self.runtime.workers)
+    device = property(lambda self: self.runtime.device)
+    compile = property(lambda self: self.runtime.compile)
+    precision = property(lambda self: self.runtime.precision)
+
+    def with_runtime(self, runtime: Runtime | None = None, **changes) -> "ConvVLAD":
+        """This fitted model run under another ``Runtime`` (``runtime``, or this one's with
+        ``changes``): a new object sharing the fitted state and the network's weights; this one is
+        left as it is."""
+        rt = replace(runtime or self.runtime, **changes)
+        out = copy.copy(self)
+        out.runtime = rt
+        if rt.device != self.runtime.device:
+            out._extractor = None  # a network on another device: its own
+        return out
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -159,7 +173,8 @@ class ConvVLAD:
         ex.precision = self.precision
         if self.compile is False:
             ex.compile = False
-        elif not ex.compile and want_compile(self.compile, ex, len(paths), self.config.scales, self.config.resize):
+        elif not ex.compile and want_compile(self.compile, ex, self.runtime.workload or len(paths), self.config.scales,
+                                             self.config.resize):
             ex.compile = True  # kept on: later small jobs run eager chunk by chunk anyway
             if progress and ex.compile:
                 P.write("torch.compile: compiling the network for this machine (7–30 s per input size) ...")
@@ -346,8 +361,8 @@ class ConvVLAD:
         return meta, arrays
 
     @classmethod
-    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "ConvVLAD":
-        return cls(Config(**meta["config"])).set_state(meta, arrays)
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray], runtime: Runtime | None = None) -> "ConvVLAD":
+        return cls(Config(**meta["config"]), runtime).set_state(meta, arrays)
 
     def set_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> "ConvVLAD":
         """The fitted state of ``state()`` put into this model, which keeps its network and its
@@ -381,8 +396,8 @@ class ConvVLAD:
         atomic_savez(path, *self.state())
 
     @classmethod
-    def load(cls, path) -> "ConvVLAD":
-        return cls.from_state(*load_npz(path, FORMAT, FORMAT_VERSION))
+    def load(cls, path, runtime: Runtime | None = None) -> "ConvVLAD":
+        return cls.from_state(*load_npz(path, FORMAT, FORMAT_VERSION), runtime=runtime)
 
     def describe(self) -> str:
         c = self.config

@@ -214,7 +214,7 @@ def search_images(index, images, settings: Settings = DEFAULTS, progress: bool =
     return [(images[i], h) for i, h in zip(enc.indices, hits)], enc.errors
 
 
-def search_ids(index, ids, settings: Settings = DEFAULTS) -> list[list[Hit]]:
+def search_ids(index, ids, settings: Settings = DEFAULTS, verifier: Verifier | None = None) -> list[list[Hit]]:
     """Rank the index for indexed images (by id), each one left out of its own results
     (``KeyError`` for an id that is not in the index)."""
     ids = [int(i) for i in ids]
@@ -223,7 +223,7 @@ def search_ids(index, ids, settings: Settings = DEFAULTS) -> list[list[Hit]]:
     if settings.resolve(index).rerank:
         codes, have = index.local_codes(ids)
         local = [codes.features(j) if have[j] else None for j in range(len(ids))]
-    return rank(index, Q, local, settings, exclude=[[i] for i in ids])
+    return rank(index, Q, local, settings, exclude=[[i] for i in ids], verifier=verifier)
 
 
 class MemoryIndex:

@@ -41,17 +41,16 @@ class Encoder:
         import torch
 
         from ..pipeline import ConvVLAD
+        from ..runtime import Runtime
 
         import ray
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         if isinstance(state, ray.ObjectRef):  # the model, put once in the object store
             state = ray.get(state)
-        self.model = ConvVLAD.from_state(*state)
-        self.model.batch_size, self.model.workers, self.model.compile = batch_size, 1, False
-        self.model.device = device
         # "auto" resolves on the actor's own machine: bf16 where that node's CPU has an engine for it
-        self.model.precision = precision
+        self.model = ConvVLAD.from_state(*state, runtime=Runtime(device=device, batch_size=batch_size, workers=1,
+                                                                 compile=False, precision=precision))
         self.local = local
 
     def __call__(self, batch: dict) -> dict:

@@ -206,6 +206,16 @@ def merged_extras(segs: list, rows: list[np.ndarray], order: np.ndarray) -> dict
 
 
 # -- manifest -----------------------------------------------------------------------------------
+def is_index(folder: Path) -> bool:
+    """Whether ``folder`` is an index (it has a manifest)."""
+    return (Path(folder) / MANIFEST).exists()
+
+
+def has_model(folder: Path) -> bool:
+    """Whether ``folder`` is an index that keeps the model it encodes with."""
+    return (Path(folder) / MODEL).is_file()
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     try:

@@ -66,9 +66,10 @@ class IndexStore:
     results are ``(distances, ids)``, squared L2, nearest first.
     """
 
-    def __init__(self, path: Path, lock: S.WriterLock | None = None):
+    def __init__(self, path: Path, lock: S.WriterLock | None = None, runtime=None):
         self.path = Path(path)
         self._lock = lock
+        self._runtime = runtime  # how its model runs (``runtime.Runtime``; None: the defaults)
         self._mutex = threading.RLock()  # search structures vs. refresh/commit in this process
         self._seg_cache: dict[str, S.Segment] = {}
         self._codes_cache: dict[tuple[str, str], np.ndarray] = {}
@@ -83,7 +84,8 @@ class IndexStore:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, write: bool = False, wait: bool = False) -> "IndexStore":
+    def open(cls, path, write: bool = False, wait: bool = False, runtime=None) -> "IndexStore":
+        """``runtime``: how the store's model runs when it encodes (``runtime.Runtime``)."""
         path = Path(path)
         if path.is_file():
             if write:
@@ -94,7 +96,7 @@ class IndexStore:
             raise FileFormatError(f"{path}: no such index")
         lock = S.WriterLock(path, wait) if write else None
         try:
-            store = cls(path, lock)
+            store = cls(path, lock, runtime)
             store._load_current()
             if write:
                 S.collect_garbage(path, store.m)
@@ -107,7 +109,7 @@ class IndexStore:
     @classmethod
     def create(cls, path, model=None, root=None, dim: int | None = None, ann: str | None = None,
                wait: bool = False, report=print, local: int | None = None,
-               augment: str | None = None) -> "IndexStore":
+               augment: str | None = None, runtime=None) -> "IndexStore":
         """Open ``path`` for writing, creating it if needed. ``model``: a fitted ConvVLAD (or None for
         a store of descriptors made elsewhere, with ``dim``); ``root``: the folder indexed (paths are
         kept relative to it); ``ann``: auto, exact or ivfpq (None keeps the store's, auto if new);
@@ -115,7 +117,7 @@ class IndexStore:
         the store is new; 0 keeps none); ``augment``: "verified" mines each added photo's pairs
         and searches the database side augmented over them, "none" does not (``pairs.AUGMENT``
         when None and the store is new and keeps local features). These settings are the store's:
-        they apply to later additions."""
+        they apply to later additions. ``runtime``: how the store's model runs (as ``open``)."""
         path = Path(path)
         if ann is not None and ann not in ("auto", "exact", "ivfpq"):
             raise ValueError(f"index type must be auto, exact or ivfpq, not {ann!r}")
@@ -144,7 +146,7 @@ class IndexStore:
                     "root": root, "model": MODEL if model is not None else None, "model_fingerprint": fingerprint,
                     "ann": ann or "auto", "next_id": 0, "segments": [], "tombstones": None, "n_dead": 0,
                     "ivf": None, "local": keeps, "augment": augment or (AUGMENT if keeps else "none")})
-            store = cls(path, lock)
+            store = cls(path, lock, runtime)
             store._load_current()
             m = store.m
             if root is not None and m["root"] != root:
@@ -283,7 +285,7 @@ class IndexStore:
                 raise FileFormatError(f"{self.path}: a store of descriptors without a model cannot encode images")
             from ..pipeline import ConvVLAD
 
-            self._model = ConvVLAD.load(self.path / self.m["model"])
+            self._model = ConvVLAD.load(self.path / self.m["model"], self._runtime)
         return self._model
 
     # -- reading rows ----------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """``convlad serve``: the HTTP layer (FastAPI + uvicorn) of a search service over an index, with a
-web page. The state behind it (the model, the micro-batcher, queries, writes) is ``service.py``.
+web page. The domain behind it (whole operations: search, similar, add, delete, match, stats) is
+``service.py``; this module parses requests, maps the domain's errors to statuses (``STATUS_OF``),
+admits heavy requests, checks tokens and sets headers. A new route is one function here.
 
 A network is hostile ground, so:
 - parsing is strict: numbers and ids are ASCII digits within bounds, anything else a 400; every
@@ -17,16 +19,16 @@ A network is hostile ground, so:
 from __future__ import annotations
 
 import asyncio
-import io
+import hmac
 import ipaddress
-import json
 import logging
 import mimetypes
-import os
 import time
-import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+import numpy as np
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -34,24 +36,104 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..explain import match_view, oriented_size
-from ..images import ImageError
-from .service import CAPS, ApiError, Service, whole
-from .service import image_id as parse_id
+from .. import search as S
+from .middleware import ApiError, BodyLimit, Guard
+from .service import Invalid, NotFound, Service, ServiceError, TooLarge, Unavailable, Unsupported
 
 WEB = Path(__file__).with_name("web")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8",
           "favicon.svg": "image/svg+xml"}
 log = logging.getLogger("convlad.serving.serve")
 
-# the page loads its code and style from this server only, runs no inline code, and is never framed
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-# Swagger UI (served by the package, offline) starts from an inline script
-DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-ALWAYS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-          (b"x-frame-options", b"DENY")]
+# what a request may ask for: without the server's token, modest caps; with it, the full ones
+CAPS = {False: {"k": 100, "rerank": 100, "qe": 10}, True: {"k": 1000, "rerank": 1000, "qe": 50}}
+# each domain error's status (``service.py``)
+STATUS_OF = {NotFound: 404, Invalid: 400, TooLarge: 413, Unsupported: 415, Unavailable: 503}
+
+
+def whole(value: str | None, name: str, low: int, high: int, default, note: str = ""):
+    """A query parameter as a whole number: ASCII digits only, within bounds, else a 400."""
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit() and len(value) <= 7) or not low <= int(value) <= high:
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}{note}, not {value[:20]!r}")
+    return int(value)
+
+
+def parse_id(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        raise ApiError(400, f"image ids are whole numbers (ASCII digits), not {value[:40]!r}")
+    return int(value)
+
+
+class Admission:
+    """At most ``active`` heavy requests (searches, uploads, match views) at work and ``waiting``
+    more in line; beyond that a 503 with Retry-After at once, so that no client waits without
+    bound and the cheap routes (health above all) keep answering."""
+
+    def __init__(self, active: int, waiting: int):
+        self.active, self.waiting = max(1, active), max(0, waiting)
+        self.inflight = 0
+        self.refused = 0
+        self._sem: asyncio.Semaphore | None = None
+        self.seconds = deque(maxlen=200)  # recent service times, for Retry-After
+
+    def retry_after(self) -> int:
+        per = float(np.median(self.seconds)) if self.seconds else 1.0
+        return int(min(30, max(1, np.ceil(per * (self.inflight + 1) / self.active))))
+
+    @asynccontextmanager
+    async def slot(self):
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.active)
+        if self.inflight >= self.active + self.waiting:
+            self.refused += 1
+            raise ApiError(503, f"the server is busy ({self.inflight} requests at work or waiting); try again",
+                           {"Retry-After": str(self.retry_after())})
+        self.inflight += 1
+        try:
+            async with self._sem:
+                t = time.perf_counter()
+                yield
+                self.seconds.append(time.perf_counter() - t)
+        finally:
+            self.inflight -= 1
+
+
+class Access:
+    """Who may do what: the server's token (header 'Authorization: Bearer TOKEN' or 'X-Token'), the
+    caps of a search with and without it, and whether writes are allowed at all."""
+
+    def __init__(self, token: str | None, writes: bool):
+        self.token, self.writes = token, writes
+
+    def trusted(self, headers) -> bool:
+        if self.token is None:
+            return False
+        given = headers.get("authorization", "")
+        given = given[7:] if given.lower().startswith("bearer ") else headers.get("x-token", "")
+        return hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode())
+
+    def check_write(self, headers) -> None:
+        if not self.writes:
+            raise ApiError(403, "writes are disabled: this server listens beyond loopback without a token "
+                                "(start it with --token or CONVLAD_TOKEN)")
+        if self.token is not None and not self.trusted(headers):
+            raise ApiError(401, "this route needs the server's token (header 'Authorization: Bearer TOKEN')")
+
+    def settings(self, headers, k: str | None, rerank: str | None, qe: str | None) -> S.Settings:
+        """The search's settings from a request's parameters, within the caps its client may ask for."""
+        trusted = self.trusted(headers)
+        caps = CAPS[trusted]
+        note = "" if trusted else (" without the server's token" if self.token else "")
+        return S.Settings(k=whole(k, "k", 1, caps["k"], S.DEFAULTS.k, note),
+                          rerank=whole(rerank, "rerank", 0, caps["rerank"], None, note),
+                          qe=whole(qe, "qe", 0, caps["qe"], S.DEFAULTS.qe, note))
+
+
+def thumbnailed(items: list[dict]) -> list[dict]:
+    """Each image with the address of its thumbnail."""
+    return [{**d, "thumbnail": f"/api/images/{d['id']}/thumbnail"} for d in items]
 
 
 def is_loopback(host: str) -> bool:
@@ -103,87 +185,6 @@ def image_response(media: str) -> dict:
     return {200: {"content": {media: {"schema": {"type": "string", "format": "binary"}}}, "description": media}}
 
 
-# -- middleware -------------------------------------------------------------------------------------
-async def _send_json(send, status: int, message: str, headers=()):
-    body = json.dumps({"error": message}).encode()
-    try:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close"), *headers]})
-        await send({"type": "http.response.body", "body": body})
-    except Exception:  # noqa: BLE001 - the response had started, or the client is gone
-        pass
-
-
-class Guard:
-    """ASGI middleware, outermost: a request id and the security headers on every response, and any
-    unexpected exception turned into a JSON 500 naming the request id (traceback to the log)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        rid = uuid.uuid4().hex[:12]
-        scope.setdefault("state", {})["request_id"] = rid
-        path = scope.get("path", "")
-        csp = PAGE_CSP if path in ("/", "/index.html") else DOCS_CSP if path.startswith("/docs") else \
-            "default-src 'none'; frame-ancestors 'none'"
-        extra = [*ALWAYS, (b"content-security-policy", csp.encode()), (b"x-request-id", rid.encode())]
-        started = False
-
-        async def send_with_headers(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-                names = {k.lower() for k, _ in msg.get("headers", [])}
-                msg = {**msg, "headers": [*msg.get("headers", []), *((k, v) for k, v in extra if k not in names)]}
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, send_with_headers)
-        except Exception:  # noqa: BLE001 - anything unexpected: one JSON sentence, the details in the log
-            log.exception("request %s %s %s failed", rid, scope.get("method"), path)
-            if not started:
-                await _send_json(send, 500, f"internal error (request id {rid}); the server's log has the details",
-                                 extra)
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over ``limit`` bytes (by Content-Length at once, else while
-    streaming) and bodies that stall for ``timeout`` seconds (slow clients)."""
-
-    def __init__(self, app, limit: int, timeout: float):
-        self.app, self.limit, self.timeout = app, limit, timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > self.limit):
-            return await _send_json(send, 413, f"request body of {length.decode(errors='replace')[:20]} bytes; "
-                                               f"the limit is {self.limit // (1 << 20)} MB")
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            try:
-                msg = await asyncio.wait_for(receive(), self.timeout)
-            except asyncio.TimeoutError:
-                raise ApiError(408, f"the request body stalled for {self.timeout:g} s") from None
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, f"request body over the limit of {self.limit // (1 << 20)} MB")
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except ApiError as e:
-            await _send_json(send, e.status, e.message)
-
-
 IMAGE_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"], "properties": {"image": {"type": "string", "format": "binary"}}}}}}}
 
@@ -207,10 +208,10 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
     """The API and the page over ``index``. ``compile`` (True, False, "auto": on CPU wherever the
     network can be) and ``precision`` (None: the index's model's setting, "auto" unless changed)
     are the encoder's, warmed for every batch shape before this returns."""
-    writes = token is not None or is_loopback(host)
-    svc = Service(index, token=token, writes=writes, window_ms=window_ms, max_batch=max_batch,
-                  max_upload=max_upload_mb << 20, max_pixels=max_pixels, max_active=max_active, max_queue=max_queue,
-                  compile=compile, precision=precision)
+    access = Access(token, writes=token is not None or is_loopback(host))
+    svc = Service(index, window_ms=window_ms, max_batch=max_batch, max_pixels=max_pixels, compile=compile,
+                  precision=precision)
+    admission = Admission(max_active or max_batch, max_queue)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -221,11 +222,17 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
 
     app = _fastapi()(title="convlad", description="Instance-level image search over a convlad index.",
                      version="0.1.0", lifespan=lifespan)
-    app.state.service = svc
+    app.state.service, app.state.access, app.state.admission = svc, access, admission
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
         return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ServiceError)
+    async def domain_error(_, e: ServiceError):
+        status = next(s for cls, s in STATUS_OF.items() if isinstance(e, cls))
+        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, Unavailable) else {}
+        return JSONResponse({"error": str(e)}, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e):
@@ -263,9 +270,6 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
             raise ApiError(400, "the form has no file field named 'image'")
         return await f.read()
 
-    def run(fn, *args):
-        return asyncio.get_running_loop().run_in_executor(svc.decoders, fn, *args)
-
     GET = ["GET", "HEAD"]
 
     @app.api_route("/", methods=GET, include_in_schema=False)
@@ -281,13 +285,14 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
     @app.api_route("/api/health", methods=GET, responses=errors())
     async def health():
         """Always answers, busy or not: 200 with the number of images."""
-        return {"status": "ok", "images": len(svc.store), "generation": svc.store.generation}
+        return svc.health()
 
     @app.api_route("/api/config", methods=GET, responses=errors())
     async def config():
         """The search's defaults for this index (k, rerank, qe) and the caps: what a search without
         parameters does, through the page, the API and the command line alike."""
-        return svc.config()
+        return {**svc.config(), "caps": CAPS[False], "caps_with_token": CAPS[True], "writes": access.writes,
+                "token_required": access.token is not None}
 
     @app.post("/api/search", openapi_extra=IMAGE_FORM, responses=errors(400, 408, 413, 415, 503))
     async def search(request: Request, k: str | None = None, rerank: str | None = None, qe: str | None = None):
@@ -295,51 +300,31 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
         re-ordered by spatial verification (each result's ``inliers``), after α-query expansion with
         the top ``qe``; the defaults are ``/api/config``'s, the command line's. ``query`` in the
         answer names this query for the match view."""
-        settings = svc.settings(k, rerank, qe, svc.trusted(request.headers))
-        async with svc.admission.slot():
-            t = time.perf_counter()
-            data = await read_image(request)
-            tmp, decoded = await run(svc.decode, data, "the photo")
-            x, local = await asyncio.wrap_future(svc.batcher.submit(decoded))
-            results = await run(svc.results, x, local, settings)
-            svc.latency.append(time.perf_counter() - t)
-            svc.n_search += 1
-        return {"query": svc.remember_query(tmp, local), "results": results}
+        settings = access.settings(request.headers, k, rerank, qe)
+        async with admission.slot():
+            out = await svc.search_photo(await read_image(request), settings)
+        return {**out, "results": thumbnailed(out["results"])}
 
     @app.api_route("/api/similar/{image_id}", methods=GET, responses=errors(400, 404, 503))
     async def similar(request: Request, image_id: str, k: str | None = None, rerank: str | None = None,
                       qe: str | None = None):
         """Search with an indexed photo: its nearest others (parameters as for a search)."""
-        i = parse_id(image_id)
-        settings = svc.settings(k, rerank, qe, svc.trusted(request.headers))
-        try:
-            x = svc.store.vectors([i])[0]
-        except KeyError:
-            raise ApiError(404, f"no image with id {i} in this index") from None
-        codes, have = svc.store.local_codes([i])
-        async with svc.admission.slot():
-            results = await run(svc.results, x, codes if have[0] else None, settings, [i])
-        return {"query_id": i, "results": results}
+        i, settings = parse_id(image_id), access.settings(request.headers, k, rerank, qe)
+        async with admission.slot():
+            out = await svc.similar(i, settings)
+        return {**out, "results": thumbnailed(out["results"])}
 
     @app.api_route("/api/images", methods=GET, responses=errors(400))
     async def browse(offset: str | None = None, limit: str | None = None):
         """The indexed photos in index order, a page at a time: ``offset`` (from 0) and ``limit``
         (at most 100) → {"total", "offset", "images": [{"id", "path", "thumbnail"}]}."""
-        start = whole(offset, "offset", 0, 10 ** 9, 0)
-        n = whole(limit, "limit", 1, 100, 24)
-        page = await run(svc.page, start, n)
-        return {"total": len(svc.store), "offset": start, "images": page}
+        out = await svc.browse(whole(offset, "offset", 0, 10 ** 9, 0), whole(limit, "limit", 1, 100, 24))
+        return {**out, "images": thumbnailed(out["images"])}
 
     @app.api_route("/api/images/{image_id}", methods=GET, responses={**image_response("image/*"), **errors(400, 404)})
     async def image(image_id: str):
         """The indexed photo's file, by id only."""
-        i = parse_id(image_id)
-        path = svc.file_of(i)
-        try:
-            f = open(path, "rb")  # open now: a delete from here on cannot take the file away mid-answer
-        except OSError:
-            raise ApiError(404, f"image {i} is indexed but its file is gone") from None
-        size = os.fstat(f.fileno()).st_size
+        f, size, path = svc.open_image(parse_id(image_id))
 
         def chunks():
             with f:
@@ -352,27 +337,22 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
     @app.api_route("/api/images/{image_id}/thumbnail", methods=GET,
                    responses={**image_response("image/jpeg"), **errors(400, 404)})
     async def thumbnail(image_id: str):
-        data = await run(svc.thumbnail, parse_id(image_id))
+        data = await svc.thumbnail(parse_id(image_id))
         return Response(data, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
 
     @app.post("/api/images", openapi_extra=IMAGE_FORM, status_code=201,
               responses=errors(400, 401, 403, 408, 413, 415, 503))
     async def upload(request: Request):
         """Add a photo (multipart field ``image``): stored in the index's folder, searchable at once."""
-        svc.check_token(request.headers)
-        async with svc.admission.slot():
-            data = await read_image(request)
-            tmp, decoded = await run(svc.decode, data, "the photo")
-            x, local = await asyncio.wrap_future(svc.batcher.submit(decoded))
-            i = await run(svc.add, tmp, x, local)
-        return {"id": i, "path": svc.display_path(i), "thumbnail": f"/api/images/{i}/thumbnail"}
+        access.check_write(request.headers)
+        async with admission.slot():
+            out = await svc.add_photo(await read_image(request))
+        return thumbnailed([out])[0]
 
     @app.delete("/api/images/{image_id}", responses=errors(400, 401, 403, 404, 503))
     async def delete(request: Request, image_id: str):
-        svc.check_token(request.headers)
-        i = parse_id(image_id)
-        await run(svc.remove, i)
-        return {"deleted": i}
+        access.check_write(request.headers)
+        return await svc.delete(parse_id(image_id))
 
     @app.api_route("/api/match/{image_id}", methods=GET,
                    responses={**image_response("image/png"), **errors(400, 404, 503)})
@@ -380,47 +360,19 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
         """The match view of a query (``query``: the id its search returned) or of an indexed photo
         (``with_id``) against image ``image_id``: the spatial verification that ranked it, the same
         features and inliers as the search's; PNG, or JSON with ``format=json``."""
-        from ..explain import draw_matches
-
         i = parse_id(image_id)
         if format not in ("png", "json"):
             raise ApiError(400, f"format must be png or json, not {format[:20]!r}")
         if (query is None) == (with_id is None):
             raise ApiError(400, "give the query: query=ID (from its search) or with_id=ID (an indexed photo)")
-        if with_id is not None:
-            j = parse_id(with_id)
-            qpath = svc.file_of(j)
-            codes, have = svc.store.local_codes([j])
-            qlocal = codes if have[0] else None
-        else:
-            qpath, qlocal = svc.query(query)
-        if qlocal is None:
-            raise ApiError(404, "this index keeps no local features (indexed with --local-features 0): nothing to verify")
-
-        def work():
-            try:
-                result = svc.file_of(i)
-                codes, have = svc.store.local_codes([i])
-                if not have[0]:
-                    raise ApiError(404, f"image {i} keeps no local features to verify")
-                if qlocal.grid is None:  # an indexed photo's stored codes: the grid is the model's
-                    qlocal.grid = svc.grid
-                m = match_view(svc.model, qlocal, oriented_size(qpath), codes, oriented_size(result))
-                if format == "json":
-                    return m.to_dict()
-                buf = io.BytesIO()
-                draw_matches(m, str(qpath), result).save(buf, format="PNG")
-                return buf.getvalue()
-            except (ImageError, OSError):  # deleted under this read
-                raise ApiError(404, f"image {i} or the query is no longer readable") from None
-
-        async with svc.admission.slot():
-            out = await run(work)
+        j = parse_id(with_id) if with_id is not None else None
+        async with admission.slot():
+            out = await svc.match(i, query=query, with_id=j, as_json=format == "json")
         return out if format == "json" else Response(out, media_type="image/png")
 
     @app.api_route("/api/stats", methods=GET, responses=errors())
     async def stats():
-        return svc.stats()
+        return {**svc.stats(), "in_flight": admission.inflight, "refused_busy": admission.refused}
 
     schema_of = app.openapi
 
@@ -460,9 +412,9 @@ def serve(index, host: str = "127.0.0.1", port: int = 8000, token: str | None = 
                      max_queue=max_queue, compile=compile, precision=precision)
     svc = app.state.service
     log(f"convlad serve: {svc.index} ({len(svc.store)} images) on http://{host}:{port}/  (API docs: /docs)"
-        + ("" if svc.writes else "; writes disabled: listening beyond loopback without --token"))
+        + ("" if app.state.access.writes else "; writes disabled: listening beyond loopback without --token"))
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
 
 
-__all__ = ["create_app", "serve"]
+__all__ = ["Access", "Admission", "ApiError", "CAPS", "STATUS_OF", "create_app", "parse_id", "serve", "whole"]

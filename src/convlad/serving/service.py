@@ -1,16 +1,24 @@
-"""The state behind ``convlad serve``: the model and the index, queries from many clients
-micro-batched through one encoder, the queries kept (privately) for their match views, the cost
-an anonymous request may have, and the writes through the store's single writer. ``serve.py`` is
-the HTTP layer over it.
+"""The service's domain: the model and the index behind ``convlad serve``, as whole operations.
 
-The encoder thread takes whatever queries arrived within a few milliseconds of the first and runs
-them through the network in one forward pass. Writes (uploads, deletes) go through the store's
-single writer, one at a time; searches keep reading the last committed generation.
+``Service`` searches with a photo or an indexed one, adds and deletes photos, draws match views and
+reports its state, through the same functions as the command line (``search.rank``,
+``search.search_ids``, ``explain.match_in_index``). It knows nothing of HTTP: it takes bytes, ids and
+``search.Settings`` and raises domain errors (``NotFound``, ``Invalid``, ``TooLarge``,
+``Unsupported``, ``Unavailable``), which ``serve.py``, the HTTP layer, maps to statuses. What an
+anonymous request may ask for (caps, tokens) and how many may work at once (admission) are the HTTP
+layer's; what one photo may cost to decode is this module's.
+
+Queries from many clients are micro-batched: one encoder thread takes whatever queries arrived
+within a few milliseconds of the first and runs them through the network in one forward pass.
+Decoding and verification run in a small pool of threads. Writes (uploads, deletes) go through the
+store's single writer, one at a time; searches keep reading the last committed generation. A query's
+photo and local features are kept, privately, for its match view, reachable only by the unguessable
+id its search returned.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import io
 import math
 import os
@@ -22,7 +30,6 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +37,16 @@ import torch
 
 from .. import progress as P
 from .. import search as S
-from ..extract import cpu_flags, scale_size, want_compile
+from ..explain import draw_matches, match_in_index, warp_grid
+from ..extract import scale_size
 from ..images import ImageError, load_image, load_warped
 from ..index.segments import UPLOADS, StoreLocked, is_upload_file, new_upload_name
-from ..storage import write_durable
 from ..index.store import IndexStore
+from ..runtime import Runtime, cpu_flags, want_compile
+from ..storage import write_durable
 from ..verify import LocalCodes
 
 THUMB = 256
-# what a request may ask for: without the server's token, modest caps; with it, the full ones
-CAPS = {False: {"k": 100, "rerank": 100, "qe": 10}, True: {"k": 1000, "rerank": 1000, "qe": 50}}
 MAX_ASPECT = 16  # a photo longer than this many times its width (or the reverse) is refused
 # Pixels a decode may produce: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size where that still
 # covers the network's input (images.load_image), other formats whole; a PNG of 50 megapixels
@@ -48,61 +55,37 @@ MAX_DECODED_PIXELS = 24_000_000
 QUERY_TTL = 900.0  # seconds a query stays reachable for its match view
 QUERIES_KEPT = 64
 QUERY_DIR_PREFIX = "convlad-serve-"
+FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+# -- domain errors: one sentence each; serve.py gives each its status ---------------------------------
+class ServiceError(Exception):
+    """A request the service cannot carry out, said in one sentence (``str(e)``)."""
+
+
+class NotFound(ServiceError):
+    """No such image or query (or nothing to verify it with)."""
+
+
+class Invalid(ServiceError):
+    """Malformed input: an empty or unreadable photo."""
+
+
+class TooLarge(ServiceError):
+    """A photo over the pixels, the aspect or the decoding cost the service accepts."""
+
+
+class Unsupported(ServiceError):
+    """An image format the service does not take."""
+
+
+class Unavailable(ServiceError):
+    """Not now: the index changed under a search, or another process holds its writer. Try again in
+    ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-def whole(value: str | None, name: str, low: int, high: int, default, note: str = ""):
-    """A query parameter as a whole number: ASCII digits only, within bounds, else a 400."""
-    if value is None:
-        return default
-    if not (value.isascii() and value.isdigit() and len(value) <= 7) or not low <= int(value) <= high:
-        raise ApiError(400, f"{name} must be a whole number from {low} to {high}{note}, not {value[:20]!r}")
-    return int(value)
-
-
-def image_id(value: str) -> int:
-    if not (value.isascii() and value.isdigit() and len(value) <= 18):
-        raise ApiError(400, f"image ids are whole numbers (ASCII digits), not {value[:40]!r}")
-    return int(value)
-
-
-class Admission:
-    """At most ``active`` heavy requests (searches, uploads, match views) at work and ``waiting``
-    more in line; beyond that a 503 with Retry-After at once, so that no client waits without
-    bound and the cheap routes (health above all) keep answering."""
-
-    def __init__(self, active: int, waiting: int):
-        self.active, self.waiting = max(1, active), max(0, waiting)
-        self.inflight = 0
-        self.refused = 0
-        self._sem: asyncio.Semaphore | None = None
-        self.seconds = deque(maxlen=200)  # recent service times, for Retry-After
-
-    def retry_after(self) -> int:
-        per = float(np.median(self.seconds)) if self.seconds else 1.0
-        return int(min(30, max(1, np.ceil(per * (self.inflight + 1) / self.active))))
-
-    @asynccontextmanager
-    async def slot(self):
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.active)
-        if self.inflight >= self.active + self.waiting:
-            self.refused += 1
-            raise ApiError(503, f"the server is busy ({self.inflight} requests at work or waiting); try again",
-                           {"Retry-After": str(self.retry_after())})
-        self.inflight += 1
-        try:
-            async with self._sem:
-                t = time.perf_counter()
-                yield
-                self.seconds.append(time.perf_counter() - t)
-        finally:
-            self.inflight -= 1
+        self.retry_after = retry_after
 
 
 def _pid_alive(pid: int) -> bool:
@@ -166,21 +149,20 @@ class MicroBatcher:
 
 # -- the service ------------------------------------------------------------------------------------
 class Service:
-    def __init__(self, index, token: str | None = None, writes: bool = True, window_ms: float = 5.0,
-                 max_batch: int = 16, max_upload: int = 20 << 20, max_pixels: int = 50_000_000,
-                 max_active: int | None = None, max_queue: int = 64, compile: bool | str = "auto",
-                 precision: str | None = None):
+    """The index at ``index``, served. ``window_ms``/``max_batch``: the micro-batcher's; ``max_pixels``:
+    the largest photo accepted; ``compile`` (True, False, "auto": on CPU wherever the network can be)
+    and ``precision`` (None: "auto") are the encoder's ``runtime.Runtime``, warmed for every batch
+    shape before this returns."""
+
+    def __init__(self, index, window_ms: float = 5.0, max_batch: int = 16, max_pixels: int = 50_000_000,
+                 compile: bool | str = "auto", precision: str | None = None):
         self.index = Path(index)
-        self.store = IndexStore.open(self.index)
-        self.model = self.store.model  # on CUDA when there is one, as everywhere else
-        if precision is not None:
-            self.model.precision = precision
         # a server runs without end: "auto" compiles wherever the network can be (on 2 AVX2 cores a
         # compiled pass is 1.2–1.5×, against 10–60 s once)
-        self.model.compile = want_compile(compile, self.model.extractor, math.inf, self.model.config.scales,
-                                          self.model.config.resize)
-        self.token, self.writes = token, writes
-        self.max_upload, self.max_pixels = max_upload, max_pixels
+        self.store = IndexStore.open(self.index, runtime=Runtime(compile=compile, precision=precision or "auto",
+                                                                 workload=math.inf))
+        self.model = self.store.model  # on CUDA when there is one, as everywhere else
+        self.max_pixels = max_pixels
         self.sizes = [scale_size(s) for s in self.model.config.scales]
         self._grid = None
         self.decoders = ThreadPoolExecutor(2, thread_name_prefix="convlad-decode")
@@ -190,7 +172,6 @@ class Service:
         self.batcher = MicroBatcher(self._encode, window_ms / 1000, max_batch)
         self.write_lock = threading.Lock()
         self.tmp = query_folder()
-        self.admission = Admission(max_active or max_batch, max_queue)
         # recent queries, for the match view: the photo and the local features its search used
         self.queries: OrderedDict[str, tuple[Path, LocalCodes | None, float]] = OrderedDict()
         self.query_lock = threading.Lock()
@@ -203,7 +184,7 @@ class Service:
         # a full batch compiles every chunk shape the batcher will run (extract._run_chunk pads
         # each chunk to its scale's size), then a single query through the encoder thread
         blank = [np.zeros((n, n, 3), np.uint8) for n in self.sizes]
-        if self.model.compile:
+        if want_compile(compile, self.model.extractor, math.inf, self.model.config.scales, self.model.config.resize):
             P.write(f"convlad serve: compiling the network for batches of up to {max_batch} "
                     f"({self.model.extractor.precision}; 10–60 s, once; --compile off skips it) ...")
             self._encode([blank] * self._warm_batch(max_batch))
@@ -211,7 +192,118 @@ class Service:
         if local is not None:  # the same pass gives the grid the stored local features lie on
             self._grid = local.grid
 
-    # -- helpers ---------------------------------------------------------------------------------
+    # -- operations ------------------------------------------------------------------------------
+    async def search_photo(self, data: bytes, settings: S.Settings) -> dict:
+        """Search with a photo: {"query": its id for the match view, "results": [...]}."""
+        t = time.perf_counter()
+        tmp, decoded = await self._pool(self.decode, data, "the photo")
+        x, local = await asyncio.wrap_future(self.batcher.submit(decoded))
+        results = await self._pool(self._ranked, x[None], local, settings, None)
+        self.latency.append(time.perf_counter() - t)
+        self.n_search += 1
+        return {"query": self.remember_query(tmp, local), "results": results}
+
+    async def similar(self, i: int, settings: S.Settings) -> dict:
+        """Search with an indexed photo: its nearest others."""
+        self.file_of(i)
+        return {"query_id": i, "results": await self._pool(self._ranked, None, None, settings, i)}
+
+    async def add_photo(self, data: bytes) -> dict:
+        """Add a photo: kept in the index's folder, searchable at once."""
+        tmp, decoded = await self._pool(self.decode, data, "the photo")
+        x, local = await asyncio.wrap_future(self.batcher.submit(decoded))
+        i = await self._pool(self.add, tmp, x, local)
+        return {"id": i, "path": self.display_path(i)}
+
+    async def delete(self, i: int) -> dict:
+        await self._pool(self.remove, i)
+        return {"deleted": i}
+
+    async def match(self, i: int, query: str | None = None, with_id: int | None = None, as_json: bool = False):
+        """The match view of a query (by the id its search returned) or of an indexed photo
+        (``with_id``) against image ``i``: PNG bytes, or its ``MatchView.to_dict``."""
+        if with_id is not None:
+            qpath = self.file_of(with_id)
+            codes, have = self.store.local_codes([with_id])
+            qlocal = codes if have[0] else None
+        else:
+            qpath, qlocal = self.query(query)
+        if qlocal is None:
+            raise NotFound("this index keeps no local features (indexed with --local-features 0): nothing to verify")
+
+        def work():
+            try:
+                m = self._match(qlocal, qpath, i)
+                if as_json:
+                    return m.to_dict()
+                buf = io.BytesIO()
+                draw_matches(m, str(qpath), self.store.path_of(i)).save(buf, format="PNG")
+                return buf.getvalue()
+            except KeyError:
+                raise NotFound(f"no image with id {i} in this index") from None
+            except (ImageError, OSError):  # deleted under this read
+                raise NotFound(f"image {i} or the query is no longer readable") from None
+            except LookupError as e:
+                raise NotFound(str(e)) from None
+
+        return await self._pool(work)
+
+    async def thumbnail(self, i: int) -> bytes:
+        return await self._pool(self._thumbnail, i)
+
+    async def browse(self, offset: int, limit: int) -> dict:
+        """The indexed photos in index order, ``limit`` from ``offset``."""
+        return {"total": len(self.store), "offset": offset, "images": await self._pool(self.page, offset, limit)}
+
+    def health(self) -> dict:
+        return {"status": "ok", "images": len(self.store), "generation": self.store.generation}
+
+    def config(self) -> dict:
+        """The search's defaults for this index, as every door applies them."""
+        d = S.DEFAULTS.resolve(self.store)
+        return {"k": d.k, "rerank": d.rerank, "qe": d.qe, "local_features": self.store.local_k}
+
+    def open_image(self, i: int):
+        """(an open binary file, its size, its path) of indexed photo ``i``: open now, so that a
+        delete from here on cannot take the file away mid-answer."""
+        path = self.file_of(i)
+        try:
+            f = open(path, "rb")
+        except OSError:
+            raise NotFound(f"image {i} is indexed but its file is gone") from None
+        return f, os.fstat(f.fileno()).st_size, path
+
+    def stats(self) -> dict:
+        info = self.store.info()
+        lat = sorted(self.latency)
+        pct = {f"p{q}_ms": round(lat[min(len(lat) - 1, int(len(lat) * q / 100))] * 1e3, 2) if lat else None
+               for q in (50, 95, 99)}
+        rss = None
+        try:
+            rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+        except (OSError, StopIteration):
+            pass
+        dev = self.model.extractor.device
+        device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        return {"images": info["images"], "dead": info["dead"], "segments": info["segments"],
+                "generation": info["generation"], "model": info["model"], "search": info["search"],
+                "augment": info["augment"], "pairs": info["pairs"], "device": device,
+                "searches": self.n_search, "batches": self.batcher.batches,
+                "mean_batch": round(self.batcher.items / self.batcher.batches, 2) if self.batcher.batches else None,
+                "latency": pct, "uptime_s": round(time.time() - self.started, 1), "rss_bytes": rss,
+                "precision": self.model.extractor.precision, "precision_setting": self.model.precision,
+                "compiled": bool(self.model.extractor.compile), "max_batch": self.batcher.max_batch,
+                "cpu_flags": list(cpu_flags())}
+
+    def close(self) -> None:
+        """Remove the query photos (at the server's exit)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.decoders.shutdown(wait=False, cancel_futures=True)
+
+    # -- the steps -------------------------------------------------------------------------------
+    def _pool(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self.decoders, fn, *args)
+
     def _warm_batch(self, max_batch: int) -> int:
         """Images in a batch whose chunks reach every compiled shape: the largest chunk, or max_batch."""
         steps = [max(1, self.model.extractor.max_batch_pixels // (n * n)) for n in self.sizes]
@@ -234,61 +326,50 @@ class Service:
             if is_upload_file(f.name) and str(f.resolve()) not in known:
                 f.unlink(missing_ok=True)
 
-    def trusted(self, headers) -> bool:
-        """Whether a request carries the server's token (header 'Authorization: Bearer TOKEN')."""
-        if self.token is None:
-            return False
-        given = headers.get("authorization", "")
-        given = given[7:] if given.lower().startswith("bearer ") else headers.get("x-token", "")
-        return hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode())
-
-    def check_token(self, headers) -> None:
-        if not self.writes:
-            raise ApiError(403, "writes are disabled: this server listens beyond loopback without a token "
-                                "(start it with --token or CONVLAD_TOKEN)")
-        if self.token is not None and not self.trusted(headers):
-            raise ApiError(401, "this route needs the server's token (header 'Authorization: Bearer TOKEN')")
-
     def decode(self, data: bytes, what: str) -> tuple[Path, list[np.ndarray]]:
         """Check and decode an uploaded photo (in a decoder thread); keeps it as a temporary file."""
         if not data:
-            raise ApiError(400, f"{what} is empty (0 bytes)")
+            raise Invalid(f"{what} is empty (0 bytes)")
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(io.BytesIO(data)) as im:
                 w, h, fmt = im.width, im.height, im.format
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-            raise ApiError(400, f"{what} is not an image this server can read (JPEG, PNG, WebP, ...)") from None
+            raise Invalid(f"{what} is not an image this server can read (JPEG, PNG, WebP, ...)") from None
         if w * h > self.max_pixels:
-            raise ApiError(413, f"{what} has {w}×{h} = {w * h / 1e6:.0f} megapixels; the limit is "
-                                f"{self.max_pixels / 1e6:.0f}")
+            raise TooLarge(f"{what} has {w}×{h} = {w * h / 1e6:.0f} megapixels; the limit is {self.max_pixels / 1e6:.0f}")
         if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
-            raise ApiError(413, f"{what} is {w}×{h}, more than {MAX_ASPECT} times as long as it is wide")
+            raise TooLarge(f"{what} is {w}×{h}, more than {MAX_ASPECT} times as long as it is wide")
         if decoded_pixels(w, h, fmt, max(self.sizes)) > MAX_DECODED_PIXELS:
-            raise ApiError(413, f"{what} is a {w}×{h} {fmt}: decoding it would take {w * h / 1e6:.0f} megapixels, "
-                                f"more than this server's {MAX_DECODED_PIXELS / 1e6:.0f} (JPEGs decode at reduced size: "
-                                "send a JPEG, or a smaller image)")
-        ext = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}.get(fmt)
+            raise TooLarge(f"{what} is a {w}×{h} {fmt}: decoding it would take {w * h / 1e6:.0f} megapixels, "
+                           f"more than this server's {MAX_DECODED_PIXELS / 1e6:.0f} (JPEGs decode at reduced size: "
+                           "send a JPEG, or a smaller image)")
+        ext = FORMATS.get(fmt)
         if ext is None:
-            raise ApiError(415, f"{what} is a {fmt} image; send JPEG, PNG, WebP, GIF, BMP or TIFF")
+            raise Unsupported(f"{what} is a {fmt} image; send JPEG, PNG, WebP, GIF, BMP or TIFF")
         path = self.tmp / new_upload_name(ext)
         path.write_bytes(data)
         try:
             return path, load_warped(path, self.sizes, self.model.config.resize)
         except ImageError as e:
             path.unlink(missing_ok=True)
-            raise ApiError(400, f"{what} cannot be decoded: {e.reason}") from None
+            raise Invalid(f"{what} cannot be decoded: {e.reason}") from None
 
     @property
     def grid(self) -> tuple[int, int]:
         """(h, w) of the verification layer's map for a photo warped to the model's size, where the
         stored local features lie (found once, by a pass over a blank image)."""
         if self._grid is None:
-            blank = [np.zeros((n, n, 3), np.uint8) for n in self.sizes]
             with self.net_lock:
-                self._grid = self.model.transform_decoded([blank], local=1).local.grid
+                self._grid = warp_grid(self.model)
         return self._grid
+
+    def _match(self, qlocal: LocalCodes, qpath, i: int):
+        """``explain.match_in_index``, as ``convlad explain`` draws it, with the stored features only."""
+        # a model that does not warp gives each photo its own map shape: a pass over the result's photo
+        with self.net_lock if self.model.config.resize != "warp" else contextlib.nullcontext():
+            return match_in_index(self.store, qlocal, qpath, i, fresh=False, grid=self.grid, verifier=self.verifier)
 
     def remember_query(self, path: Path, local: LocalCodes | None) -> str:
         """Keep a query for its match view; its id, unguessable, is the only way to reach it."""
@@ -302,8 +383,8 @@ class Service:
         with self.query_lock:
             self._expire(QUERIES_KEPT)
             if qid not in self.queries:
-                raise ApiError(404, f"query {qid[:40]!r} is unknown or expired (queries are kept "
-                                    f"{QUERY_TTL / 60:.0f} minutes, the last {QUERIES_KEPT})")
+                raise NotFound(f"query {qid[:40]!r} is unknown or expired (queries are kept "
+                               f"{QUERY_TTL / 60:.0f} minutes, the last {QUERIES_KEPT})")
             path, local, _ = self.queries[qid]
         return path, local
 
@@ -316,44 +397,31 @@ class Service:
             del self.queries[qid]
             path.unlink(missing_ok=True)
 
-    def close(self) -> None:
-        """Remove the query photos (at the server's exit)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.decoders.shutdown(wait=False, cancel_futures=True)
-
-    def results(self, q: np.ndarray, local: LocalCodes | None, settings: S.Settings, exclude=()) -> list[dict]:
-        """The ranking of ``search.rank`` for descriptor ``q`` (and its local codes, one row), as
-        JSON: each result with its rank, id, path, distance and inliers (None where not verified)."""
+    def _ranked(self, Q: np.ndarray | None, local: LocalCodes | None, settings: S.Settings, of: int | None) -> list[dict]:
+        """The one search's ranking (``search.rank`` for descriptor ``Q`` and its local codes, one
+        row; ``search.search_ids`` for indexed photo ``of``) as plain data: each result with its
+        rank, id, path, distance, inliers and via."""
         for attempt in range(3):
             try:
-                (hits,) = S.rank(self.store, q[None], [local.features(0) if local is not None else None], settings,
-                                 exclude=[list(exclude)], verifier=self.verifier)
+                if of is not None:
+                    (hits,) = S.search_ids(self.store, [of], settings, verifier=self.verifier)
+                else:
+                    (hits,) = S.rank(self.store, Q, [local.features(0) if local is not None else None], settings,
+                                     verifier=self.verifier)
                 break
             except KeyError:  # a neighbour deleted by a write that committed meanwhile: rank again
+                if of is not None:
+                    self.file_of(of)  # ... unless it is the query itself
                 if attempt == 2:
-                    raise ApiError(503, "the index changed during this search; try again", {"Retry-After": "1"}) from None
+                    raise Unavailable("the index changed during this search; try again") from None
         out = []
         for h in hits:
             try:
                 path = self.display_path(h.id)
             except KeyError:  # deleted by a write that committed since this search began
                 continue
-            out.append({**h.to_dict(), "path": path, "thumbnail": f"/api/images/{h.id}/thumbnail"})
+            out.append({**h.to_dict(), "path": path})
         return out
-
-    def settings(self, k: str | None, rerank: str | None, qe: str | None, trusted: bool) -> S.Settings:
-        """The search's settings from a request's parameters, within the caps its client may ask for."""
-        caps = CAPS[trusted]
-        note = "" if trusted else (" without the server's token" if self.token else "")
-        return S.Settings(k=whole(k, "k", 1, caps["k"], S.DEFAULTS.k, note),
-                          rerank=whole(rerank, "rerank", 0, caps["rerank"], None, note),
-                          qe=whole(qe, "qe", 0, caps["qe"], S.DEFAULTS.qe, note))
-
-    def config(self) -> dict:
-        """The search's defaults for this index, as every door applies them (the page reads them)."""
-        d = S.DEFAULTS.resolve(self.store)
-        return {"k": d.k, "rerank": d.rerank, "qe": d.qe, "caps": CAPS[False], "caps_with_token": CAPS[True],
-                "local_features": self.store.local_k, "writes": self.writes, "token_required": self.token is not None}
 
     def page(self, offset: int, limit: int) -> list[dict]:
         """Indexed photos ``offset`` … ``offset + limit`` in index order."""
@@ -362,7 +430,7 @@ class Service:
         out = []
         for i, _, _ in islice(self.store.items(), offset, offset + limit):
             try:
-                out.append({"id": i, "path": self.display_path(i), "thumbnail": f"/api/images/{i}/thumbnail"})
+                out.append({"id": i, "path": self.display_path(i)})
             except KeyError:  # deleted since the page was listed
                 continue
         return out
@@ -377,18 +445,18 @@ class Service:
         try:
             return self.store.path_of(i)
         except KeyError:
-            raise ApiError(404, f"no image with id {i} in this index") from None
+            raise NotFound(f"no image with id {i} in this index") from None
 
-    def thumbnail(self, i: int) -> bytes:
+    def _thumbnail(self, i: int) -> bytes:
         if i in self.thumbs:
             self.thumbs.move_to_end(i)
             return self.thumbs[i]
         try:
             im = load_image(self.file_of(i), min_size=THUMB)
         except ImageError as e:
-            raise ApiError(404, f"image {i} is no longer readable: {e.reason}") from None
+            raise NotFound(f"image {i} is no longer readable: {e.reason}") from None
         except OSError:  # its file deleted under this read
-            raise ApiError(404, f"image {i} is no longer readable") from None
+            raise NotFound(f"image {i} is no longer readable") from None
         im.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=85)
@@ -405,7 +473,7 @@ class Service:
                 return IndexStore.open(self.index, write=True)
             except StoreLocked as e:
                 if time.monotonic() > deadline:
-                    raise ApiError(503, f"the index is being written by another process; try again later ({e})") from None
+                    raise Unavailable(f"the index is being written by another process; try again later ({e})") from None
                 time.sleep(0.2)
 
     def add(self, tmp: Path, x: np.ndarray, local=None) -> int:
@@ -434,36 +502,13 @@ class Service:
             w = self._writer()
             try:
                 if not w.remove([i]):
-                    raise ApiError(404, f"no image with id {i} in this index")
+                    raise NotFound(f"no image with id {i} in this index")
             finally:
                 w.close()
             self.store.refresh()
         self.thumbs.pop(i, None)
         if Path(path).parent == (self.index / UPLOADS).resolve():  # never the user's own photos
             Path(path).unlink(missing_ok=True)
-
-    def stats(self) -> dict:
-        info = self.store.info()
-        lat = sorted(self.latency)
-        pct = {f"p{q}_ms": round(lat[min(len(lat) - 1, int(len(lat) * q / 100))] * 1e3, 2) if lat else None
-               for q in (50, 95, 99)}
-        rss = None
-        try:
-            rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
-        except (OSError, StopIteration):
-            pass
-        dev = self.model.extractor.device
-        device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-        return {"images": info["images"], "dead": info["dead"], "segments": info["segments"],
-                "generation": info["generation"], "model": info["model"], "search": info["search"],
-                "augment": info["augment"], "pairs": info["pairs"], "device": device,
-                "searches": self.n_search, "batches": self.batcher.batches,
-                "mean_batch": round(self.batcher.items / self.batcher.batches, 2) if self.batcher.batches else None,
-                "latency": pct, "uptime_s": round(time.time() - self.started, 1), "rss_bytes": rss,
-                "in_flight": self.admission.inflight, "refused_busy": self.admission.refused,
-                "precision": self.model.extractor.precision, "precision_setting": self.model.precision,
-                "compiled": bool(self.model.extractor.compile), "max_batch": self.batcher.max_batch,
-                "cpu_flags": list(cpu_flags())}
 
 
 def decoded_pixels(w: int, h: int, fmt: str, size: int) -> int:
@@ -477,4 +522,5 @@ def decoded_pixels(w: int, h: int, fmt: str, size: int) -> int:
     return (w // scale) * (h // scale)
 
 
-__all__ = ["Admission", "ApiError", "MicroBatcher", "Service", "decoded_pixels", "image_id", "whole"]
+__all__ = ["Invalid", "MicroBatcher", "NotFound", "Service", "ServiceError", "TooLarge", "Unavailable", "Unsupported",
+           "decoded_pixels", "query_folder"]
