@@ -712,7 +712,9 @@ def print_table(r: dict) -> None:
           "[min–max] of the per-round ratios)")
     print(f"{'set @ scale':<18}{'baseline':>9}{'eager':>8}{'compiled':>9}  {'speed-up eager':<20}"
           f"{'speed-up compiled':<20}{'compile':>8}{'peak MB b/e/c':>17}   compiled shares decode/forward/encode")
-    for key, row in r["e2e"].items():
+    # a part measured alone (--only) carries the machine it ran on among its rows
+    rows = {key: row for key, row in r["e2e"].items() if key != "machine"}
+    for key, row in rows.items():
         if "speedup_compiled" not in row:
             continue
         su = {m: row[f"speedup_{m}"] for m in ("eager", "compiled")}
@@ -722,7 +724,7 @@ def print_table(r: dict) -> None:
         print(f"{key:<18}{row['baseline']['img_per_s']:>9.1f}{row['eager']['img_per_s']:>8.1f}"
               f"{row['compiled']['img_per_s']:>9.1f}  {fmt['eager']:<20}{fmt['compiled']:<20}"
               f"{row['compile_s']:>7.0f}s{mem:>17}   {shares}")
-    for key, row in r["e2e"].items():
+    for key, row in rows.items():
         if "speedup_compiled" not in row:
             print(f"{key}: " + ", ".join(f"{m} {row[m]:.2f}×" for m in METHODS))
     if "store" in r:

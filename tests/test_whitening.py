@@ -14,16 +14,13 @@ import pytest
 from convlad.pairs import augment, mine_pairs
 from convlad.whitening import LearnedWhitening, from_collection, ledoit_wolf
 
-from .conftest import REPO
-
 
 @pytest.fixture(scope="module")
 def photos_and_views(train_images, tmp_path_factory):
     """A small benchmark in the mvbench layout: 30 groups of a training photo and a synthetic view
-    of it (a crop, turn, perspective and light change: scripts/synviews.py's), and 30 unrelated
+    of it (a crop, turn, perspective and light change: convlad.study.synviews'), and 30 unrelated
     training photos as distractors: (folder, paths, the photo each view is of)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from synviews import view
+    from convlad.study.synviews import view
 
     out = tmp_path_factory.mktemp("views")
     (out / "images").mkdir()

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .backbones.base import Backbone
-from .extract import FeatureExtractor, iter_batches, scale_size, want_compile
+from .extract import FeatureExtractor, iter_batches, scale_size
+from .runtime import want_compile
 from .images import ImageError
 
 

@@ -268,8 +268,8 @@ def explain(
 ):
     """Why a result matched: the spatial verification that ranked it, drawn (give it by --rank or --id)."""
     from .explain import draw_matches, match_in_index
-    from .search import encode, search_images
     from .index.store import IndexStore
+    from .search import encode, features, rank as rank_of
 
     if (rank is None) == (id_ is None):
         raise UserError("give the result by --rank N (its place in `convlad search`) or by --id N (its id), one of them")
@@ -279,12 +279,12 @@ def explain(
         raise UserError(f"{query}: no such file")
     idx = IndexStore.open(index_file)
     shown = None
+    enc = encode(idx, [str(query)])  # once: the search and the match view verify the same features
+    if enc.errors:
+        raise UserError(str(enc.errors[0]))
     if rank is not None:
         settings = _settings(idx, rank, rerank, qe, str(index_file))
-        results, errors = search_images(idx, [str(query)], settings)
-        if errors:
-            raise UserError(str(errors[0]))
-        hits = results[0][1]
+        (hits,) = rank_of(idx, enc.X, features(enc.local, 1), settings)
         if len(hits) < rank:
             raise UserError(f"{index_file}: {len(hits)} results, no rank {rank}")
         id_, shown = hits[rank - 1].id, hits[rank - 1]
@@ -292,9 +292,6 @@ def explain(
         result = idx.path_of(id_)
     except KeyError as e:
         raise UserError(str(e).strip("'\"")) from None
-    enc = encode(idx, [str(query)])
-    if enc.errors:
-        raise UserError(str(enc.errors[0]))
     if enc.local is None:
         raise UserError(f"{index_file}: keeps no local features (indexed with --local-features 0): nothing to verify")
     m = match_in_index(idx, enc.local, str(query), id_)

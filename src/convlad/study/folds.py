@@ -137,6 +137,29 @@ def cross_validate(aps: dict[str, np.ndarray], folds: np.ndarray, baseline: str 
     return CrossValidation(folds, chosen, oof, baseline, aps)
 
 
+def judge(families: dict, reference, bench, seeds: int = 3, report=print) -> dict:
+    """Each family's candidates (name → per-query APs) against the default's APs (``reference(family)``):
+    the full set's best, and the out-of-fold choice among the default and the candidates for
+    ``seeds`` deals of the folds, reported as a table (``report``, one line a call) and returned as a
+    JSON-able dict. The protocol every experiment judges its families by (experiments/, docs/defaults.md)."""
+    rows = {}
+    report(f"\n{'family':<20}{'candidates':>11}  {'full-set best':>44}   out of fold, seeds 0/1/2 (gain [95%])")
+    for name, cands in families.items():
+        ref = reference(name)
+        best = max(cands, key=lambda k: cands[k].mean())
+        row = {"candidates": len(cands), "full_set": {k: float(c.mean()) for k, c in cands.items()},
+               "full_set_best": best, "full_set_mAP": float(cands[best].mean()),
+               "full_set_gain": bootstrap_difference(ref, cands[best]), "out_of_fold": []}
+        for seed in range(seeds):
+            cv = cross_validate({"default": ref, **cands}, group_folds(bench.groups, 5, seed), baseline="default")
+            row["out_of_fold"].append({"seed": seed, "mAP": cv.mAP, "gain": cv.gain(), "chosen": cv.chosen})
+        rows[name] = row
+        oof = "; ".join(f"{r['mAP']:.4f} ({r['gain'][0]:+.3f} [{r['gain'][1]:+.3f}, {r['gain'][2]:+.3f}])"
+                        for r in row["out_of_fold"])
+        report(f"{name:<20}{len(cands):>11}  {best:>37} {cands[best].mean():.4f}   {oof}")
+    return rows
+
+
 def candidate_name(params: dict) -> str:
     return " ".join(f"{k}={'auto' if v is None else ('on' if v else 'off') if isinstance(v, bool) else f'{v:g}' if isinstance(v, float) else v}"
                     for k, v in params.items()) or "baseline"
@@ -308,4 +331,4 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
 
 
 __all__ = ["COLLECTION_KEYS", "CrossValidation", "DESCRIPTOR_KEYS", "FoldReport", "SEARCH_KEYS", "SearchGrid", "candidate_name",
-           "combinations", "cross_validate", "cross_validate_model", "group_folds", "parse_grid"]
+           "combinations", "cross_validate", "cross_validate_model", "group_folds", "judge", "parse_grid"]

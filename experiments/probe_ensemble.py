@@ -1,5 +1,5 @@
 """Issue 20: two backbones' global descriptors in one, judged by the protocol (group-wise 5-fold
-cross-validation on mvbench-dev, three fold seeds, ``probe_rerank.judge``).
+cross-validation on mvbench-dev, three fold seeds, ``convlad.study.folds.judge``).
 
 Each backbone is the default recipe fitted on mvbench-train (its PCA-whitened 128-D descriptor);
 the candidates concatenate Lite0's with w times the other's, L2-normalised (the cosine becomes a
@@ -7,21 +7,19 @@ weighted mean of the two cosines). The database is augmented over pairs the veri
 candidate's own neighbours, as an index does, and the shortlist is verified with Lite0's local
 features, through the one search (``evaluate.evaluate_descriptors``). Nothing is fitted on dev.
 
-    python scripts/probe_ensemble.py [--other efficientnet-lite2] [--out docs/results/probe-ensemble.json]
+    python experiments/probe_ensemble.py [--other efficientnet-lite2] [--out docs/results/probe-ensemble.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def encoded(backbone: str, bench, train):
@@ -47,7 +45,7 @@ def main():
     from convlad.study.datasets import load_groups, training_paths
     from convlad.study.evaluate import evaluate_descriptors
     from convlad.pairs import mine_pairs
-    from probe_rerank import judge
+    from convlad.study.folds import judge
 
     bench = load_groups(SHARED / "mvbench-dev")
     train, _ = training_paths(SHARED / "mvbench-train")

@@ -16,10 +16,10 @@ the shortlist come in with their plain similarity (or, "shortlist", do not). "ch
 linked links its own partners in the shortlist in turn, to the end of the chain. No extra
 verification is run.
 
-Judged as the other probes (``probe_rerank.judge``: 5 group-wise folds, 3 seeds) on mvbench-dev,
-and scored on the synthetic views (``scripts/synviews.py``) and another backbone:
+Judged as the other probes (``convlad.study.folds.judge``: 5 group-wise folds, 3 seeds) on mvbench-dev,
+and scored on the synthetic views (``convlad.study.synviews``) and another backbone:
 
-    python scripts/probe_paired.py [--bench ../shared/data/mvbench-dev --train ../shared/data/mvbench-train]
+    python experiments/probe_paired.py [--bench ../shared/data/mvbench-dev --train ../shared/data/mvbench-train]
         [--backbone efficientnet-lite0] [--time] [--out F.json]
 """
 from __future__ import annotations
@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def partners_of(pairs: np.ndarray, n: int) -> list[np.ndarray]:
@@ -96,7 +94,7 @@ def main():
 
     from convlad.pairs import mine_pairs
     from probe_ensemble import encoded
-    from probe_rerank import judge
+    from convlad.study.folds import judge
 
     bench = load_groups(a.bench)
     train, _ = training_paths(a.train)

@@ -7,7 +7,7 @@ Families (all label-free: nothing is fitted on mvbench-dev, nor on any benchmark
   evidence (inliers, log tentative matches, inlier ratio, the inliers' spread in each photo, the
   affine map's scale change and anisotropy, the inliers' mean similarity; optionally the global
   cosine), fitted on pairs whose answer is known without labels: a mvbench-train photo against two
-  synthetic views of itself (``scripts/synviews.py``'s warp) and the views against each other as
+  synthetic views of itself (``convlad.study.synviews``'s warp) and the views against each other as
   matches; each photo against its 20 nearest other training photos (which share no place) as
   non-matches, so the negatives are the hard ones a shortlist holds. Scored three ways: the
   cosine plus 4 × P(match) (a sure match worth the default cap), the cosine plus the log-odds above
@@ -24,7 +24,7 @@ Families (all label-free: nothing is fitted on mvbench-dev, nor on any benchmark
   against their nearest neighbours, by neighbour rank (where a shortlist lives), against the chance
   level that is measured on far pairs; and what dev's mAP does with the level set to each.
 
-    python scripts/probe_verify.py [--cache /tmp/convlad-probe-verify] [--out docs/results/probe-verify.json]
+    python experiments/probe_verify.py [--cache /tmp/convlad-probe-verify] [--out docs/results/probe-verify.json]
 
 About 5 min on 2 cores once EvalCache holds the fit and the encodings; a few minutes more the first time.
 """
@@ -33,15 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
+from probe_rerank import layer_codes  # a sibling experiment, beside this file
+
+from convlad.study.folds import judge  # the same table and folds as the first families'
+from convlad.study.synviews import view
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from probe_rerank import judge, layer_codes  # noqa: E402  (the same table and folds as the first families')
-from synviews import view  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 D = 100  # the shortlist verified, as the default

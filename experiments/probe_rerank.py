@@ -18,7 +18,7 @@ photos and the verifier, never the benchmark's groups):
   (Radenović et al. 2018: each photo's 20 nearest verified, pairs with ≥ T inliers; shrinkage s),
   the shortlist ranked by it and scored with it or with the original similarity.
 
-    python scripts/probe_rerank.py [--cache /tmp/probe] [--out docs/results/probe-rerank.json]
+    python experiments/probe_rerank.py [--cache /tmp/probe] [--out docs/results/probe-rerank.json]
 
 fp32 unless CONVLAD_PRECISION says otherwise; a cache folder holds one precision's encodings.
 """
@@ -75,31 +75,6 @@ def layer_codes(extractor, paths, key: tuple[str, float], k: int):
                                   for b in iter_batches(extractor, paths, [key[1]], 16, norms=[key])])
 
 
-def judge(families: dict, reference, bench, seeds: int = 3) -> dict:
-    """Each family's candidates (name → per-query APs) against the default's APs (``reference(family)``):
-    the full set's best, and the out-of-fold choice among the default and the candidates for
-    ``seeds`` deals of the folds, printed as a table and returned as a JSON-able dict."""
-    from convlad.study.folds import cross_validate, group_folds
-    from convlad.study.metrics import bootstrap_difference
-
-    rows = {}
-    print(f"\n{'family':<20}{'candidates':>11}  {'full-set best':>44}   out of fold, seeds 0/1/2 (gain [95%])")
-    for name, cands in families.items():
-        ref = reference(name)
-        best = max(cands, key=lambda k: cands[k].mean())
-        row = {"candidates": len(cands), "full_set": {k: float(c.mean()) for k, c in cands.items()},
-               "full_set_best": best, "full_set_mAP": float(cands[best].mean()),
-               "full_set_gain": bootstrap_difference(ref, cands[best]), "out_of_fold": []}
-        for seed in range(seeds):
-            cv = cross_validate({"default": ref, **cands}, group_folds(bench.groups, 5, seed), baseline="default")
-            row["out_of_fold"].append({"seed": seed, "mAP": cv.mAP, "gain": cv.gain(), "chosen": cv.chosen})
-        rows[name] = row
-        oof = "; ".join(f"{r['mAP']:.4f} ({r['gain'][0]:+.3f} [{r['gain'][1]:+.3f}, {r['gain'][2]:+.3f}])"
-                        for r in row["out_of_fold"])
-        print(f"{name:<20}{len(cands):>11}  {best:>37} {cands[best].mean():.4f}   {oof}")
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default="/tmp/convlad-probe", help="folder for the encodings (reused)")
@@ -109,6 +84,7 @@ def main():
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
     from convlad.study.datasets import load_groups
     from convlad.study.evaluate import query_aps
+    from convlad.study.folds import judge
     from convlad.verify import LocalCodes, Verifier
 
     bench = load_groups(SHARED / "mvbench-dev")
