@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import typer
 
-from .study import cli as cli_study
+from . import cli_study
 from .backbones import BACKBONES, WeightsError, get_backbone
 from .cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, PooledOpt, PowerOpt,
                          PrecisionOpt, QeOpt, ScalesOpt, SearchRerankOpt, UserError, WaitOpt, WeightsOpt, _check_dim,

@@ -23,11 +23,8 @@ import io
 import math
 import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +42,7 @@ from ..index.store import IndexStore
 from ..runtime import Runtime, cpu_flags, want_compile
 from ..storage import write_durable
 from ..verify import LocalCodes
+from .queries import Queries
 
 THUMB = 256
 MAX_ASPECT = 16  # a photo longer than this many times its width (or the reverse) is refused
@@ -52,9 +50,6 @@ MAX_ASPECT = 16  # a photo longer than this many times its width (or the reverse
 # covers the network's input (images.load_image), other formats whole; a PNG of 50 megapixels
 # decodes to 150 MB in seconds, whatever its file size
 MAX_DECODED_PIXELS = 24_000_000
-QUERY_TTL = 900.0  # seconds a query stays reachable for its match view
-QUERIES_KEPT = 64
-QUERY_DIR_PREFIX = "convlad-serve-"
 FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
@@ -86,26 +81,6 @@ class Unavailable(ServiceError):
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def query_folder() -> Path:
-    """A private folder for this process's query photos; those of servers that died are removed."""
-    base = Path(tempfile.gettempdir())
-    for old in base.glob(f"{QUERY_DIR_PREFIX}*"):
-        pid = old.name[len(QUERY_DIR_PREFIX):].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)) and old.is_dir() and old.stat().st_uid == os.getuid():
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{QUERY_DIR_PREFIX}{os.getpid()}-"))  # mode 0700
 
 
 # -- micro-batching ---------------------------------------------------------------------------------
@@ -171,10 +146,9 @@ class Service:
         self.net_lock = threading.Lock()
         self.batcher = MicroBatcher(self._encode, window_ms / 1000, max_batch)
         self.write_lock = threading.Lock()
-        self.tmp = query_folder()
         # recent queries, for the match view: the photo and the local features its search used
-        self.queries: OrderedDict[str, tuple[Path, LocalCodes | None, float]] = OrderedDict()
-        self.query_lock = threading.Lock()
+        self.queries = Queries(NotFound)
+        self.tmp = self.queries.folder
         self.thumbs: OrderedDict[int, bytes] = OrderedDict()
         self.latency = deque(maxlen=2000)
         self.started = time.time()
@@ -201,7 +175,7 @@ class Service:
         results = await self._pool(self._ranked, x[None], local, settings, None)
         self.latency.append(time.perf_counter() - t)
         self.n_search += 1
-        return {"query": self.remember_query(tmp, local), "results": results}
+        return {"query": self.queries.remember(tmp, local), "results": results}
 
     async def similar(self, i: int, settings: S.Settings) -> dict:
         """Search with an indexed photo: its nearest others."""
@@ -227,7 +201,7 @@ class Service:
             codes, have = self.store.local_codes([with_id])
             qlocal = codes if have[0] else None
         else:
-            qpath, qlocal = self.query(query)
+            qpath, qlocal = self.queries.get(query)
         if qlocal is None:
             raise NotFound("this index keeps no local features (indexed with --local-features 0): nothing to verify")
 
@@ -297,7 +271,7 @@ class Service:
 
     def close(self) -> None:
         """Remove the query photos (at the server's exit)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.queries.close()
         self.decoders.shutdown(wait=False, cancel_futures=True)
 
     # -- the steps -------------------------------------------------------------------------------
@@ -370,32 +344,6 @@ class Service:
         # a model that does not warp gives each photo its own map shape: a pass over the result's photo
         with self.net_lock if self.model.config.resize != "warp" else contextlib.nullcontext():
             return match_in_index(self.store, qlocal, qpath, i, fresh=False, grid=self.grid, verifier=self.verifier)
-
-    def remember_query(self, path: Path, local: LocalCodes | None) -> str:
-        """Keep a query for its match view; its id, unguessable, is the only way to reach it."""
-        qid = uuid.uuid4().hex
-        with self.query_lock:
-            self.queries[qid] = (path, local, time.monotonic())
-            self._expire(QUERIES_KEPT)
-        return qid
-
-    def query(self, qid: str) -> tuple[Path, LocalCodes | None]:
-        with self.query_lock:
-            self._expire(QUERIES_KEPT)
-            if qid not in self.queries:
-                raise NotFound(f"query {qid[:40]!r} is unknown or expired (queries are kept "
-                               f"{QUERY_TTL / 60:.0f} minutes, the last {QUERIES_KEPT})")
-            path, local, _ = self.queries[qid]
-        return path, local
-
-    def _expire(self, keep: int) -> None:
-        now = time.monotonic()
-        while self.queries:
-            qid, (path, _, t) = next(iter(self.queries.items()))
-            if len(self.queries) <= keep and now - t < QUERY_TTL:
-                break
-            del self.queries[qid]
-            path.unlink(missing_ok=True)
 
     def _ranked(self, Q: np.ndarray | None, local: LocalCodes | None, settings: S.Settings, of: int | None) -> list[dict]:
         """The one search's ranking (``search.rank`` for descriptor ``Q`` and its local codes, one
@@ -523,4 +471,4 @@ def decoded_pixels(w: int, h: int, fmt: str, size: int) -> int:
 
 
 __all__ = ["Invalid", "MicroBatcher", "NotFound", "Service", "ServiceError", "TooLarge", "Unavailable", "Unsupported",
-           "decoded_pixels", "query_folder"]
+           "decoded_pixels"]

@@ -9,11 +9,11 @@ from typing import List, Optional
 
 import typer
 
-from ..backbones import get_backbone
-from ..cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, FullQueryOpt, KindOpt, KOpt, LayerOpt,
+from .backbones import get_backbone
+from .cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, FullQueryOpt, KindOpt, KOpt, LayerOpt,
                          PooledOpt, PowerOpt, PrecisionOpt, QeOpt, RerankOpt, ScalesOpt, TrainOpt, UserError, WeightsOpt,
                          _check_dim, _compile, _config, _load_bench, _model, _print_metrics, _scales, _warn)
-from ..images import ImageError, list_images
+from .images import ImageError, list_images
 
 datasets_app = typer.Typer(no_args_is_help=True, help="Benchmarks: download, check.")
 figure_app = typer.Typer(no_args_is_help=True, help="The paper's Figures 3 and 4 for any backbone, layers and scales.")
@@ -51,10 +51,10 @@ def eval_(
     no_cache: bool = typer.Option(False, "--no-cache", help="Fit and encode afresh, and keep nothing."),
 ):
     """Measure a descriptor on a benchmark with its official protocol (mAP, and E/M/H, mP@k, N-S where defined)."""
-    from .datasets import training_paths
-    from .evalcache import EvalCache
-    from .evaluate import evaluate_model, fit_model
-    from ..pairs import AUGMENT, check_augment
+    from .study.datasets import training_paths
+    from .study.evalcache import EvalCache
+    from .study.evaluate import evaluate_model, fit_model
+    from .pairs import AUGMENT, check_augment
 
     if len(args) > 2:
         raise UserError(f"eval takes [KIND] DATASET, got {len(args)} arguments")
@@ -102,7 +102,7 @@ def eval_(
                    f"chance level {ev.chance} inliers); "
                    f"ranking + verification {ev.rank_ms_per_query:.1f} ms/query")
     if aps_out is not None:
-        from ..storage import write_durable
+        from .storage import write_durable
 
         doc = ev.aps_document()
         write_durable(aps_out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
@@ -115,8 +115,8 @@ def eval_(
 
 
 def _eval_folds(bench, train_paths, train_label, grid_specs, k, seed, out, rerank, cache, make_model):
-    from .folds import cross_validate_model, parse_grid
-    from ..storage import write_durable
+    from .study.folds import cross_validate_model, parse_grid
+    from .storage import write_durable
 
     if not bench.groups or len(set(bench.groups)) < k:
         raise UserError(f"{bench.name}: --folds {k} needs at least {k} groups of queries")
@@ -158,7 +158,7 @@ def compare(
     changes only when the interval excludes zero."""
     import numpy as np
 
-    from .metrics import bootstrap_difference
+    from .study.metrics import bootstrap_difference
 
     def read(p: Path) -> dict:
         try:
@@ -204,9 +204,9 @@ def sweep(
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
 ):
     """The paper's study: mAP of every layer's VLAD at every scale, uncompressed and PCA-whitened → CSV + PNG."""
-    from ..cache import FeatureCache
-    from .datasets import training_paths
-    from .sweep import plot_sweep, sweep as run_sweep, sweep_title, write_csv
+    from .cache import FeatureCache
+    from .study.datasets import training_paths
+    from .study.sweep import plot_sweep, sweep as run_sweep, sweep_title, write_csv
 
     bench = _load_bench(dataset, kind, full_query)
     train_paths, train_label = training_paths(train_dir)
@@ -240,7 +240,7 @@ def table(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table to this file."),
 ):
     """Tables 2–3 of the paper from sweeps: best layer per dataset, scale 1 / 2 / both, uncompressed vs compressed."""
-    from .sweep import markdown_table, read_csv
+    from .study.sweep import markdown_table, read_csv
 
     tables = []
     for c in csvs:
@@ -262,7 +262,7 @@ def datasets_download(
     root: Path = typer.Option(Path("data"), "--root", help="Datasets go to ROOT/NAME."),
 ):
     """Fetch a benchmark's official images and ground truth (needs internet)."""
-    from .datasets import download, open_dataset
+    from .study.datasets import download, open_dataset
 
     out = download(name, root)
     typer.echo(f"{out}: {open_dataset(out).describe()}")
@@ -285,7 +285,7 @@ FigLayersOpt = typer.Option(None, "--layers", help="Layers as NAME@SCALE, comma-
 
 def _banks(database: Path, extra: list[Path], backbone: str, weights: Optional[str], layers: Optional[str]):
     """The images (``extra`` first, then the database folder's) and a patch bank per layer spec."""
-    from .figures import parse_layer_spec, patch_bank
+    from .study.figures import parse_layer_spec, patch_bank
 
     if not database.is_dir():
         raise UserError(f"{database}: not a folder")
@@ -317,7 +317,7 @@ def figure_correspondence(
 ):
     """Fig. 3: each patch of an image replaced by the mean patch of its 1 and 5 nearest local features
     in the database: what a layer keeps of local appearance."""
-    from .figures import correspondence_figure
+    from .study.figures import correspondence_figure
 
     for p in images:
         if not p.is_file():
@@ -339,7 +339,7 @@ def figure_clusters(
 ):
     """Fig. 4: sampled reference patches, each followed by the patches of its nearest local features
     in other images, sorted by L2 distance."""
-    from .figures import clusters_figure
+    from .study.figures import clusters_figure
 
     if refs < 1 or neighbours < 1:
         raise UserError("--refs and --neighbours must be at least 1")
