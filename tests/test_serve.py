@@ -295,3 +295,43 @@ def test_a_bad_encoder_setting_is_one_line_before_anything_loads(setup, flag, va
     p = subprocess.run([*CLI, "serve", str(setup[1]), flag, value], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert flag in p.stderr and value in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_service_is_a_domain_api_without_http(setup, tmp_path):
+    """The service's operations called as a library, no HTTP in between: a search ranks as
+    ``convlad search`` does (the one search), the similar photos are ``search_ids``', the match
+    view is ``explain``'s, and what cannot be done is a domain error, never a status."""
+    import asyncio
+    import shutil
+
+    from convlad.explain import match_in_index
+    from convlad.search import Settings, search_ids, search_images
+    from convlad.serving.service import Invalid, NotFound, Service
+
+    index = tmp_path / "photos.index"
+    shutil.copytree(setup[1], index, symlinks=True)
+    svc = Service(index, compile=False)
+    try:
+        photo = list(setup[2].values())[0][0]
+        settings = Settings(k=5)
+        got = asyncio.run(svc.search_photo(photo.read_bytes(), settings))
+        (_, want), = search_images(svc.store, [photo], settings)[0]
+        assert [(r["id"], r["inliers"], r["via"]) for r in got["results"]] == [(h.id, h.inliers, h.via) for h in want]
+        assert [r["distance"] for r in got["results"]] == pytest.approx([h.distance for h in want], abs=1e-5)
+        first = got["results"][0]["id"]
+        sim = asyncio.run(svc.similar(first, settings))["results"]
+        assert [r["id"] for r in sim] == [h.id for h in search_ids(svc.store, [first], settings)[0]]
+        view = asyncio.run(svc.match(first, query=got["query"], as_json=True))
+        codes = svc.model.transform([str(photo)], progress=False, local=svc.store.local_k).local
+        assert view["inliers"] == match_in_index(svc.store, codes, photo, first).n_inliers == got["results"][0]["inliers"]
+        added = asyncio.run(svc.add_photo(photo.read_bytes()))
+        assert added["path"].startswith("uploads/") and len(svc.store) == len(IndexStore.open(setup[1])) + 1
+        assert asyncio.run(svc.delete(added["id"])) == {"deleted": added["id"]}
+        with pytest.raises(NotFound, match="no image with id"):
+            asyncio.run(svc.similar(10 ** 12, settings))
+        with pytest.raises(NotFound, match="unknown or expired"):
+            asyncio.run(svc.match(first, query="0" * 32))
+        with pytest.raises(Invalid, match="not an image"):
+            asyncio.run(svc.search_photo(b"not a photo", settings))
+    finally:
+        svc.close()
