@@ -62,6 +62,34 @@ def ns_score(ranking: Sequence, relevant: Collection, n: int = 4) -> int:
     return int(np.isin(np.asarray(ranking)[:n], list(relevant)).sum())
 
 
+def grouping_scores(found, truth) -> dict[str, float]:
+    """How a grouping of items (``found``: a label per item) agrees with the true one (``truth``:
+    a label per item; a distractor is a group of its own): pairwise precision, recall and F1 over
+    the pairs of items put together, and B-cubed precision, recall and F1 (Bagga & Baldwin 1998:
+    per item, the share of its found group that is truly its own, and of its true group found
+    with it, averaged over items). Labels are any hashable values, compared within each list."""
+    f, f_inv = np.unique(np.asarray(found, dtype=object).astype(str), return_inverse=True)
+    t, t_inv = np.unique(np.asarray(truth, dtype=object).astype(str), return_inverse=True)
+    if len(f_inv) != len(t_inv):
+        raise ValueError(f"{len(f_inv)} found labels for {len(t_inv)} true ones")
+    both = np.zeros((len(f), len(t)), np.int64)  # items in each (found, true) pair of groups
+    np.add.at(both, (f_inv, t_inv), 1)
+    fs, ts = both.sum(1), both.sum(0)
+
+    def pairs(n):
+        return (n * (n - 1) // 2).sum()
+
+    together, found_pairs, true_pairs = pairs(both), pairs(fs), pairs(ts)
+    p = together / found_pairs if found_pairs else 1.0
+    r = together / true_pairs if true_pairs else 1.0
+    # B-cubed: each item weighs its cell's size over its found and its true group's sizes
+    cell = both[f_inv, t_inv].astype(np.float64)
+    bp, br = float(np.mean(cell / fs[f_inv])), float(np.mean(cell / ts[t_inv]))
+    return {"pairwise_precision": float(p), "pairwise_recall": float(r),
+            "pairwise_f1": float(2 * p * r / (p + r)) if p + r else 0.0,
+            "bcubed_precision": bp, "bcubed_recall": br, "bcubed_f1": 2 * bp * br / (bp + br) if bp + br else 0.0}
+
+
 def bootstrap_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, level: float = 0.95,
                          seed: int = 0) -> tuple[float, float, float]:
     """Mean of ``b − a`` over queries (per-query APs of two methods on the same queries, NaNs
