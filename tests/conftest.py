@@ -55,3 +55,25 @@ def train_images() -> list[str]:
 @pytest.fixture(scope="session")
 def dev_images() -> list[str]:
     return sorted(str(p) for p in (need(MVBENCH_DEV) / "images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def dev_index(tmp_path_factory, train_images):
+    """A small model (scale 1, 32-D) and two indexes of mvbench-dev's 408 photos (groups and
+    distractors): one with the default local features, one with 120 of them. Shared by the tests of
+    the one search and of the groups (one per session: 20 s)."""
+    from .servers import cli
+
+    wd = tmp_path_factory.mktemp("doors")
+    (wd / "train").mkdir()
+    for p in train_images[::12]:
+        (wd / "train" / Path(p).name).symlink_to(p)
+    cli("train", "--images", wd / "train", "--out", wd / "model.npz", "--layer", "block11", "--scales", "1",
+        "--k", "16", "--dim", "32")
+    photos = wd / "photos"
+    photos.mkdir()
+    for sub in ("images", "distractors"):
+        (photos / sub).symlink_to(need(MVBENCH_DEV) / sub)
+    cli("index", wd / "model.npz", photos, "--out", wd / "default.index")
+    cli("index", wd / "model.npz", photos, "--out", wd / "local120.index", "--local-features", "120")
+    return wd

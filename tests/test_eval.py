@@ -56,5 +56,10 @@ def test_default_pipeline_reaches_target_map(tmp_path):
     assert global_ >= float(alone.group(2)) + 0.01 and float(last.split()[1]) >= float(alone.group(1)), p.stdout
     assert "layers=block6 pooled=block15 scales=1,2 k=100 dim=128" in p.stdout
     assert "re-ranking: top 100" in p.stdout and "24602 bytes of local features per image" in p.stdout
+    # the groups of the database, the components of the same verified pairs (`convlad groups`):
+    # nearly every pair right (0.997 and B-cubed F1 0.944 when measured)
+    g = re.search(r"^groups .*: pairwise precision (0\.\d{3}), recall (0\.\d{3}), F1 (0\.\d{3}); B-cubed F1 "
+                  r"(0\.\d{3})$", p.stdout, re.M)
+    assert g and float(g.group(1)) >= 0.98 and float(g.group(4)) >= 0.9, p.stdout
     doc = json.loads((tmp_path / "aps.json").read_text())
     assert len(doc["aps"]) == 191 and abs(np.nanmean([a for a in doc["aps"] if a is not None]) - doc["mAP"]) < 1e-9

@@ -16,7 +16,7 @@ ROOMS = [
     ("pixels", ["images", "backbones", "functional", "extract", "cache"]),
     ("the descriptor", ["encoding", "verify", "pairs", "whitening", "pipeline", "reference"]),
     ("index", ["index"]),
-    ("the search", ["search", "explain"]),
+    ("the search", ["search", "explain", "groups"]),
     ("serving", ["serving"]),
     ("study", ["study"]),
     ("the command line", ["cli_common", "cli_study", "cli", "__main__", "__init__"]),

@@ -19,25 +19,6 @@ from .servers import Server, cli
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def dev_index(tmp_path_factory, train_images):
-    """A small model (scale 1, 32-D) and two indexes of mvbench-dev's 408 photos (groups and
-    distractors): one with the default local features, one with 120 of them."""
-    wd = tmp_path_factory.mktemp("doors")
-    (wd / "train").mkdir()
-    for p in train_images[::12]:
-        (wd / "train" / Path(p).name).symlink_to(p)
-    cli("train", "--images", wd / "train", "--out", wd / "model.npz", "--layer", "block11", "--scales", "1",
-        "--k", "16", "--dim", "32")
-    photos = wd / "photos"
-    photos.mkdir()
-    for sub in ("images", "distractors"):
-        (photos / sub).symlink_to(need(MVBENCH_DEV) / sub)
-    cli("index", wd / "model.npz", photos, "--out", wd / "default.index")
-    cli("index", wd / "model.npz", photos, "--out", wd / "local120.index", "--local-features", "120")
-    return wd
-
-
 QUERIES = ["images/bundler_kermit_00.jpg", "images/box_in_scene_01.jpg"]
 
 

@@ -311,6 +311,66 @@ def explain(
 
 
 @app.command()
+def groups(
+    index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
+    min_size: int = typer.Option(2, "--min-size", help="The smallest group listed (1: every photo, alone or not)."),
+    duplicates: bool = typer.Option(False, "--duplicates", help="Only the duplicates (the same photo re-encoded, "
+                                    "resized, lightly cropped or stripped) and the photos they duplicate."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="The largest N groups only (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (docs/cli.md gives its schema) instead of a table."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write one row per member to this CSV file."),
+):
+    """Which photos show the same thing: the groups the index's verified pairs join, with the evidence."""
+    from .groups import groups as find_groups
+    from .index.store import IndexStore
+
+    if min_size < 1:
+        raise UserError(f"--min-size {min_size}: must be at least 1")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be at least 1")
+    idx = IndexStore.open(index_file)
+    if not idx.augments:
+        _warn(f"note: {index_file} keeps no verified pairs (indexed with --augment none): every photo is alone")
+    found = find_groups(idx, min_size=min_size, duplicates_only=duplicates)
+    shown = found[:limit] if limit else found
+    if csv_out is not None:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["group", "id", "path", "via", "inliers", "similarity", "duplicate_of", "representative"])
+        for g in found:
+            for m in g["members"]:
+                w.writerow([g["id"], m["id"], m["path"], "" if m["via"] is None else m["via"],
+                            "" if m["inliers"] is None else m["inliers"],
+                            "" if m["similarity"] is None else m["similarity"],
+                            "" if m["duplicate_of"] is None else m["duplicate_of"],
+                            int(m["id"] == g["representative"])])
+        from .storage import write_durable
+
+        write_durable(csv_out, lambda f: f.write(buf.getvalue().encode()))
+    if as_json:
+        typer.echo(json.dumps({"index": str(index_file), "images": len(idx), "generation": idx.generation,
+                               "groups": shown, "total_groups": len(found)}, indent=1))
+        return
+    grouped = sum(g["size"] for g in found)
+    typer.echo(f"{index_file}: {len(found)} groups of {min_size} or more photos ({grouped} of {len(idx)} photos)"
+               + (f"; the largest {len(shown)} shown" if len(shown) < len(found) else ""))
+    for g in shown:
+        typer.echo(f"\ngroup {g['id']}: {g['size']} photos")
+        for m in g["members"]:
+            dup = "" if m["duplicate_of"] is None else f"; a duplicate of {m['duplicate_of']}"
+            if m["via"] is None:
+                typer.echo(f"  {m['id']:>7}  {m['path']}  (representative{dup})")
+                continue
+            inl = "" if m["inliers"] is None else f"{m['inliers']} inliers, "
+            typer.echo(f"  {m['id']:>7}  {m['path']}  (via {m['via']}: {inl}similarity {m['similarity']:.3f}{dup})")
+    if csv_out is not None:
+        typer.echo(f"\none row per member: {csv_out}")
+
+
+@app.command()
 def serve(
     index_file: Path = typer.Argument(..., metavar="INDEX", help="Index from `convlad index`."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),

@@ -111,6 +111,11 @@ def eval_(
         m = ev.pca_result.metrics
         typer.echo("without the collection's steps (PCA-whitening alone): mAP " + f"{m['mAP']:.3f}"
                    + (f", without re-ranking {m['mAP_without_rerank']:.3f}" if "mAP_without_rerank" in m else ""))
+    if ev.grouping is not None:
+        g = ev.grouping
+        typer.echo(f"groups (components of the verified pairs, `convlad groups`): pairwise precision "
+                   f"{g['pairwise_precision']:.3f}, recall {g['pairwise_recall']:.3f}, F1 {g['pairwise_f1']:.3f}; "
+                   f"B-cubed F1 {g['bcubed_f1']:.3f}")
     _print_metrics(ev.result.metrics)  # last line: mAP, as scripts expect
 
 

@@ -136,6 +136,10 @@ def thumbnailed(items: list[dict]) -> list[dict]:
     return [{**d, "thumbnail": f"/api/images/{d['id']}/thumbnail"} for d in items]
 
 
+def with_thumbnails(group: dict) -> dict:
+    return {**group, "members": thumbnailed(group["members"])}
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -159,7 +163,7 @@ _STATUS = {400: "a malformed parameter or body", 401: "the token is missing or w
 # the parameters as the strict parsing reads them (they arrive as text, parsed here, never coerced)
 _ID = {"type": "integer", "minimum": 0, "maximum": 10 ** 18 - 1}
 PARAM_SCHEMAS = {
-    "image_id": _ID, "with_id": _ID,
+    "image_id": _ID, "with_id": _ID, "group_id": _ID,
     "k": {"type": "integer", "minimum": 1, "maximum": CAPS[True]["k"],
           "description": f"results (at most {CAPS[False]['k']} without the server's token)"},
     "rerank": {"type": "integer", "minimum": 0, "maximum": CAPS[True]["rerank"],
@@ -369,6 +373,24 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
         async with admission.slot():
             out = await svc.match(i, query=query, with_id=j, as_json=format == "json")
         return out if format == "json" else Response(out, media_type="image/png")
+
+    @app.api_route("/api/groups", methods=GET, responses=errors(400, 503))
+    async def list_groups(offset: str | None = None, limit: str | None = None):
+        """Which photos show the same thing: the groups the index's verified pairs join, largest
+        first, a page at a time (``offset``, ``limit`` ≤ 100) → {"total", "offset", "generation",
+        "groups": [{"id", "size", "representative", "members": [{"id", "path", "via", "inliers",
+        "similarity", "duplicate", "thumbnail"}]}]}, as ``convlad groups --json``."""
+        start, n = whole(offset, "offset", 0, 10 ** 9, 0), whole(limit, "limit", 1, 100, 24)
+        async with admission.slot():
+            out = await svc.groups(start, n)
+        return {**out, "groups": [with_thumbnails(g) for g in out["groups"]]}
+
+    @app.api_route("/api/groups/{group_id}", methods=GET, responses=errors(400, 404, 503))
+    async def group(group_id: str):
+        """One group, by its id (its representative's id)."""
+        gid = parse_id(group_id)
+        async with admission.slot():
+            return with_thumbnails(await svc.group(gid))
 
     @app.api_route("/api/stats", methods=GET, responses=errors())
     async def stats():

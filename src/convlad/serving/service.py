@@ -2,7 +2,7 @@
 
 ``Service`` searches with a photo or an indexed one, adds and deletes photos, draws match views and
 reports its state, through the same functions as the command line (``search.rank``,
-``search.search_ids``, ``explain.match_in_index``). It knows nothing of HTTP: it takes bytes, ids and
+``search.search_ids``, ``explain.match_in_index``, ``groups.groups``). It knows nothing of HTTP: it takes bytes, ids and
 ``search.Settings`` and raises domain errors (``NotFound``, ``Invalid``, ``TooLarge``,
 ``Unsupported``, ``Unavailable``), which ``serve.py``, the HTTP layer, maps to statuses. What an
 anonymous request may ask for (caps, tokens) and how many may work at once (admission) are the HTTP
@@ -36,6 +36,7 @@ from .. import progress as P
 from .. import search as S
 from ..explain import draw_matches, match_in_index, warp_grid
 from ..extract import scale_size
+from ..groups import groups as find_groups
 from ..images import ImageError, load_image, load_warped
 from ..index.segments import UPLOADS, StoreLocked, is_upload_file, new_upload_name
 from ..index.store import IndexStore
@@ -150,6 +151,7 @@ class Service:
         self.queries = Queries(NotFound)
         self.tmp = self.queries.folder
         self.thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self.groups_lock, self._groups_of = threading.Lock(), None
         self.latency = deque(maxlen=2000)
         self.started = time.time()
         self.n_search = 0
@@ -221,6 +223,20 @@ class Service:
                 raise NotFound(str(e)) from None
 
         return await self._pool(work)
+
+    async def groups(self, offset: int, limit: int) -> dict:
+        """The index's groups (``groups.groups``, largest first), ``limit`` from ``offset``."""
+        found = await self._pool(self._groups)
+        return {"total": len(found), "offset": offset, "generation": self.store.generation,
+                "groups": found[offset:offset + limit]}
+
+    async def group(self, gid: int) -> dict:
+        """One group by its id (its representative's)."""
+        found = await self._pool(self._groups)
+        for g in found:
+            if g["id"] == gid:
+                return g
+        raise NotFound(f"no group with id {gid} in this index (a group's id is its representative's)")
 
     async def thumbnail(self, i: int) -> bytes:
         return await self._pool(self._thumbnail, i)
@@ -370,6 +386,18 @@ class Service:
                 continue
             out.append({**h.to_dict(), "path": path})
         return out
+
+    def _groups(self) -> list[dict]:
+        """The groups of the current generation, computed once per generation (paths as shown)."""
+        with self.groups_lock:
+            gen = self.store.generation
+            if self._groups_of is None or self._groups_of[0] != gen:
+                found = find_groups(self.store)
+                for g in found:
+                    for m in g["members"]:
+                        m["path"] = self.display_path(m["id"])
+                self._groups_of = (gen, found)
+            return self._groups_of[1]
 
     def page(self, offset: int, limit: int) -> list[dict]:
         """Indexed photos ``offset`` … ``offset + limit`` in index order."""

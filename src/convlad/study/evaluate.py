@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 
 from .datasets import RetrievalBenchmark
-from .metrics import average_precision, ns_score, positive_ranks, precision_at_k
+from .metrics import grouping_scores, average_precision, ns_score, positive_ranks, precision_at_k
 from ..search import RERANK, MemoryIndex, Settings, rank
 from ..verify import LOCAL_K, LocalCodes, Verifier
 from ..pairs import AUGMENT, check_augment
@@ -166,6 +166,9 @@ class ModelEvaluation:
     whitening: str = "PCA"  # and what was learned from the collection (``whiten``, ``augment``)
     pca_result: EvalResult | None = None  # after a step learned from the collection: the same without it
     cached: tuple[bool, bool] = (False, False)  # (the fit, the encoding) came from the eval cache
+    # the groups of the database (components of its verified pairs, ``groups.labels``) against the
+    # benchmark's own (``grouping_of``), where it has groups and pairs were mined
+    grouping: dict | None = None
 
     def aps_document(self) -> dict:
         """Every query's AP, as ``convlad eval --aps`` writes them for ``convlad compare``."""
@@ -268,9 +271,27 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
             X, pairs, Xq = col.X, col.pairs, col.X_extra
     t_rank = time.time()
     res = measure(X, Xq, pairs)
+    grouping = None
+    if pairs is not None and (truth := grouping_of(bench)) is not None:
+        from ..groups import labels
+
+        grouping = grouping_scores(labels(len(X), pairs), truth)
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,
                            model.chance_, model.local_key,
                            enc.local.bytes_per_image if enc.local is not None and rerank else None,
                            time.time() - t, t_enc, t_rank, warnings, whitening, pca_result,
-                           (fit_cached, enc_cached))
+                           (fit_cached, enc_cached), grouping)
+
+
+def grouping_of(bench: RetrievalBenchmark) -> list[str] | None:
+    """Each database photo's true group, a distractor alone in its own: where every photo of a
+    group is a query on its own row (the mvbench layout), else None."""
+    if bench.kind != "groups" or not bench.groups:
+        return None
+    truth = [f"\0alone {d}" for d in range(len(bench.paths))]
+    for d, g in zip(bench.query_db, bench.groups):
+        if d is None:
+            return None
+        truth[d] = g
+    return truth

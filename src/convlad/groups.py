@@ -1,0 +1,146 @@
+"""Which photos show the same thing: the groups of an index's live photos, from its verified pairs.
+
+Every photo an index adds is verified against its 20 nearest, and the pairs that reach the sure
+level (``Verifier.sure``, three times the chance level) are kept (``pairs.py``). The groups are the
+connected components of that graph: on mvbench-dev their pairs are right 99.7% of the time
+(docs/defaults.md, "Groups"). Each group has a representative, the photo with the most verified
+links in it (the smallest id among ties), and each other member the evidence that put it there: the
+photo it joins through (``via``, one hop nearer the representative, whose pair with it was
+verified), their inliers, verified again from the stored local features (the more of the two
+directions: a pair is mined from one side), and the similarity of
+their global descriptors (cosine). A member is a duplicate (``duplicate_of``) of its most similar
+partner, of the two the one added first, where their verification maps one photo onto the other
+with the same framing: at least ``DUPLICATE_SHARE`` of the local
+features the two keep (the fewer) as inliers (and the sure level), and an affine map whose two scales are within ``DUPLICATE_LOG_SCALE`` of 1 (in log) and whose shift is
+under ``DUPLICATE_SHIFT`` cells. That is the same photo re-encoded, resized or with other metadata.
+The verification layer's map must be fine enough to see a step of the camera: at least
+``DUPLICATE_MIN_GRID`` cells a side (the default layout's is 28); on a coarser one (a deep layer at
+scale 1: 7×7) frames of a street a step apart map to the identity, and no photo is marked.
+A cropped copy is not marked: cropped by 5% a side it maps as a view panned by a tenth of the frame
+does, and no rule of the verification tells the two apart. The global cosine tells less still: JPEG
+copies at quality 40 fall to 0.77, and other views reach 0.98 (``experiments/probe_duplicates.py``,
+docs/defaults.md "Groups").
+
+    >>> for g in groups(IndexStore.open("photos.index")):
+    ...     print(g["id"], g["size"], [m["path"] for m in g["members"]])
+"""
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+
+from .search import verifier_of
+
+# How far a duplicate's verified affine map is from the identity: its scales (|log| of each singular
+# value) and its shift (cells of the verification layer's map). Each level is midway between the
+# farthest of 360 copies of 120 mvbench-train photos re-encoded at quality 40, halved or stripped
+# (0.008, 0.17 cells) and the nearest of their crops (0.075, 1.16 cells); pans of the camera are as
+# far in scale (0.099 or more), views farther (``experiments/probe_duplicates.py``)
+DUPLICATE_LOG_SCALE = 0.04
+DUPLICATE_SHIFT = 0.66
+# ... and the share of the local features kept per photo that are inliers: those copies' 1st
+# percentile is 0.38 (113 of 300; one halved copy of 120 had 29), and the most that any two
+# different photos framed alike reach on an index of mvbench-dev is 0.16 (48 of 300: frames of one
+# street a step apart; tests/test_groups.py)
+DUPLICATE_SHARE = 0.25
+DUPLICATE_MIN_GRID = 20
+
+
+def components(ids, pairs) -> list[np.ndarray]:
+    """The connected components of photos ``ids`` joined by ``pairs`` ((m, 2) ids), each a sorted
+    array of ids, largest first (ties: the smallest first id); a photo with no pair is one alone."""
+    g = nx.Graph()
+    g.add_nodes_from(int(i) for i in np.asarray(ids, np.int64).ravel())
+    g.add_edges_from((int(a), int(b)) for a, b in np.asarray(pairs, np.int64).reshape(-1, 2))
+    comps = [np.array(sorted(c), np.int64) for c in nx.connected_components(g)]
+    return sorted(comps, key=lambda c: (-len(c), int(c[0])))
+
+
+def labels(n: int, pairs) -> np.ndarray:
+    """Each of ``n`` rows' component (0 … ) under ``pairs`` of rows: what ``eval --groups`` scores."""
+    out = np.empty(n, np.int64)
+    for k, c in enumerate(components(np.arange(n), pairs)):
+        out[c] = k
+    return out
+
+
+def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: bool = False) -> list[dict]:
+    """The groups of ``index``'s live photos (an ``IndexStore``): plain data, largest first, each
+    ``{"id", "size", "representative", "members": [{"id", "path", "via", "inliers", "similarity",
+    "duplicate_of"}, ...]}`` with the representative first (its ``via``, ``inliers``, ``similarity``
+    None), then in the order of a walk from it. ``id`` is the representative's. ``min_size``: the smallest group listed (1 lists every
+    photo); ``evidence`` False skips the verifications (inliers and ``duplicate_of`` None);
+    ``duplicates_only``: each group's members that
+    are duplicates, with the photos they duplicate, and only groups that have some."""
+    P = index.pairs()
+    ids = np.array([i for i, _, _ in index.items()], np.int64) if min_size <= 1 else np.unique(P)
+    g = nx.Graph()
+    g.add_nodes_from(int(i) for i in ids)
+    g.add_edges_from((int(a), int(b)) for a, b in P)
+    out = []
+    for comp in components(ids, P):
+        if len(comp) < min_size:
+            continue
+        rep = max((int(i) for i in comp), key=lambda i: (g.degree(i), -i))
+        order = [rep, *(int(b) for _, b in nx.bfs_edges(g, rep, sort_neighbors=sorted))]
+        via = dict((int(b), int(a)) for a, b in nx.bfs_edges(g, rep, sort_neighbors=sorted))
+        members = _evidence(index, g, order, via, evidence)
+        if duplicates_only:
+            dup = {m["id"] for m in members if m["duplicate_of"] is not None} | \
+                {m["duplicate_of"] for m in members if m["duplicate_of"] is not None}
+            members = [m for m in members if m["id"] in dup]
+            if not members:
+                continue
+        out.append({"id": rep, "size": len(comp), "representative": rep, "members": members})
+    return out
+
+
+def _evidence(index, g, order: list[int], via: dict[int, int], verify: bool) -> list[dict]:
+    """Each member's row of ``groups``: its path, the photo it joins through, their inliers, the
+    cosine of their plain descriptors, and the photo it duplicates, if any."""
+    X = {i: x for i, x in zip(order, index.vectors(order))}
+    inl: dict[int, int | None] = {}
+    dup: dict[int, int] = {}
+    if verify and len(order) > 1 and index.local_k:
+        v = verifier_of(index)
+        codes, have = index.local_codes(order)
+        row = {i: k for k, i in enumerate(order)}
+        fine = int(codes.cells.max()) + 1 >= DUPLICATE_MIN_GRID  # the map's side, from the cells kept
+
+        def match(a, b):
+            return v.match(codes.features(row[a]), codes[[row[b]]]) if have[row[a]] and have[row[b]] else None
+
+        for i in order[1:]:  # a pair is mined from the side of the photo added later: both sides' best
+            got = [m.n_inliers for m in (match(i, via[i]), match(via[i], i)) if m is not None]
+            inl[i] = max(got) if got else None
+        for i in order if fine else ():  # a duplicate is most like the photo it copies: one pair a photo
+            j = max(g.neighbors(i), key=lambda k: (float(np.dot(X[i], X[k])), -k))
+            first, later = min(i, j), max(i, j)
+            if later in dup:
+                continue
+            m = match(i, j)
+            kept = int(min(codes.count[row[i]], codes.count[row[j]]))  # features each photo keeps, at most local_k
+            if m is not None and is_duplicate(m, v.sure, kept):
+                dup[later] = first
+    members = []
+    for i in order:
+        j = via.get(i)
+        sim = None if j is None else round(float(np.dot(X[i], X[j])), 6)
+        members.append({"id": i, "path": index.path_of(i), "via": j, "inliers": inl.get(i), "similarity": sim,
+                        "duplicate_of": dup.get(i)})
+    return members
+
+
+def is_duplicate(match, sure: int, features: int) -> bool:
+    """Whether a verified pair (``verify.PairMatch``) is one photo twice: ``sure`` inliers or more and
+    ``DUPLICATE_SHARE`` of the ``features`` each photo keeps, and an affine map at the same scale
+    (``DUPLICATE_LOG_SCALE``) and place (``DUPLICATE_SHIFT``)."""
+    if match.affine is None or match.n_inliers < max(sure, DUPLICATE_SHARE * features):
+        return False
+    A = np.asarray(match.affine, np.float64)
+    s = np.linalg.svd(A[:, :2], compute_uv=False)
+    return bool(s.min() > 0 and np.abs(np.log(s)).max() <= DUPLICATE_LOG_SCALE
+                and np.linalg.norm(A[:, 2]) <= DUPLICATE_SHIFT)
+
+
+__all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "components", "groups", "is_duplicate", "labels"]
