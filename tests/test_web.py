@@ -115,3 +115,42 @@ def test_search_click_match_add_and_delete_in_a_browser(browser, site, tmp_path)
     # the previous results are gone: nothing is shown under a query that failed
     assert page.locator("#grid .card").count() == 0 and "failed" in page.locator("#status").inner_text()
     page.close()
+
+
+def test_the_groups_view_and_a_match_view_from_it(browser, site, tmp_path):
+    """The Groups view: the groups the server's API gives, largest first, each member saying why it
+    is there, paths as text; a member's match view with the photo it joins through."""
+    import httpx
+
+    server, _ = site
+    shots = Path(os.environ.get("CONVLAD_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    want = httpx.get(server.url + "/api/groups?limit=8", timeout=60).json()
+    assert want["groups"], "the test index has groups"
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    page.goto(server.url + "/")
+    page.wait_for_selector("#grid .card")
+    page.locator("#groups").click()
+    page.wait_for_selector("#groupsview .group")
+    assert not page.locator("#grid").is_visible() and "largest first" in page.locator("#status").inner_text()
+    shown = page.locator("#groupsview .group")
+    assert shown.count() == len(want["groups"])
+    first = shown.first
+    g = want["groups"][0]
+    assert first.locator("h3").inner_text().startswith(f"Group {g['id']}: {g['size']} photos")
+    assert first.locator(".card .path").all_inner_texts() == [m["path"] for m in g["members"]]
+    whys = first.locator(".card .why").all_inner_texts()
+    assert whys[0] == "the group's representative" and all(w.startswith("via photo ") for w in whys[1:len(g["members"])])
+    page.wait_for_function("[...document.querySelectorAll('#groupsview img')].slice(0, 3).every(i => i.complete && i.naturalWidth > 0)")
+    page.screenshot(path=str(shots / "serve-groups.png"))
+    # a member's match view: the verification with the photo it joins through
+    first.locator(".card").nth(1).locator(".match").click()
+    page.wait_for_function("document.getElementById('mimg').complete && document.getElementById('mimg').naturalWidth > 300")
+    assert page.locator("#mtitle").inner_text().startswith(f"Match view: photo {g['members'][1]['via']} → photo")
+    page.keyboard.press("Escape")
+    # back to a search from a member: the groups view makes way for the results
+    first.locator(".card").first.locator(".thumb").click()
+    page.wait_for_function("document.getElementById('status').textContent.includes('photos like photo')")
+    assert not page.locator("#groupsview").is_visible() and page.locator("#grid .card").count() > 0
+    assert not page.locator("#error").is_visible()
+    page.close()

@@ -33,7 +33,7 @@ async function refreshStats() {
 // Text from the server (paths above all) goes in as text, never as markup.
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
 function render(list, label) {
-  results = list;
+  results = list; $("groupsview").hidden = true; $("grid").hidden = false;
   $("status").textContent = list.length ? label : "No results.";
   const grid = $("grid"); grid.replaceChildren();
   list.forEach((r, n) => {
@@ -74,7 +74,7 @@ function orderNote() {
 
 function clearResults(label) {  // no results shown under a query they do not belong to
   results = []; query = null; $("grid").replaceChildren(); $("status").textContent = label || "";
-  $("more").hidden = true; $("pager").hidden = true;
+  $("more").hidden = true; $("pager").hidden = true; $("groupsview").hidden = true;
 }
 function kParam() { return k ? `?k=${k}` : ""; }
 function showMore(n) {
@@ -133,6 +133,59 @@ async function browse(offset) {
     $("next").onclick = () => browse(offset + PAGE);
   } catch (e) { showError(e.message); }
 }
+// Groups: which photos show the same thing, a page of groups at a time; each member says why it is
+// there (the photo it joins through, their matching features), and opens that pair's match view.
+const GROUPS_PAGE = 8;
+function memberCard(m, g) {
+  const c = el("div", "card" + (m.duplicate_of !== null ? " dup" : "")); c.tabIndex = 0; c.dataset.id = m.id;
+  const thumb = el("div", "thumb"); thumb.title = "Search with this photo";
+  const img = el("img"); img.loading = "lazy"; img.alt = ""; img.src = m.thumbnail; thumb.append(img);
+  const meta = el("div", "meta");
+  const why = m.via === null ? "the group's representative"
+    : `via photo ${m.via}: ${m.inliers === null ? "?" : m.inliers} matching features, similarity ${m.similarity.toFixed(2)}`;
+  meta.append(el("div", "rank", `photo ${m.id}`), el("div", "why", why));
+  if (m.duplicate_of !== null) meta.append(el("div", "why", `a duplicate of photo ${m.duplicate_of}`));
+  const path = el("div", "path", m.path); path.title = m.path; meta.append(path);
+  if (m.via !== null) {
+    const mb = el("button", "match", "Match view"); mb.title = `The verification of photo ${m.id} with photo ${m.via}`;
+    mb.onclick = () => openPair(m.id, m.via, `Match view: photo ${m.via} → photo ${m.id} (${m.path})`);
+    const acts = el("div", "acts"); acts.append(mb); meta.append(acts);
+  }
+  thumb.onclick = () => searchId(m.id);
+  c.addEventListener("keydown", (ev) => { if (ev.key === "Enter") searchId(m.id); });
+  c.append(thumb, meta);
+  return c;
+}
+async function showGroups(offset) {
+  showError("");
+  try {
+    const r = await api(`/api/groups?offset=${offset}&limit=${GROUPS_PAGE}`);
+    query = null; last = null; results = []; $("qimg").hidden = true; $("more").hidden = true;
+    $("grid").replaceChildren(); $("grid").hidden = true;
+    const view = $("groupsview"); view.replaceChildren(); view.hidden = false;
+    r.groups.forEach((g) => {
+      const box = el("section", "group"); box.dataset.id = g.id;
+      const h = el("h3", null, `Group ${g.id}: ${g.size} photos`);
+      const dups = g.members.filter((m) => m.duplicate_of !== null).length;
+      if (dups) h.append(el("span", "note", `${dups} duplicate${dups > 1 ? "s" : ""}`));
+      const members = el("div", "members"); g.members.forEach((m) => members.append(memberCard(m, g)));
+      box.append(h, members); view.append(box);
+    });
+    const end = Math.min(r.total, offset + r.groups.length);
+    $("status").textContent = r.total ? `Groups ${offset + 1}–${end} of ${r.total.toLocaleString()}, largest first: ` +
+      "photos the index's verified pairs join" : "No groups: no two photos of this index verify as the same thing.";
+    $("pager").hidden = r.total <= GROUPS_PAGE;
+    $("pageinfo").textContent = `page ${Math.floor(offset / GROUPS_PAGE) + 1} of ${Math.max(1, Math.ceil(r.total / GROUPS_PAGE))}`;
+    $("prev").disabled = offset === 0; $("next").disabled = end >= r.total;
+    $("prev").onclick = () => showGroups(Math.max(0, offset - GROUPS_PAGE));
+    $("next").onclick = () => showGroups(offset + GROUPS_PAGE);
+  } catch (e) { showError(e.message); }
+}
+function openPair(id, withId, title) {
+  $("mtitle").textContent = title;
+  $("mimg").src = `/api/match/${id}?with_id=${withId}`;
+  $("modal").style.display = "flex"; $("mclose").focus();
+}
 function openMatch(r) {
   if (!query) { showError("The match view compares a photo with a query: search first."); return; }
   const q = query.kind === "upload" ? `query=${query.qid}` : `with_id=${query.id}`;
@@ -178,6 +231,7 @@ document.addEventListener("keydown", (e) => {
 });
 $("more").onclick = more;
 $("browse").onclick = () => browse(0);
+$("groups").onclick = () => showGroups(0);
 $("mclose").onclick = closeMatch;
 $("modal").onclick = (e) => { if (e.target === $("modal")) closeMatch(); };
 refreshStats().then(() => { if (!query && !results.length) browse(0); });
