@@ -462,8 +462,59 @@ def job_index(model: str, folder: str, out: str, ray: bool) -> dict:
             "steady_img_per_s": s.get("steady_img_per_s") or n / seconds}
 
 
+def job_groups(n: int, method: str, seed: int = 0) -> dict:
+    """The graph part of `convlad groups` on synthetic verified pairs: ``n`` photos in groups of 1-12
+    (sizes drawn as a collection's: most alone), each group a random tree plus a few more pairs, as
+    mining makes them. ``method`` "convlad": ``groups.walks`` (components, representatives, walks);
+    "baseline": a plain union-find in Python over the same pairs (components only)."""
+    rng = np.random.default_rng(seed)
+    sizes = np.minimum(rng.geometric(0.45, n), 12)
+    sizes = sizes[np.cumsum(sizes) <= n]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pairs = [(int(s + rng.integers(0, j)), int(s + j)) for s, k in zip(starts, sizes) for j in range(1, k)]
+    pairs += [(int(s + a), int(s + b)) for s, k in zip(starts, sizes) if k > 3
+              for a, b in [sorted(rng.choice(k, 2, replace=False))]]
+    P, ids = np.array(pairs, np.int64).reshape(-1, 2), np.arange(int(sizes.sum()), dtype=np.int64)
+    from convlad.groups import walks  # its imports (networkx, faiss, torch) are not the graph's cost
+
+    base = peak_rss_mb()
+    t = time.perf_counter()
+    if method == "convlad":
+        found = sum(1 for _ in walks(np.unique(P), P, 2))  # components, representatives, walks
+    else:
+        parent = list(range(len(ids)))
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for a, b in P.tolist():
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        roots = [find(x) for x in range(len(ids))]
+        found = sum(1 for c in np.bincount(roots) if c >= 2)
+    seconds = time.perf_counter() - t
+    return {"n": int(len(ids)), "pairs": int(len(P)), "groups": int(found), "seconds": seconds,
+            "peak_rss_mb": peak_rss_mb(), "extra_mb": peak_rss_mb() - base}
+
+
 JOBS = {"index": job_index, "forward": job_forward, "search": job_search, "store_build": job_store_build,
-        "store_search": job_store_search, "store_write": job_store_write}
+        "store_search": job_store_search, "store_write": job_store_write, "groups": job_groups}
+
+
+def measure_groups(quick: bool) -> dict:
+    """The graph part of grouping at 10 000 and 100 000 photos (and 1 000 000 unless quick), each in
+    a fresh process: convlad's against a plain union-find, measured in the same run."""
+    out = []
+    for n in ([10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]):
+        print(f"groups {n} ...", flush=True)
+        c, b = child("groups", n=n, method="convlad"), child("groups", n=n, method="baseline")
+        assert c["groups"] == b["groups"], (c, b)
+        out.append({**c, "baseline_seconds": b["seconds"], "ratio": c["seconds"] / b["seconds"]})
+    return {"rows": out}
 
 
 def measure_serve(quick: bool) -> dict:
@@ -616,7 +667,7 @@ def fit_models(tmp: Path, n_train: int) -> dict[float, str]:
     return out
 
 
-PARTS = ("e2e", "forward", "search", "store", "serve", "ray", "rerank")
+PARTS = ("e2e", "forward", "search", "store", "serve", "ray", "rerank", "groups")
 
 
 def main():
@@ -678,6 +729,8 @@ def main():
         results["ray"] = measure_ray(a.quick)
     if "rerank" in parts:
         results["rerank"] = measure_rerank(a.quick)
+    if "groups" in parts:
+        results["groups"] = measure_groups(a.quick)
     # a part measured alone keeps the machine it ran on: the others may come from another one
     for part in parts:
         if isinstance(results.get(part), dict):
@@ -769,6 +822,12 @@ def print_table(r: dict) -> None:
             print(f"mining and the learned whitening ({v['whiten_pairs']} pairs): {v['whiten_s_per_1000']:.1f} s per 1 000 "
                   f"photos, against {v['encode_s_per_1000']:.0f} s to encode them "
                   f"({v['whiten_s_per_1000'] / v['encode_s_per_1000']:.2f}×)")
+    if "groups" in r:
+        print("\ngroups, the graph part (components, representatives, walks) on synthetic verified pairs:")
+        for g in r["groups"]["rows"]:
+            print(f"  {g['n']:>9,d} photos, {g['pairs']:,d} pairs, {g['groups']:,d} groups: {g['seconds']:.2f} s "
+                  f"(a plain union-find {g['baseline_seconds']:.2f} s, {g['ratio']:.1f}×), "
+                  f"{g['extra_mb']:.0f} MB beyond the pairs")
     if "forward" not in r or "search" not in r:
         return
     f = r["forward"]

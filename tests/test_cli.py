@@ -79,6 +79,8 @@ def test_index_skips_bad_files_and_search_finds_same_object(workdir, groups):
     # (the index augments: its row is its descriptor summed with its verified partners', so not at 0)
     assert Path(res[0]["path"]).name == query.name and res[0]["query_itself"]
     assert [r["rank"] for r in res] == [1, 2, 3, 4] and all(isinstance(r["inliers"], int) for r in res)
+    # the same thing or only alike, by the groups' rule: the query's own photo is the same, surely
+    assert res[0]["same"] is True and all(isinstance(r["same"], bool) for r in res)
     # the photos of the same object are ranked above those of the other four, with or without it
     glob = json.loads(run("search", workdir / "index", query, "-k", "4", "--json", "--rerank", "0").stdout)[0]["results"]
     assert all(a["distance"] <= b["distance"] for a, b in zip(glob, glob[1:])) and glob[0]["inliers"] is None
@@ -86,8 +88,8 @@ def test_index_skips_bad_files_and_search_finds_same_object(workdir, groups):
         assert sum(Path(r["path"]).name.startswith(names[1]) for r in ranking[1:]) >= 2, ranking
 
     table = run("search", workdir / "index", query, "-k", "2").stdout.splitlines()
-    assert table[0] == f"query: {query}" and table[1].split() == ["rank", "id", "distance", "inliers", "path"]
-    assert table[2].split()[:2] == ["1", str(res[0]["id"])] and query.name in table[2]
+    assert table[0] == f"query: {query}" and table[1].split() == ["rank", "id", "distance", "inliers", "same?", "path"]
+    assert table[2].split()[:2] == ["1", str(res[0]["id"])] and table[2].split()[4] == "same" and query.name in table[2]
 
     # the same index switched to IVF-PQ: the search structure is rebuilt, nothing re-encoded, and
     # on a collection this small the shortlist holds everything: the same results, exact distances

@@ -206,12 +206,16 @@ def search(
     else:
         for q, hits in results:
             typer.echo(f"query: {q}")
-            typer.echo(f"  {'rank':>4}  {'id':>8}  {'distance':>8}  " + (f"{'inliers':>7}  " if settings.rerank else "")
-                       + "path")
+            typer.echo(f"  {'rank':>4}  {'id':>8}  {'distance':>8}  "
+                       + (f"{'inliers':>7}  {'same?':<5}  " if settings.rerank else "") + "path")
             for r in rows(q, hits):
+                same_ = {True: "same", False: "alike", None: "-"}[r["same"]]
                 typer.echo(f"  {r['rank']:4d}  {r['id']:8d}  {r['distance']:8.4f}  "
-                           + (f"{'-' if r['inliers'] is None else r['inliers']:>7}  " if settings.rerank else "")
+                           + (f"{'-' if r['inliers'] is None else r['inliers']:>7}  {same_:<5}  " if settings.rerank else "")
                            + r["path"] + ("   (the query itself)" if r["query_itself"] else ""))
+            if settings.rerank:
+                typer.echo("  (same: the same object or place, verified as `convlad groups` joins photos; "
+                           "alike: similar only)")
     if errors and not results:
         raise UserError(f"no query could be read ({len(errors)} skipped)")
 
@@ -322,6 +326,7 @@ def groups(
 ):
     """Which photos show the same thing: the groups the index's verified pairs join, with the evidence."""
     from .groups import groups as find_groups
+    from .groups import verify as verify_group
     from .index.store import IndexStore
 
     if min_size < 1:
@@ -331,8 +336,12 @@ def groups(
     idx = IndexStore.open(index_file)
     if not idx.augments:
         _warn(f"note: {index_file} keeps no verified pairs (indexed with --augment none): every photo is alone")
-    found = find_groups(idx, min_size=min_size, duplicates_only=duplicates)
+    # every group's evidence where the CSV lists them all, else only the shown ones' (each verifies)
+    found = find_groups(idx, min_size=min_size, duplicates_only=duplicates, evidence=csv_out is not None)
     shown = found[:limit] if limit else found
+    for g in shown:
+        if csv_out is None and not duplicates:
+            verify_group(idx, g)
     if csv_out is not None:
         import csv
         import io

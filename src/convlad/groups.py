@@ -64,71 +64,94 @@ def labels(n: int, pairs) -> np.ndarray:
     return out
 
 
-def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: bool = False) -> list[dict]:
+def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: bool = False,
+           limit: int | None = None) -> list[dict]:
     """The groups of ``index``'s live photos (an ``IndexStore``): plain data, largest first, each
     ``{"id", "size", "representative", "members": [{"id", "path", "via", "inliers", "similarity",
     "duplicate_of"}, ...]}`` with the representative first (its ``via``, ``inliers``, ``similarity``
-    None), then in the order of a walk from it. ``id`` is the representative's. ``min_size``: the smallest group listed (1 lists every
-    photo); ``evidence`` False skips the verifications (inliers and ``duplicate_of`` None);
-    ``duplicates_only``: each group's members that
-    are duplicates, with the photos they duplicate, and only groups that have some."""
+    None), then in the order of a walk from it. ``id`` is the representative's. ``min_size``: the
+    smallest group listed (1 lists every photo); ``limit``: the largest ``limit`` groups only;
+    ``evidence`` False skips the verifications (inliers and ``duplicate_of`` None: ``verify`` fills
+    them in later, a group at a time); ``duplicates_only``: each group's members that are
+    duplicates, with the photos they duplicate, and only groups that have some."""
     P = index.pairs()
     ids = np.array([i for i, _, _ in index.items()], np.int64) if min_size <= 1 else np.unique(P)
-    g = nx.Graph()
-    g.add_nodes_from(int(i) for i in ids)
-    g.add_edges_from((int(a), int(b)) for a, b in P)
     out = []
-    for comp in components(ids, P):
+    for rep, order, via in walks(ids, P, min_size):
+        if limit is not None and len(out) >= limit and not duplicates_only:
+            break
+        X = index.vectors(order)
+        at = {i: k for k, i in enumerate(order)}
+        out.append({"id": rep, "size": len(order), "representative": rep, "members": [
+            {"id": i, "path": index.path_of(i), "via": via.get(i), "inliers": None,
+             "similarity": None if i == rep else round(float(X[at[i]] @ X[at[via[i]]]), 6), "duplicate_of": None}
+            for i in order]})
+    if evidence or duplicates_only:
+        for g in out:
+            verify(index, g)
+    if duplicates_only:
+        out = [{**g, "members": kept} for g in out if (kept := _duplicates(g["members"]))]
+    return out if limit is None else out[:limit]
+
+
+def _duplicates(members: list[dict]) -> list[dict]:
+    """The members that are duplicates and those they duplicate."""
+    dup = {m["id"] for m in members if m["duplicate_of"] is not None} | \
+        {m["duplicate_of"] for m in members if m["duplicate_of"] is not None}
+    return [m for m in members if m["id"] in dup]
+
+
+def walks(ids, pairs, min_size: int = 2):
+    """Each group of photos ``ids`` joined by ``pairs`` with ``min_size`` photos or more, largest
+    first: (its representative, its photos in the order of a walk from it, each photo's ``via``: the
+    one before it on the walk that it is paired with). The graph part of ``groups``."""
+    g = nx.Graph()
+    g.add_nodes_from(int(i) for i in np.asarray(ids, np.int64).ravel())
+    g.add_edges_from((int(a), int(b)) for a, b in np.asarray(pairs, np.int64).reshape(-1, 2))
+    comps = sorted(nx.connected_components(g), key=lambda c: (-len(c), min(c)))
+    for comp in comps:
         if len(comp) < min_size:
-            continue
-        rep = max((int(i) for i in comp), key=lambda i: (g.degree(i), -i))
-        order = [rep, *(int(b) for _, b in nx.bfs_edges(g, rep, sort_neighbors=sorted))]
-        via = dict((int(b), int(a)) for a, b in nx.bfs_edges(g, rep, sort_neighbors=sorted))
-        members = _evidence(index, g, order, via, evidence)
-        if duplicates_only:
-            dup = {m["id"] for m in members if m["duplicate_of"] is not None} | \
-                {m["duplicate_of"] for m in members if m["duplicate_of"] is not None}
-            members = [m for m in members if m["id"] in dup]
-            if not members:
-                continue
-        out.append({"id": rep, "size": len(comp), "representative": rep, "members": members})
-    return out
+            break
+        rep = max(comp, key=lambda i: (g.degree(i), -i))
+        tree = list(nx.bfs_edges(g, rep, sort_neighbors=sorted))
+        yield rep, [rep, *(b for _, b in tree)], {b: a for a, b in tree}
 
 
-def _evidence(index, g, order: list[int], via: dict[int, int], verify: bool) -> list[dict]:
-    """Each member's row of ``groups``: its path, the photo it joins through, their inliers, the
-    cosine of their plain descriptors, and the photo it duplicates, if any."""
-    X = {i: x for i, x in zip(order, index.vectors(order))}
-    inl: dict[int, int | None] = {}
+def verify(index, group: dict) -> dict:
+    """A group of ``groups`` with its evidence filled in (in place, and returned): each member's
+    inliers with the photo it joins through (the more of the two directions: a pair is mined from
+    one side) and the photo it duplicates, if any (its most similar partner, one pair a photo)."""
+    members = group["members"]
+    if len(members) < 2 or not index.local_k:
+        return group
+    order = [m["id"] for m in members]
+    row = {i: k for k, i in enumerate(order)}
+    X = index.vectors(order)
+    v = verifier_of(index)
+    codes, have = index.local_codes(order)
+    fine = int(codes.cells.max()) + 1 >= DUPLICATE_MIN_GRID  # the map's side, from the cells kept
+
+    def match(a, b):
+        return v.match(codes.features(row[a]), codes[[row[b]]]) if have[row[a]] and have[row[b]] else None
+
+    for m in members[1:]:
+        got = [x.n_inliers for x in (match(m["id"], m["via"]), match(m["via"], m["id"])) if x is not None]
+        m["inliers"] = max(got) if got else None
     dup: dict[int, int] = {}
-    if verify and len(order) > 1 and index.local_k:
-        v = verifier_of(index)
-        codes, have = index.local_codes(order)
-        row = {i: k for k, i in enumerate(order)}
-        fine = int(codes.cells.max()) + 1 >= DUPLICATE_MIN_GRID  # the map's side, from the cells kept
-
-        def match(a, b):
-            return v.match(codes.features(row[a]), codes[[row[b]]]) if have[row[a]] and have[row[b]] else None
-
-        for i in order[1:]:  # a pair is mined from the side of the photo added later: both sides' best
-            got = [m.n_inliers for m in (match(i, via[i]), match(via[i], i)) if m is not None]
-            inl[i] = max(got) if got else None
-        for i in order if fine else ():  # a duplicate is most like the photo it copies: one pair a photo
-            j = max(g.neighbors(i), key=lambda k: (float(np.dot(X[i], X[k])), -k))
-            first, later = min(i, j), max(i, j)
-            if later in dup:
-                continue
-            m = match(i, j)
-            kept = int(min(codes.count[row[i]], codes.count[row[j]]))  # features each photo keeps, at most local_k
-            if m is not None and is_duplicate(m, v.sure, kept):
-                dup[later] = first
-    members = []
-    for i in order:
-        j = via.get(i)
-        sim = None if j is None else round(float(np.dot(X[i], X[j])), 6)
-        members.append({"id": i, "path": index.path_of(i), "via": j, "inliers": inl.get(i), "similarity": sim,
-                        "duplicate_of": dup.get(i)})
-    return members
+    partners: dict[int, list[int]] = {}
+    for a, b in index.partners(order).tolist() if fine else ():
+        partners.setdefault(a, []).append(b)
+    for i, js in partners.items():  # a duplicate is most like the photo it copies
+        j = max((k for k in js if k in row), key=lambda k: (float(X[row[i]] @ X[row[k]]), -k), default=None)
+        if j is None or max(i, j) in dup:
+            continue
+        m = match(i, j)
+        kept = int(min(codes.count[row[i]], codes.count[row[j]]))  # the features each keeps
+        if m is not None and is_duplicate(m, v.sure, kept):
+            dup[max(i, j)] = min(i, j)
+    for m in members:
+        m["duplicate_of"] = dup.get(m["id"])
+    return group
 
 
 def is_duplicate(match, sure: int, features: int) -> bool:
@@ -143,4 +166,5 @@ def is_duplicate(match, sure: int, features: int) -> bool:
                 and np.linalg.norm(A[:, 2]) <= DUPLICATE_SHIFT)
 
 
-__all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "components", "groups", "is_duplicate", "labels"]
+__all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "components", "groups",
+           "is_duplicate", "labels", "verify", "walks"]

@@ -65,17 +65,20 @@ class Hit:
     descriptors, the inliers of its spatial verification (None where it was not verified), and
     ``via``: the id of the photo it is linked through, one of the query's sure matches or a photo
     linked to one by the index's verified pairs, where its own inliers are fewer than sure
-    (``linked``; None elsewhere)."""
+    (``linked``; None elsewhere); and ``same``: whether it shows the same object or place as the
+    query by the rule the groups use (``groups.py``: verified at the sure level, or linked to a
+    photo that is), else it only looks alike (None where it was not verified)."""
 
     id: int
     rank: int
     distance: float
     inliers: int | None = None
     via: int | None = None  # the photo it is ranked through, where its own inliers are fewer than sure (``linked``)
+    same: bool | None = None
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "id": self.id, "distance": round(self.distance, 6), "inliers": self.inliers,
-                "via": self.via}
+                "via": self.via, "same": self.same}
 
 
 def verifier_of(index) -> Verifier:
@@ -121,7 +124,8 @@ def rank(index, Q: np.ndarray, local: Sequence | None = None, settings: Settings
             ids, dist, inliers, via = rerank(index, feats, ids, dist, s.rerank, v, Q[qi])
         else:
             via = [None] * len(ids)
-        results.append([Hit(int(i), r + 1, float(d), n_in, w)
+        sure = v.sure if v is not None else None
+        results.append([Hit(int(i), r + 1, float(d), n_in, w, None if n_in is None else bool(n_in >= sure or w is not None))
                         for r, (i, d, n_in, w) in enumerate(zip(ids[:s.k], dist[:s.k], inliers[:s.k], via[:s.k]))])
     return results
 

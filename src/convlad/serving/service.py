@@ -37,6 +37,7 @@ from .. import search as S
 from ..explain import draw_matches, match_in_index, warp_grid
 from ..extract import scale_size
 from ..groups import groups as find_groups
+from ..groups import verify as verify_group
 from ..images import ImageError, load_image, load_warped
 from ..index.segments import UPLOADS, StoreLocked, is_upload_file, new_upload_name
 from ..index.store import IndexStore
@@ -225,18 +226,17 @@ class Service:
         return await self._pool(work)
 
     async def groups(self, offset: int, limit: int) -> dict:
-        """The index's groups (``groups.groups``, largest first), ``limit`` from ``offset``."""
-        found = await self._pool(self._groups)
-        return {"total": len(found), "offset": offset, "generation": self.store.generation,
-                "groups": found[offset:offset + limit]}
+        """The index's groups (``groups.groups``, largest first), ``limit`` from ``offset``, each
+        with its evidence (verified a page at a time, once a generation)."""
+        gen, total, page = await self._pool(self._groups, slice(offset, offset + limit))
+        return {"total": total, "offset": offset, "generation": gen, "groups": page}
 
     async def group(self, gid: int) -> dict:
         """One group by its id (its representative's)."""
-        found = await self._pool(self._groups)
-        for g in found:
-            if g["id"] == gid:
-                return g
-        raise NotFound(f"no group with id {gid} in this index (a group's id is its representative's)")
+        _, _, got = await self._pool(self._groups, gid)
+        if not got:
+            raise NotFound(f"no group with id {gid} in this index (a group's id is its representative's)")
+        return got[0]
 
     async def thumbnail(self, i: int) -> bytes:
         return await self._pool(self._thumbnail, i)
@@ -387,17 +387,26 @@ class Service:
             out.append({**h.to_dict(), "path": path})
         return out
 
-    def _groups(self) -> list[dict]:
-        """The groups of the current generation, computed once per generation (paths as shown)."""
+    def _groups(self, which) -> tuple[int, int, list[dict]]:
+        """(the generation, how many groups it has, the groups ``which`` selects: a slice of them, or
+        the one of an id), the
+        groups found once a generation and each verified the first time it is asked for (paths as
+        shown)."""
         with self.groups_lock:
             gen = self.store.generation
             if self._groups_of is None or self._groups_of[0] != gen:
-                found = find_groups(self.store)
+                found = find_groups(self.store, evidence=False)
                 for g in found:
                     for m in g["members"]:
                         m["path"] = self.display_path(m["id"])
-                self._groups_of = (gen, found)
-            return self._groups_of[1]
+                self._groups_of = (gen, {g["id"]: g for g in found}, len(found), [g["id"] for g in found], set())
+            _, by_id, total, order, verified = self._groups_of
+            ids = order[which] if isinstance(which, slice) else [which] if which in by_id else []
+            for i in ids:
+                if i not in verified:
+                    verify_group(self.store, by_id[i])
+                    verified.add(i)
+            return gen, total, [by_id[i] for i in ids]
 
     def page(self, offset: int, limit: int) -> list[dict]:
         """Indexed photos ``offset`` … ``offset + limit`` in index order."""

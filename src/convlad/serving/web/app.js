@@ -43,6 +43,10 @@ function render(list, label) {
     const meta = el("div", "meta"), row = el("div", "row");
     const linked = r.via === null || r.via === undefined ? "" : ` · linked through photo ${r.via}`;
     const verified = r.inliers === null || r.inliers === undefined ? "" : ` · ${r.inliers} matching features${linked}`;
+    if (r.same !== null && r.same !== undefined) {  // the groups' rule: the same thing, or only alike
+      c.classList.add(r.same ? "same" : "alike");
+      thumb.append(el("span", "badge", r.same ? "same object or place" : "looks alike"));
+    }
     if (r.rank !== undefined) {
       const d = el("span", "dist", `distance ${r.distance.toFixed(3)}${verified}`);
       d.title = "distance: how far the photo's global descriptor is from the query's (0: the same); " +
