@@ -7,12 +7,13 @@ connected components of that graph: on mvbench-dev their pairs are right 99.7% o
 links in it (the smallest id among ties), and each other member the evidence that put it there: the
 photo it joins through (``via``, one hop nearer the representative, whose pair with it was
 verified), their inliers, verified again from the stored local features (the more of the two
-directions: a pair is mined from one side), and the similarity of
-their global descriptors (cosine). A member is a duplicate (``duplicate_of``) of its most similar
-partner, of the two the one added first, where their verification maps one photo onto the other
-with the same framing: at least ``DUPLICATE_SHARE`` of the local
-features the two keep (the fewer) as inliers (and the sure level), and an affine map whose two scales are within ``DUPLICATE_LOG_SCALE`` of 1 (in log) and whose shift is
-under ``DUPLICATE_SHIFT`` cells. That is the same photo re-encoded, resized or with other metadata.
+directions: a pair is mined from one side), and the similarity of their global descriptors
+(cosine). A member is a duplicate (``duplicate_of``) of its most similar partner, of the two the
+one added later, where their verification maps one photo onto the other with the same framing: at
+least ``DUPLICATE_SHARE`` of the local features the two keep (the fewer) as inliers (and the sure
+level), and an affine map whose two scales are within ``DUPLICATE_LOG_SCALE`` of 1 (in log) and
+whose shift is under ``DUPLICATE_SHIFT`` cells. That is the same photo re-encoded, resized or with
+other metadata.
 The verification layer's map must be fine enough to see a step of the camera: at least
 ``DUPLICATE_MIN_GRID`` cells a side (the default layout's is 28); on a coarser one (a deep layer at
 scale 1: 7×7) frames of a street a step apart map to the identity, and no photo is marked.
@@ -38,10 +39,10 @@ from .search import verifier_of
 # far in scale (0.099 or more), views farther (``experiments/probe_duplicates.py``)
 DUPLICATE_LOG_SCALE = 0.04
 DUPLICATE_SHIFT = 0.66
-# ... and the share of the local features kept per photo that are inliers: those copies' 1st
-# percentile is 0.38 (113 of 300; one halved copy of 120 had 29), and the most that any two
-# different photos framed alike reach on an index of mvbench-dev is 0.16 (48 of 300: frames of one
-# street a step apart; tests/test_groups.py)
+# ... with a floor on the share of the features kept that are inliers, so that a map near the
+# identity fitted on a few matches is not taken for a copy: a quarter, under those copies' 1st
+# percentile of 0.38 (113 of 300; one halved copy of 120 had 29). It does not tell a pan from a copy
+# (pans reach 0.32 to 0.73): the scale does.
 DUPLICATE_SHARE = 0.25
 DUPLICATE_MIN_GRID = 20
 

@@ -55,7 +55,8 @@ def whole(value: str | None, name: str, low: int, high: int, default, note: str 
     """A query parameter as a whole number: ASCII digits only, within bounds, else a 400."""
     if value is None:
         return default
-    if not (value.isascii() and value.isdigit() and len(value) <= 7) or not low <= int(value) <= high:
+    # no more digits than the bound has: a number is never parsed from a long string
+    if not (value.isascii() and value.isdigit() and len(value) <= len(str(high))) or not low <= int(value) <= high:
         raise ApiError(400, f"{name} must be a whole number from {low} to {high}{note}, not {value[:20]!r}")
     return int(value)
 
