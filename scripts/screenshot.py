@@ -1,4 +1,4 @@
-"""The README's pictures of `convlad serve`, on real photos that may be committed: the public-domain
+"""The README's pictures of `convlad serve` and `convlad groups`, on real photos that may be committed: the public-domain
 and CC0 sample photos that scikit-image ships (each one's licence is in skimage.data's docstrings),
 four views of each (crops, turns, scale, light). The benchmark photos' licences keep them out of
 the repository. Needs scikit-image and Chromium:
@@ -67,6 +67,14 @@ def main():
         shutil.move(photos / groups["chelsea"][0], query)  # held out of the index
         # no model given: index fits one on the collection itself, as a newcomer's first command does
         subprocess.run([*cli, "index", photos, "--out", f"{tmp}/photos.index"], check=True)
+        # which photos show the same thing, as a contact sheet (a smaller copy of one view: a duplicate)
+        from PIL import Image
+
+        with Image.open(photos / groups["astronaut"][1]) as im:
+            im.resize((im.width * 3 // 4, im.height * 3 // 4)).save(photos / "astronaut_copy.jpg", quality=70)
+        subprocess.run([*cli, "index", photos, "--out", f"{tmp}/photos.index"], check=True)
+        subprocess.run([*cli, "groups", f"{tmp}/photos.index", "--limit", "4", "--sheet", str(out / "groups.png")],
+                       check=True)
         server = subprocess.Popen([*cli, "serve", f"{tmp}/photos.index", "--port", str(a.port)])
         try:
             url = f"http://127.0.0.1:{a.port}"
@@ -94,7 +102,7 @@ def main():
         finally:
             server.terminate()
             server.wait()
-    print(f"wrote {out / 'serve-search.png'}, {out / 'serve-match.png'}")
+    print(f"wrote {out / 'serve-search.png'}, {out / 'serve-match.png'}, {out / 'groups.png'}")
 
 
 if __name__ == "__main__":

@@ -87,9 +87,12 @@ def test_groups_agree_with_the_benchmark_and_every_door_gives_the_same(dev_index
 
 def test_the_table_and_the_csv(dev_index, tmp_path):
     index = dev_index / "default.index"
-    out = tmp_path / "groups.csv"
-    p = cli("groups", index, "--limit", "2", "--csv", out)
+    out, png = tmp_path / "groups.csv", tmp_path / "groups.png"
+    p = cli("groups", index, "--limit", "2", "--csv", out, "--sheet", png)
     assert "groups of 2 or more photos" in p.stdout and p.stdout.count("(representative") == 2
+    cols = min(8, max(len(g["members"]) for g in json.loads(cli("groups", index, "--json", "--limit", "2").stdout)["groups"]))
+    with Image.open(png) as sheet:  # two rows of up to 8 thumbnails, photos drawn (not blank)
+        assert sheet.size == (max(320, 10 + cols * 160), 10 + 2 * 214) and len(sheet.convert("L").getcolors(1 << 16)) > 100
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     found = groups(IndexStore.open(index))
     assert len(rows) == sum(g["size"] for g in found) and {int(r["group"]) for r in rows} == {g["id"] for g in found}

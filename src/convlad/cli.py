@@ -323,6 +323,8 @@ def groups(
     limit: Optional[int] = typer.Option(None, "--limit", help="The largest N groups only (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (docs/cli.md gives its schema) instead of a table."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write one row per member to this CSV file."),
+    sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also draw the largest groups shown (6 at most, 8 "
+                                         "photos each) as a contact sheet, to this PNG."),
 ):
     """Which photos show the same thing: the groups the index's verified pairs join, with the evidence."""
     from .groups import groups as find_groups
@@ -359,6 +361,10 @@ def groups(
         from .storage import write_durable
 
         write_durable(csv_out, lambda f: f.write(buf.getvalue().encode()))
+    if sheet is not None:
+        from .groups import contact_sheet
+
+        contact_sheet(shown, sheet)
     if as_json:
         typer.echo(json.dumps({"index": str(index_file), "images": len(idx), "generation": idx.generation,
                                "groups": shown, "total_groups": len(found)}, indent=1))
@@ -377,6 +383,8 @@ def groups(
             typer.echo(f"  {m['id']:>7}  {m['path']}  (via {m['via']}: {inl}similarity {m['similarity']:.3f}{dup})")
     if csv_out is not None:
         typer.echo(f"\none row per member: {csv_out}")
+    if sheet is not None:
+        typer.echo(f"contact sheet of the largest groups: {sheet}")
 
 
 @app.command()

@@ -95,6 +95,53 @@ def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: boo
     return out if limit is None else out[:limit]
 
 
+def contact_sheet(found: list[dict], out, groups_shown: int = 6, per_group: int = 8, thumb: int = 150):
+    """A PNG of the largest groups: a row of thumbnails each, the representative first, each photo
+    captioned with its id and why it is there (inliers with the photo it joins through, or a
+    duplicate's mark). Returns the PIL image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .images import ImageError, load_image
+
+    try:
+        font = ImageFont.load_default(size=12)
+        title_font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1: the bitmap font only
+        font = title_font = ImageFont.load_default()
+    rows = found[:groups_shown]
+    pad, title, caption = 10, 24, 30
+    cols = min(per_group, max((len(g["members"]) for g in rows), default=1))
+    width = max(320, pad + cols * (thumb + pad))
+    height = pad + len(rows) * (title + thumb + caption + pad) if rows else 60
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    if not rows:
+        draw.text((pad, pad), "no groups: no two photos verify as the same thing", fill="black", font=title_font)
+    y = pad
+    for g in rows:
+        more = f" (the first {per_group} shown)" if g["size"] > per_group else ""
+        draw.text((pad, y + 4), f"group {g['id']}: {g['size']} photos{more}", fill="black", font=title_font)
+        y += title
+        for k, m in enumerate(g["members"][:per_group]):
+            x = pad + k * (thumb + pad)
+            try:
+                im = load_image(m["path"], min_size=thumb)
+                im.thumbnail((thumb, thumb))
+                sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+            except (ImageError, OSError):
+                draw.rectangle([x, y, x + thumb, y + thumb], outline=(200, 200, 200))
+            why = ("representative" if m["via"] is None else
+                   f"via {m['via']}" + ("" if m["inliers"] is None else f": {m['inliers']} inliers"))
+            if m["duplicate_of"] is not None:
+                why = f"duplicate of {m['duplicate_of']}"
+                draw.rectangle([x - 2, y - 2, x + thumb + 1, y + thumb + 1], outline=(224, 168, 0), width=3)
+            draw.text((x, y + thumb + 3), f"{m['id']}", fill="black", font=font)
+            draw.text((x, y + thumb + 16), why, fill=(90, 90, 90), font=font)
+        y += thumb + caption + pad
+    sheet.save(out, format="PNG")
+    return sheet
+
+
 def _duplicates(members: list[dict]) -> list[dict]:
     """The members that are duplicates and those they duplicate."""
     dup = {m["id"] for m in members if m["duplicate_of"] is not None} | \
@@ -167,5 +214,5 @@ def is_duplicate(match, sure: int, features: int) -> bool:
                 and np.linalg.norm(A[:, 2]) <= DUPLICATE_SHIFT)
 
 
-__all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "components", "groups",
-           "is_duplicate", "labels", "verify", "walks"]
+__all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "components",
+           "contact_sheet", "groups", "is_duplicate", "labels", "verify", "walks"]
