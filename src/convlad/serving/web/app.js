@@ -130,12 +130,15 @@ async function browse(offset) {
     query = null; last = null; $("qimg").hidden = true; $("more").hidden = true;
     const end = Math.min(r.total, offset + r.images.length);
     render(r.images, r.total ? `Photos ${offset + 1}–${end} of ${r.total.toLocaleString()} in the index (in index order)` : "");
-    $("pager").hidden = r.total <= PAGE;
-    $("pageinfo").textContent = `page ${Math.floor(offset / PAGE) + 1} of ${Math.max(1, Math.ceil(r.total / PAGE))}`;
-    $("prev").disabled = offset === 0; $("next").disabled = end >= r.total;
-    $("prev").onclick = () => browse(Math.max(0, offset - PAGE));
-    $("next").onclick = () => browse(offset + PAGE);
+    pager(offset, PAGE, end, r.total, browse);
   } catch (e) { showError(e.message); }
+}
+function pager(offset, size, end, total, go) {  // Previous / page N of M / Next, for browse and groups
+  $("pager").hidden = total <= size;
+  $("pageinfo").textContent = `page ${Math.floor(offset / size) + 1} of ${Math.max(1, Math.ceil(total / size))}`;
+  $("prev").disabled = offset === 0; $("next").disabled = end >= total;
+  $("prev").onclick = () => go(Math.max(0, offset - size));
+  $("next").onclick = () => go(offset + size);
 }
 // Groups: which photos show the same thing, a page of groups at a time; each member says why it is
 // there (the photo it joins through, their matching features), and opens that pair's match view.
@@ -178,11 +181,7 @@ async function showGroups(offset) {
     const end = Math.min(r.total, offset + r.groups.length);
     $("status").textContent = r.total ? `Groups ${offset + 1}–${end} of ${r.total.toLocaleString()}, largest first: ` +
       "photos the index's verified pairs join" : "No groups: no two photos of this index verify as the same thing.";
-    $("pager").hidden = r.total <= GROUPS_PAGE;
-    $("pageinfo").textContent = `page ${Math.floor(offset / GROUPS_PAGE) + 1} of ${Math.max(1, Math.ceil(r.total / GROUPS_PAGE))}`;
-    $("prev").disabled = offset === 0; $("next").disabled = end >= r.total;
-    $("prev").onclick = () => showGroups(Math.max(0, offset - GROUPS_PAGE));
-    $("next").onclick = () => showGroups(offset + GROUPS_PAGE);
+    pager(offset, GROUPS_PAGE, end, r.total, showGroups);
   } catch (e) { showError(e.message); }
 }
 function openPair(id, withId, title) {
