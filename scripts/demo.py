@@ -95,7 +95,7 @@ def main():
     sh("info", OUT / "photos.index")
     res = json.loads(sh("search", OUT / "photos.index", *[photos / q for q in queries], "-k", "5", "--json", echo=False))
     print("\nranked results, the top 100 spatially verified (rank 1, the query itself, omitted); "
-          "✓ = same object or place as the query")
+          "✓ = same object or place as the query by the benchmark; same/alike: what the search says")
     for r in res:
         q = Path(r["query"]).name
         print(f"query {q}:")
@@ -103,7 +103,11 @@ def main():
             name = Path(hit["path"]).name
             mark = "✓" if group_of.get(name) == group_of.get(q) else " "
             inliers = f"{hit['inliers']:4d} inliers  " if hit.get("inliers") is not None else ""
-            print(f"  {mark} {hit['rank']:2d}  {hit['distance']:.3f}  {inliers}{name}")
+            said = {True: "same  ", False: "alike ", None: ""}[hit.get("same")]  # what the search itself says
+            print(f"  {mark} {hit['rank']:2d}  {hit['distance']:.3f}  {inliers}{said}{name}")
+    # the whole collection: which photos show the same thing (the groups the index's verified pairs join)
+    print()
+    sh("groups", OUT / "photos.index", "--limit", "3")
 
 
 if __name__ == "__main__":
