@@ -50,11 +50,7 @@ DUPLICATE_MIN_GRID = 20
 def components(ids, pairs) -> list[np.ndarray]:
     """The connected components of photos ``ids`` joined by ``pairs`` ((m, 2) ids), each a sorted
     array of ids, largest first (ties: the smallest first id); a photo with no pair is one alone."""
-    g = nx.Graph()
-    g.add_nodes_from(int(i) for i in np.asarray(ids, np.int64).ravel())
-    g.add_edges_from((int(a), int(b)) for a, b in np.asarray(pairs, np.int64).reshape(-1, 2))
-    comps = [np.array(sorted(c), np.int64) for c in nx.connected_components(g)]
-    return sorted(comps, key=lambda c: (-len(c), int(c[0])))
+    return [np.array(sorted(order), np.int64) for _, order, _ in walks(ids, pairs, 1)]
 
 
 def labels(n: int, pairs) -> np.ndarray:
