@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from convlad.groups import components, groups
+from convlad.groups import SIMILARITY, Rule, components, graph, groups, links
 from convlad.index.store import IndexStore
 from convlad.study.metrics import grouping_scores
 
@@ -43,23 +43,63 @@ def _truth(st) -> dict[int, str]:
     return {i: of.get(p.rsplit("/", 1)[-1], f"alone {i}") for i, p, _ in st.items()}
 
 
+def test_a_chain_of_weak_links_does_not_merge_two_groups():
+    """Two groups of three photos held by sure pairs (24 inliers, chance 8): one weak pair between
+    them (15 inliers, cosine 0.8) does not merge them, nor does a chain through a third group; two
+    weak pairs between the same two groups do (support 2); a weak pair joins a photo alone; a pair
+    under the weak level or the cosine floor joins nothing."""
+    sure, chance = 24, 8
+    groups3 = [(0, 1), (1, 2), (3, 4), (4, 5), (6, 7), (7, 8)]
+    strong = [30] * len(groups3)
+
+    def joined(extra, inliers, sim, rule=Rule()):
+        P = groups3 + extra
+        got = links(P, strong + inliers, [0.9] * len(groups3) + sim, sure, chance, rule)
+        return sorted(c.tolist() for c in components(np.unique(got), got)), {tuple(p) for p in got.tolist()}
+
+    comps, got = joined([(2, 3), (5, 6)], [15, 15], [0.8, 0.8])  # a chain 0-1-2 ~ 3-4-5 ~ 6-7-8
+    assert comps == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and got == set(groups3)
+    comps, _ = joined([(2, 3), (0, 4)], [15, 15], [0.8, 0.8])  # two weak pairs between two groups
+    assert comps == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]
+    assert joined([(2, 3)], [15], [0.8], Rule(support=1))[0][0] == [0, 1, 2, 3, 4, 5]
+    comps, got = joined([(8, 9)], [15], [0.8])  # a photo alone joins through one weak pair
+    assert [6, 7, 8, 9] in comps and (8, 9) in got
+    for inl, sim in ((13, 0.8), (15, 0.55)):  # under 1.75 × 8 inliers, or under the cosine floor
+        assert [9] not in joined([(8, 9)], [inl], [sim])[0] and (8, 9) not in joined([(8, 9)], [inl], [sim])[1]
+    # the weak level follows the chance level, from 7 up (a coarse map's 3 gives no weak tier below 13)
+    assert Rule().level(8) == 14 and Rule().level(3) == Rule().level(7) == 12.25
+    with pytest.raises(ValueError, match="support"):
+        Rule(support=0)
+
+
 def test_groups_agree_with_the_benchmark_and_every_door_gives_the_same(dev_index):
     index = dev_index / "default.index"
     st = IndexStore.open(index)
     found = groups(st)
     assert found and all(g["size"] >= 2 for g in found) and [g["size"] for g in found] == sorted(
         (g["size"] for g in found), reverse=True)
-    # the components of the store's pairs, each once; the representative first, every other member
-    # joined through a photo before it by a verified pair
-    pairs = {tuple(p) for p in st.pairs().tolist()}
+    # the components of the links over the pairs the store mined: every sure pair, and weak ones
+    # (inliers from 1.75 times the chance level, cosine from 0.6) where the rule joins them
+    v = st.model.verifier()
+    E, w = st.edges()
+    linked = graph(st)
+    pairs = {tuple(p) for p in linked.tolist()}
+    mined = {tuple(p): int(k) for p, k in zip(E.tolist(), w)}
+    assert {tuple(p) for p in st.pairs().tolist()} <= pairs <= set(mined)
+    assert {p for p, k in mined.items() if k >= v.sure} == {tuple(p) for p in st.pairs().tolist()}
+
     assert sorted(sorted(m["id"] for m in g["members"]) for g in found) == sorted(
-        c.tolist() for c in components(np.unique(st.pairs()), st.pairs()))
+        c.tolist() for c in components(np.unique(linked), linked))
     for g in found:
         seen = {g["representative"]}
         assert g["members"][0]["id"] == g["id"] == g["representative"] and g["members"][0]["via"] is None
         for m in g["members"][1:]:
-            assert m["via"] in seen and tuple(sorted((m["id"], m["via"]))) in pairs
-            assert m["inliers"] >= st.model.verifier().sure and 0 < m["similarity"] <= 1
+            pair = tuple(sorted((m["id"], m["via"])))
+            assert m["via"] in seen and pair in pairs
+            # the evidence shown is the mined pair's, verified again from the stored features both
+            # ways (mining verified it from one side, or both where each was among the other's nearest)
+            assert m["inliers"] >= mined[pair] >= min(v.sure, Rule().level(v.chance)) and 0 < m["similarity"] <= 1
+            assert m["inliers"] >= v.sure or m["similarity"] >= SIMILARITY
             seen.add(m["id"])
     # against mvbench-dev's groups (a distractor alone), with this small model (32-D, scale 1, sure
     # at 9 inliers): most of them (the default model's figures are test_eval's, through `eval`)
@@ -125,10 +165,45 @@ def test_a_photo_added_joins_its_group_and_a_deleted_representative_leaves_what_
     st.refresh()
     left = set(after) - {rep}
     now = [sorted(m["id"] for m in g["members"]) for g in groups(st) if left & {m["id"] for m in g["members"]}]
-    P = st.pairs()
+    P = graph(st)
     want = [c.tolist() for c in components(np.unique(P), P) if left & set(c.tolist())]
     assert sorted(now) == sorted(want) and set().union(*map(set, now)) == left - {
         i for i in left if not (P == i).any()}
+
+
+def test_the_mined_evidence_outlives_compaction_and_an_older_index_groups_by_its_sure_pairs(dev_index, tmp_path):
+    """An index keeps every pair it verified with its inliers (``IndexStore.edges``). One written
+    before it kept them (its segments without ``x-candidates``) groups by its sure pairs, as it did;
+    merged with a newer segment, each row keeps what it had."""
+    index = tmp_path / "old.index"
+    shutil.copytree(dev_index / "default.index", index, symlinks=True)
+    for f in index.glob("seg-*/x-candidate*.npy"):
+        f.unlink()
+    st = IndexStore.open(index)
+    sure = st.model.verifier().sure
+    E, w = st.edges()
+    assert np.array_equal(E, st.pairs()) and len(E) and (w == sure).all()
+    linked = graph(st)
+    assert sorted(sorted(m["id"] for m in g["members"]) for g in groups(st, evidence=False)) == sorted(
+        c.tolist() for c in components(np.unique(linked), linked))
+    # a photo added (a newer segment: its candidates kept), then everything merged into one segment
+    src = groups(st, evidence=False)[0]["members"][1]["path"]
+    copy = tmp_path / "again.jpg"
+    with Image.open(src) as im:
+        ImageOps.exif_transpose(im).convert("RGB").save(copy, quality=70)
+    with IndexStore.open(index, write=True) as wr:
+        (new,), _ = wr.add([str(copy)])
+        st.refresh()
+        E1, w1 = st.edges()
+        assert wr.compact(target_rows=10_000)["merged"] >= 2
+    st.refresh()
+    assert len(st.segments()) == 1
+    E2, w2 = st.edges()
+    assert np.array_equal(E1, E2) and np.array_equal(w1, w2)
+    mine = (E2 == new).any(1)
+    assert mine.any() and (w2[mine] < sure).any(), "the new photo's weaker candidates are kept too"
+    old = ~mine
+    assert np.array_equal(E2[old], E) and (w2[old] == sure).all()
 
 
 def test_duplicates_are_marked_on_a_fine_map(tmp_path, train_images):

@@ -45,6 +45,13 @@ def eval_(
     fold_seed: int = typer.Option(0, "--fold-seed", help="Seed of the deal of groups into folds."),
     folds_out: Optional[Path] = typer.Option(None, "--folds-out", help="With --folds: write every candidate's "
                                              "per-query APs, the folds and the choices to this JSON file."),
+    groups: bool = typer.Option(False, "--groups", help="Measure the groups of the database photos (`convlad "
+                                "groups`) against the benchmark's: the groups' rule chosen by group-wise K-fold "
+                                "(--folds, default 5) beside baselines chosen the same way (global cosine, perceptual "
+                                "hash, --peer), with 95%% bootstrap intervals."),
+    peer: List[Path] = typer.Option([], "--peer", help="With --groups: a peer's groupings of the same photos "
+                                    "(experiments/peer_fastdup.py writes fastdup's), chosen among by the same K-fold."),
+    groups_out: Optional[Path] = typer.Option(None, "--groups-out", help="With --groups: write the study as JSON."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Keep fitted models and encoded benchmarks here, "
                                          "so a rerun with other search settings skips both (default: "
                                          "$CONVLAD_EVAL_CACHE or ~/.cache/convlad/eval)."),
@@ -72,10 +79,18 @@ def eval_(
         raise UserError(f"--folds must be 0 (off) or 2 or more, got {folds}")
     if cache is not None and no_cache:
         raise UserError("--cache and --no-cache: give one")
+    if (peer or groups_out) and not groups:
+        raise UserError("--peer and --groups-out go with --groups")
+    if groups and grid:
+        raise UserError("--groups chooses the groups' rule by K-fold; --grid is for the retrieval settings")
     kind = {"mvbench": "groups"}.get(args[0], args[0]) if len(args) == 2 else None
     bench = _load_bench(Path(args[-1]), kind, full_query)
     train_paths, train_label = training_paths(train_dir)
     store = None if no_cache else EvalCache(cache)
+    if groups:
+        return _eval_groups(bench, train_paths, store, folds or 5, peer, groups_out,
+                            _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size,
+                                   device, compile, precision))
     if folds:
         return _eval_folds(bench, train_paths, train_label, grid, folds, fold_seed, folds_out, rerank, store,
                            lambda o: _model(_config(backbone, o.get("layer", layer), o.get("pooled", pooled), scales,
@@ -117,6 +132,29 @@ def eval_(
                    f"{g['pairwise_precision']:.3f}, recall {g['pairwise_recall']:.3f}, F1 {g['pairwise_f1']:.3f}; "
                    f"B-cubed F1 {g['bcubed_f1']:.3f}")
     _print_metrics(ev.result.metrics)  # last line: mAP, as scripts expect
+
+
+def _eval_groups(bench, train_paths, store, k, peers, out, model):
+    from .study.evaluate import fit_model
+    from .study.grouping import evaluate_groups
+
+    for f in peers:
+        if not f.is_file():
+            raise UserError(f"--peer {f}: no such file")
+    fit_model(model, train_paths, cache=store)
+    _check_dim(model)
+    typer.echo(f"{bench.describe()}")
+    typer.echo(f"descriptor: {model.describe()}; groups of its {len(bench.paths)} database photos, {k} folds of whole "
+               "groups (seeds 0/1/2; the table: seed 0)")
+    try:
+        doc = evaluate_groups(model, bench, store, k, 3, peers, report=typer.echo)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if out is not None:
+        from .storage import write_durable
+
+        write_durable(out, lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
+        typer.echo(f"study: {out}")
 
 
 def _eval_folds(bench, train_paths, train_label, grid_specs, k, seed, out, rerank, cache, make_model):

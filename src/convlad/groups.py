@@ -1,12 +1,15 @@
-"""Which photos show the same thing: the groups of an index's live photos, from its verified pairs.
+"""Which photos show the same thing: the groups of an index's live photos, from the pairs it verified.
 
-Every photo an index adds is verified against its 20 nearest, and the pairs that reach the sure
-level (``Verifier.sure``, three times the chance level) are kept (``pairs.py``). The groups are the
-connected components of that graph: on mvbench-dev their pairs are right 99.7% of the time
-(docs/defaults.md, "Groups"). Each group has a representative, the photo with the most verified
-links in it (the smallest id among ties), and each other member the evidence that put it there: the
-photo it joins through (``via``, one hop nearer the representative, whose pair with it was
-verified), their inliers, verified again from the stored local features (the more of the two
+Every photo an index adds is verified against its 20 nearest, and each pair's inliers are kept
+(``IndexStore.edges``). Two photos are linked (``links``, under a ``Rule``) where their pair reaches
+the sure level (``Verifier.sure``, three times the chance level), or where weaker pairs (from 1.75
+times the chance level, at a global cosine of 0.5 or more) join the same two groups of sure pairs
+twice, or join a photo alone. The groups are the connected components of the links: on mvbench-dev,
+out of fold, their pairs are right 100% of the time and find 89% of the true pairs (docs/defaults.md,
+"Groups"). A weak pair alone never joins two groups of two or more photos: a chain of weak links
+does not merge them. Each group has a representative, the photo with the most links in it (the
+smallest id among ties), and each other member the evidence that put it there: the photo it joins
+through (``via``, one hop nearer the representative, linked with it), their inliers, verified again from the stored local features (the more of the two
 directions: a pair is mined from one side), and the similarity of their global descriptors
 (cosine). A member is a duplicate (``duplicate_of``) of its most similar partner, of the two the
 one added later, where their verification maps one photo onto the other with the same framing: at
@@ -27,10 +30,79 @@ docs/defaults.md "Groups").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import networkx as nx
 import numpy as np
 
 from .search import verifier_of
+
+# Which mined pairs join groups (``links``), chosen by group-wise K-fold on mvbench-dev
+# (``convlad eval --groups``; docs/defaults.md, "Groups"): besides the sure pairs, a weak pair (from
+# ``WEAK`` times the chance level of inliers, with global descriptors at ``SIMILARITY`` cosine or
+# more) joins two groups when ``SUPPORT`` of them do (or every photo of the smaller group).
+# Unrelated photos that reach 12-19 inliers do so on repeated textures, at cosine 0.1-0.45; true
+# pairs of a building seen from elsewhere reach them at 0.5-0.9.
+WEAK = 1.75
+SIMILARITY = 0.6
+SUPPORT = 2
+# The weak level was confirmed with verifiers whose chance level is 7 (Lite2) and 8 (Lite0). A
+# coarser layout fits fewer features and measures less (3 for a 14×14 map): there inliers under 13
+# are not evidence (with a 32-D descriptor they join unrelated photos as often as related ones), so
+# the level never goes below this chance level's.
+WEAK_MIN_CHANCE = 7
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Which mined pairs join groups (``links``): those at the sure level, and weak ones with
+    ``weak`` times the chance level of inliers or more and a global cosine of ``similarity`` or
+    more, where ``support`` of them (or as many as the smaller group has photos) join the same two
+    groups of sure pairs. ``weak`` at ``verify.SURE`` (3) or more: sure pairs only. The chance level
+    counts as ``WEAK_MIN_CHANCE`` at least (``level``)."""
+
+    weak: float = WEAK
+    similarity: float = SIMILARITY
+    support: int = SUPPORT
+
+    def level(self, chance: int) -> float:
+        """The inliers from which a pair is a weak link, for a verifier with this ``chance`` level."""
+        return self.weak * max(chance, WEAK_MIN_CHANCE)
+
+    def __post_init__(self):
+        if not self.weak > 0 or not -1 <= self.similarity <= 1 or self.support < 1:
+            raise ValueError(f"groups rule: weak {self.weak} (> 0), similarity {self.similarity} (-1 to 1), "
+                             f"support {self.support} (1 or more)")
+
+
+def links(pairs, inliers, similarity, sure: int, chance: int, rule: Rule = Rule()) -> np.ndarray:
+    """The mined ``pairs`` ((m, 2) ids, with their ``inliers`` and the ``similarity`` of their global
+    descriptors, each (m,)) that join groups under ``rule``, with ``sure`` and ``chance`` the
+    verifier's levels: (k, 2) int64, in the order of ``pairs``. A weak pair's groups are those of
+    the sure pairs alone, so one weak pair never joins two groups of two or more photos."""
+    P = np.asarray(pairs, np.int64).reshape(-1, 2)
+    w, c = np.asarray(inliers), np.asarray(similarity, np.float64)
+    strong = w >= sure
+    weak = ~strong & (w >= rule.level(chance)) & (c >= rule.similarity)
+    if not weak.any():
+        return P[strong]
+    ids, at = np.unique(P, return_inverse=True)
+    at = at.reshape(-1, 2)
+    lab = labels(len(ids), at[strong])
+    size = np.bincount(lab)
+    a, b = lab[at[weak, 0]], lab[at[weak, 1]]
+    between = np.stack([np.minimum(a, b), np.maximum(a, b)], 1)
+    across = between[:, 0] != between[:, 1]
+    key, count = np.unique(between[across], axis=0, return_counts=True)
+    need = np.minimum(rule.support, np.minimum(size[key[:, 0]], size[key[:, 1]]))
+    joined = key[count >= need]
+    keep = np.zeros(len(P), bool)
+    keep[strong] = True
+    if len(joined):
+        code = np.array([len(size), 1], np.int64)
+        keep[np.flatnonzero(weak)[np.isin(between @ code, joined @ code) & across]] = True
+    return P[keep]
+
 
 # How far a duplicate's verified affine map is from the identity: its scales (|log| of each singular
 # value) and its shift (cells of the verification layer's map). Each level is midway between the
@@ -54,15 +126,35 @@ def components(ids, pairs) -> list[np.ndarray]:
 
 
 def labels(n: int, pairs) -> np.ndarray:
-    """Each of ``n`` rows' component (0 … ) under ``pairs`` of rows: what ``eval --groups`` scores."""
+    """Each of ``n`` rows' connected component (0 … ) under ``pairs`` ((m, 2) rows): what
+    ``eval --groups`` scores."""
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from(np.asarray(pairs, np.int64).reshape(-1, 2).tolist())
     out = np.empty(n, np.int64)
-    for k, c in enumerate(components(np.arange(n), pairs)):
-        out[c] = k
+    for k, comp in enumerate(nx.connected_components(g)):
+        out[list(comp)] = k
     return out
 
 
+def graph(index, rule: Rule = Rule()) -> np.ndarray:
+    """The pairs of ``index``'s live photos (an ``IndexStore``) that join groups: ``links`` under
+    ``rule`` over the pairs it mined as photos were added (``IndexStore.edges``), with the cosine of
+    their descriptors read for the weak ones only: (m, 2) ids."""
+    E, w = index.edges()
+    v = verifier_of(index)
+    weak = (w < v.sure) & (w >= rule.level(v.chance))
+    sim = np.zeros(len(E))
+    if weak.any():
+        ends, at = np.unique(E[weak], return_inverse=True)
+        X = index.vectors(ends)
+        at = at.reshape(-1, 2)
+        sim[weak] = np.einsum("ij,ij->i", X[at[:, 0]], X[at[:, 1]])
+    return links(E, w, sim, v.sure, v.chance, rule)
+
+
 def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: bool = False,
-           limit: int | None = None) -> list[dict]:
+           limit: int | None = None, rule: Rule = Rule()) -> list[dict]:
     """The groups of ``index``'s live photos (an ``IndexStore``): plain data, largest first, each
     ``{"id", "size", "representative", "members": [{"id", "path", "via", "inliers", "similarity",
     "duplicate_of"}, ...]}`` with the representative first (its ``via``, ``inliers``, ``similarity``
@@ -70,8 +162,9 @@ def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: boo
     smallest group listed (1 lists every photo); ``limit``: the largest ``limit`` groups only;
     ``evidence`` False skips the verifications (inliers and ``duplicate_of`` None: ``verify`` fills
     them in later, a group at a time); ``duplicates_only``: each group's members that are
-    duplicates, with the photos they duplicate, and only groups that have some."""
-    P = index.pairs()
+    duplicates, with the photos they duplicate, and only groups that have some; ``rule``: which
+    mined pairs join groups (``Rule``, the default chosen by K-fold)."""
+    P = graph(index, rule)
     ids = np.array([i for i, _, _ in index.items()], np.int64) if min_size <= 1 else np.unique(P)
     out = []
     for rep, order, via in walks(ids, P, min_size):
@@ -210,5 +303,6 @@ def is_duplicate(match, sure: int, features: int) -> bool:
                 and np.linalg.norm(A[:, 2]) <= DUPLICATE_SHIFT)
 
 
-__all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "components",
-           "contact_sheet", "groups", "is_duplicate", "labels", "verify", "walks"]
+__all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "Rule", "SIMILARITY",
+           "SUPPORT", "WEAK", "components", "contact_sheet", "graph", "groups", "is_duplicate", "labels", "links",
+           "verify", "walks"]

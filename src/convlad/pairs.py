@@ -59,25 +59,43 @@ def nearest(X: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     return sims, rows
 
 
-def verified_partners(local: LocalCodes, candidates: np.ndarray, codes_of, verifier: Verifier,
-                      min_inliers: int | None = None, progress=None) -> np.ndarray:
-    """For each photo ``i`` of ``local`` (the local features of photos being mined), those of its
-    ``candidates[i]`` (ids, -1 padded) whose local features verify with its own at ``min_inliers``
-    or more (None: ``verifier.sure``, ``verify.SURE`` times its chance level): (n, width) int64, in the candidates'
-    order, -1 padded. ``codes_of(ids)`` → (``LocalCodes``, a mask of the ids that have them)."""
+def verify_candidates(local: LocalCodes, candidates: np.ndarray, codes_of, verifier: Verifier,
+                      progress=None) -> np.ndarray:
+    """Inliers of each photo ``i`` of ``local`` (the local features of photos being mined) with each
+    of its ``candidates[i]`` (ids, -1 padded): (n, width) int32, -1 where there is no candidate or
+    the candidate keeps no local features. ``codes_of(ids)`` → (``LocalCodes``, a mask of the ids
+    that have them)."""
     candidates = np.asarray(candidates, np.int64).reshape(len(local), -1)
-    min_inliers = verifier.sure if min_inliers is None else min_inliers
-    out = np.full(candidates.shape, -1, np.int64)
+    out = np.full(candidates.shape, -1, np.int32)
     for i, row in enumerate(candidates):
-        js = row[row >= 0]
-        if len(js):
-            codes, have = codes_of(js)
-            js, codes = js[have], codes[np.flatnonzero(have)]
-            ok = js[verifier.inliers(local.features(i), codes) >= min_inliers] if len(js) else js
-            out[i, :len(ok)] = ok
+        at = np.flatnonzero(row >= 0)
+        if len(at):
+            codes, have = codes_of(row[at])
+            at = at[have]
+            if len(at):
+                out[i, at] = verifier.inliers(local.features(i), codes[np.flatnonzero(have)])
         if progress is not None:
             progress.update(1)
     return out
+
+
+def partners_from(candidates: np.ndarray, inliers: np.ndarray, min_inliers: int) -> np.ndarray:
+    """The ``candidates`` (n, width) whose ``inliers`` reach ``min_inliers``, in their order, moved
+    to the left of each row and -1 padded: the partners a store keeps."""
+    ok = (np.asarray(inliers) >= min_inliers) & (np.asarray(candidates) >= 0)
+    out = np.full(ok.shape, -1, np.int64)
+    r, c = np.nonzero(ok)
+    out[r, (np.cumsum(ok, 1) - 1)[r, c]] = np.asarray(candidates)[r, c]
+    return out
+
+
+def verified_partners(local: LocalCodes, candidates: np.ndarray, codes_of, verifier: Verifier,
+                      min_inliers: int | None = None, progress=None) -> np.ndarray:
+    """For each photo ``i`` of ``local``, those of its ``candidates[i]`` (ids, -1 padded) whose local
+    features verify with its own at ``min_inliers`` or more (None: ``verifier.sure``, ``verify.SURE``
+    times its chance level): (n, width) int64, in the candidates' order, -1 padded."""
+    inl = verify_candidates(local, candidates, codes_of, verifier, progress)
+    return partners_from(candidates, inl, verifier.sure if min_inliers is None else min_inliers)
 
 
 def pairs_of(ids: np.ndarray, partners: np.ndarray) -> np.ndarray:
@@ -102,34 +120,67 @@ def unique_pairs(P: np.ndarray) -> np.ndarray:
     return P[keep]
 
 
+def edges_of(ids: np.ndarray, candidates: np.ndarray, inliers: np.ndarray, floor: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The verified candidate pairs of photos ``ids`` (n,): their ``candidates`` (n, width, ids, -1
+    padded) and the ``inliers`` of each (n, width): (pairs (m, 2) int64 with a < b, sorted, each once;
+    their inliers (m,) int32, the more of the two directions), those with ``floor`` inliers or more."""
+    ids = np.asarray(ids, np.int64)
+    C = np.asarray(candidates, np.int64).reshape(len(ids), -1)
+    L = np.asarray(inliers).reshape(C.shape)
+    r, c = np.nonzero((C >= 0) & (L >= floor))
+    a, b, w = ids[r], C[r, c], L[r, c].astype(np.int32)
+    P = np.stack([np.minimum(a, b), np.maximum(a, b)], 1)
+    if not len(P):
+        return P, w
+    order = np.lexsort((-w, P[:, 1], P[:, 0]))  # the more inliers first within each pair
+    P, w = P[order], w[order]
+    keep = np.ones(len(P), bool)
+    keep[1:] = (P[1:] != P[:-1]).any(1)
+    return P[keep], w[keep]
+
+
+def mine_edges(X: np.ndarray, local: LocalCodes, verifier: Verifier, neighbours: int = NEIGHBOURS,
+               progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i, j), i < j, of a row of ``X`` (n, d, L2-normalised) and one of its ``neighbours``
+    nearest by ``X``, with the inliers of their local features (``local``, row-aligned; the more of
+    the two directions): (pairs (m, 2) int64, inliers (m,) int32), pairs with no inlier left out. The
+    evidence the groups are built on (``groups.links``); ``mine_pairs`` keeps the sure ones."""
+    n = len(X)
+    if len(local) != n:
+        raise ValueError(f"mine_pairs: {n} descriptors but {len(local)} photos' local features")
+    _, nn = nearest(X, neighbours)
+    every = np.ones(n, bool)
+    inl = verify_candidates(local, nn, lambda js: (local[js], every[js]), verifier, progress)
+    return edges_of(np.arange(n), nn, inl)
+
+
 def mine_pairs(X: np.ndarray, local: LocalCodes, verifier: Verifier, neighbours: int = NEIGHBOURS,
                min_inliers: int | None = None, progress=None) -> np.ndarray:
     """Pairs (i, j), i < j, of rows of ``X`` (n, d, L2-normalised) whose local features (``local``,
     row-aligned) verify with at least ``min_inliers`` (None: as ``verified_partners``), among each
     row's ``neighbours`` nearest by ``X``: (m, 2) int64, sorted, each pair once. An index store
     mines its photos with the same steps as they are added (``mine_additions``)."""
-    n = len(X)
-    if len(local) != n:
-        raise ValueError(f"mine_pairs: {n} descriptors but {len(local)} photos' local features")
-    _, nn = nearest(X, neighbours)
-    every = np.ones(n, bool)
-    partners = verified_partners(local, nn, lambda js: (local[js], every[js]), verifier, min_inliers, progress)
-    return pairs_of(np.arange(n), partners)
+    P, inl = mine_edges(X, local, verifier, neighbours, progress)
+    return P[inl >= (verifier.sure if min_inliers is None else min_inliers)]
 
 
-def mine(X: np.ndarray, local: LocalCodes, verifier: Verifier, progress: bool = True) -> np.ndarray:
-    """``mine_pairs`` with a progress bar."""
+def mine(X: np.ndarray, local: LocalCodes, verifier: Verifier, progress: bool = True,
+         edges: bool = False):
+    """``mine_pairs`` with a progress bar; ``edges``: ``mine_edges`` instead."""
     from . import progress as P
 
     with P.bar(len(X), "mining pairs (collection)", "img", enabled=progress) as bar:
-        return mine_pairs(X, local, verifier, progress=bar)
+        got = mine_edges(X, local, verifier, progress=bar)
+    return got if edges else got[0][got[1] >= verifier.sure]
 
 
-def mine_additions(index, X: np.ndarray, local: LocalCodes, ids: np.ndarray, verifier: Verifier) -> np.ndarray:
+def mine_additions(index, X: np.ndarray, local: LocalCodes, ids: np.ndarray,
+                   verifier: Verifier) -> tuple[np.ndarray, np.ndarray]:
     """Each photo being added to ``index`` (descriptors ``X``, local features ``local``, new ``ids``):
-    its partners (``verified_partners``, (n, NEIGHBOURS) ids, -1 padded) among its ``NEIGHBOURS``
-    nearest of the live photos (as ``index.search`` ranks them) and of the others being added. A
-    photo added later finds its pairs with these from its own side."""
+    its ``NEIGHBOURS`` nearest of the live photos (as ``index.search`` ranks them) and of the others
+    being added, and their inliers with it (``verify_candidates``): two (n, NEIGHBOURS) arrays, ids
+    -1 padded. Its partners are those at the sure level (``partners_from``); a photo added later
+    finds its pairs with these from its own side."""
     sims, rows = nearest(X, NEIGHBOURS)
     cand = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
     if len(index):
@@ -152,7 +203,7 @@ def mine_additions(index, X: np.ndarray, local: LocalCodes, ids: np.ndarray, ver
             have[np.flatnonzero(old)] = stored
         return codes, have
 
-    return verified_partners(local, cand, codes_of, verifier)
+    return cand, verify_candidates(local, cand, codes_of, verifier)
 
 
 # -- augmentation ------------------------------------------------------------------------------------
@@ -245,5 +296,6 @@ def _live_sorted(pos: np.ndarray) -> np.ndarray:
     return unique_pairs(np.sort(pos[(pos >= 0).all(1)], 1))
 
 
-__all__ = ["AUGMENT", "AUGMENT_CHOICES", "NEIGHBOURS", "PairOverlay", "augment", "check_augment", "mine",
-           "mine_additions", "mine_pairs", "nearest", "pairs_of", "unique_pairs", "verified_partners"]
+__all__ = ["AUGMENT", "AUGMENT_CHOICES", "NEIGHBOURS", "PairOverlay", "augment", "check_augment", "edges_of", "mine",
+           "mine_additions", "mine_edges", "mine_pairs", "nearest", "pairs_of", "partners_from", "unique_pairs",
+           "verified_partners", "verify_candidates"]

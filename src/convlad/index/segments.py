@@ -7,7 +7,9 @@ The one module that names the files inside an index folder:
     INDEX/model.npz       the model that made the descriptors (so searching needs nothing else)
     INDEX/seg-*/          X.npy (n, d) float32 · ids.npy · stamps.npy · offsets.npy + paths.bin ·
                           x-NAME.npy per-row extras (x-local-codes, x-local-cells, x-local-count;
-                          x-partners: the ids each photo verified with when it was added, -1 padded)
+                          x-partners: the ids each photo verified with when it was added, -1 padded;
+                          x-candidates, x-candidate-inliers: the nearest it was verified against then,
+                          -1 padded, and their inliers, -1 where not verified: the groups' evidence)
     INDEX/ivf-*/          trained.faiss (an empty trained IVF-PQ) and SEGMENT.npy, its codes per segment
     INDEX/dead-*.npy      ids deleted since their segment was written (tombstones)
     INDEX/tmp-*           a write under way (``storage.write_durable``, ``write_segment``): garbage once
@@ -43,7 +45,8 @@ MODEL = "model.npz"
 UPLOADS = "uploads"
 TRAINED = "trained.faiss"
 PARTNERS = "partners"  # the per-row extra of a store that augments (x-partners.npy)
-FILL = {PARTNERS: -1}  # what a merged segment's rows without an extra get, where not zero
+CANDIDATES, CANDIDATE_INLIERS = "candidates", "candidate-inliers"  # ... and all it verified (since 2026-12)
+FILL = {PARTNERS: -1, CANDIDATES: -1, CANDIDATE_INLIERS: -1}  # a merged segment's rows without an extra, where not 0
 FORMAT = "convlad-store"
 FORMAT_VERSION = 1
 # names the writer may delete when no manifest refers to them (never anything else in the folder)

@@ -35,7 +35,7 @@ from .ann import ANN_THRESHOLD, ExactIndex
 from .merge import COMPACT_TARGET, needs_compaction, plan_merges
 from ..storage import FileFormatError
 from ..verify import LOCAL_K, LocalCodes
-from ..pairs import AUGMENT, PairOverlay, check_augment, mine_additions, pairs_of, unique_pairs
+from ..pairs import AUGMENT, PairOverlay, check_augment, edges_of, mine_additions, pairs_of, partners_from, unique_pairs
 
 MODEL = S.MODEL
 RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
@@ -80,6 +80,7 @@ class IndexStore:
         self._ivf = self._exact = self._exact_pos = self._trained = None
         self._n_dead = 0
         self._pairs_cache: dict[str, np.ndarray] = {}
+        self._edges_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._aug: PairOverlay | None = None  # the live verified pairs, by position, where the store augments
 
     # -- opening ---------------------------------------------------------------------------------
@@ -225,6 +226,7 @@ class IndexStore:
             self._offsets = np.concatenate([[0], np.cumsum([len(s) for s in segs])]).astype(np.int64)
             self._n_dead = int(sum((~lv).sum() for lv in live if lv is not None))
             self._pairs_cache = {s.name: self._segment_pairs(s) for s in segs}
+            self._edges_cache = {s.name: self._edges_cache[s.name] for s in segs if s.name in self._edges_cache}
             # appended with the same tombstones, the older pairs keep their positions: only the
             # new segments' are looked up (a commit costs O(new) here too)
             grown = appended and same_dead
@@ -350,6 +352,37 @@ class IndexStore:
             if not n.sum():
                 return np.zeros((0, 2), np.int64)
             return np.stack([np.repeat(ids, n), self._ids_at(other)], 1)
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every live pair of photos that one of them was verified against when it was added (its
+        ``pairs.NEIGHBOURS`` nearest then), with their inliers: (pairs (m, 2) ids a < b, sorted;
+        inliers (m,) int32, the more of the two directions), pairs with no inlier left out. The
+        evidence ``groups.links`` builds the groups on; ``pairs`` are those at the sure level. A
+        segment written before the candidates were kept gives its verified pairs at the sure level
+        (their inliers were not kept). Empty where the store does not mine."""
+        with self._mutex:
+            parts = [self._segment_edges(s) for s in self._segs]
+            P = np.concatenate([p for p, _ in parts] + [np.zeros((0, 2), np.int64)])
+            w = np.concatenate([w for _, w in parts] + [np.zeros(0, np.int32)])
+            live = (self._positions(P.ravel()).reshape(-1, 2) >= 0).all(1)
+        ends = P[live]
+        return edges_of(ends[:, 0], ends[:, 1:], w[live][:, None])
+
+    def _segment_edges(self, seg) -> tuple[np.ndarray, np.ndarray]:
+        got = self._edges_cache.get(seg.name)
+        if got is None:
+            # the verified pairs at the sure level, with the inliers of all candidates where kept (a
+            # segment merged from older ones keeps -1 candidates for their rows, and their pairs)
+            P = self._segment_pairs(seg)
+            sure = self.model.verifier().sure if self.model is not None else 1
+            C = seg.extra.get(S.CANDIDATES)
+            got = edges_of(P[:, 0], P[:, 1:], np.full((len(P), 1), sure, np.int32))
+            if C is not None:
+                E, w = edges_of(np.asarray(seg.ids), np.asarray(C), np.asarray(seg.extra[S.CANDIDATE_INLIERS]))
+                both = np.concatenate([got[0], E])
+                got = edges_of(both[:, 0], both[:, 1:], np.concatenate([got[1], w])[:, None])
+            self._edges_cache[seg.name] = got
+        return got
 
     def pairs(self) -> np.ndarray:
         """Every live verified pair of this generation, as ids (a, b) with a < b: (m, 2) int64,
@@ -559,7 +592,9 @@ class IndexStore:
         ids = np.arange(m["next_id"], m["next_id"] + len(X), dtype=np.int64)
         extra = local.arrays() if local is not None else None
         if local is not None and self.augments:
-            extra = dict(extra, **{S.PARTNERS: self._mine(X, local, ids)})
+            cand, inl = self._mine(X, local, ids)
+            extra = dict(extra, **{S.PARTNERS: partners_from(cand, inl, self.model.verifier().sure),
+                                   S.CANDIDATES: cand, S.CANDIDATE_INLIERS: inl.astype(np.int16)})
         name = S.write_segment(self.path, X, ids, stamps, list(paths), extra)
         self._commit(dict(m, next_id=int(ids[-1]) + 1,
                           segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments={name: X})

@@ -166,8 +166,8 @@ class ModelEvaluation:
     whitening: str = "PCA"  # and what was learned from the collection (``whiten``, ``augment``)
     pca_result: EvalResult | None = None  # after a step learned from the collection: the same without it
     cached: tuple[bool, bool] = (False, False)  # (the fit, the encoding) came from the eval cache
-    # the groups of the database (components of its verified pairs, ``groups.labels``) against the
-    # benchmark's own (``grouping_of``), where it has groups and pairs were mined
+    # the groups of the database (``groups.links`` over its mined pairs, the default rule) against
+    # the benchmark's own (``grouping_of``), where it has groups and pairs were mined
     grouping: dict | None = None
 
     def aps_document(self) -> dict:
@@ -257,12 +257,15 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
                                     local_q=enc_q.local if enc_q and rerank else None, verifier=model.verifier(),
                                     pairs=pairs)
 
-    whitening, pca_result, X, pairs = "PCA", None, enc.X, None
+    whitening, pca_result, X, pairs, edges = "PCA", None, enc.X, None, None
     if whiten != "pca" or augment != "none":
+        from ..pairs import mine
         from ..whitening import from_collection
 
+        edges = mine(X, enc.local, model.verifier(), progress, edges=True)  # the groups' evidence too
         try:
-            col = from_collection(X, Xq, enc.local, model.verifier(), whiten, augment, progress)
+            col = from_collection(X, Xq, enc.local, model.verifier(), whiten, augment, progress,
+                                  pairs=edges[0][edges[1] >= model.verifier().sure])
         except ValueError as e:
             warnings.append(f"collection steps off: {e}")
         else:
@@ -273,9 +276,10 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
     res = measure(X, Xq, pairs)
     grouping = None
     if pairs is not None and (truth := grouping_of(bench)) is not None:
-        from ..groups import labels
+        from .grouping import default_labels
 
-        grouping = grouping_scores(labels(len(X), pairs), truth)
+        v = model.verifier()
+        grouping = grouping_scores(default_labels(enc.X, *edges, v.sure, v.chance), truth)
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,
                            model.chance_, model.local_key,

@@ -1,0 +1,257 @@
+"""How the groups of a collection agree with a benchmark's (``convlad eval --groups``): the groups'
+rule (``groups.Rule``) chosen among candidates by group-wise K-fold, beside baselines chosen the same
+way, each scored out of fold with a 95% bootstrap interval over the benchmark's groups.
+
+Candidates, each a grouping of the database photos (a label per photo):
+- **verified links**: ``groups.links`` over the mined pairs (the 20 nearest of each photo, verified),
+  for each rule of ``GRID`` (weak inliers as a multiple of the chance level, a cosine floor, the
+  support it takes to join two groups); ``weak`` at 3 (``verify.SURE``) is the sure pairs alone;
+- **global cosine**: components of the pairs among each photo's 20 nearest at a cosine threshold
+  (the fastdup recipe on convlad's own descriptor);
+- **perceptual hash**: components of the pairs within a Hamming distance of ``imagehash``'s pHash
+  (where imagehash is installed; the duplicates finder people use);
+- **peers**: groupings from a JSON file (``experiments/peer_fastdup.py``: fastdup's components per
+  ``ccthreshold``).
+
+Out of fold: the photos are dealt into K folds by whole groups (distractors are groups of one); for
+each fold the candidate with the best pairwise F1 on the other folds' photos (the more precise on
+ties, then the first) groups the held fold's, on the whole collection's graph. The held folds'
+labels, each fold's kept apart, are scored together: no pair across folds counts either way.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .folds import group_folds
+from .metrics import grouping_scores
+
+GRID = {"weak": (1.5, 1.75, 2.0, 2.5, 3.0), "similarity": (0.0, 0.5, 0.6, 0.7, 0.8), "support": (1, 2, 3)}
+COSINES = tuple(round(float(t), 3) for t in np.arange(0.6, 0.9751, 0.025))
+HAMMING = (0, 2, 4, 6, 8, 10, 12, 14)
+NEIGHBOURS = 20
+
+
+def rule_name(weak: float, similarity: float, support: int) -> str:
+    return f"weak={weak:g} similarity={similarity:g} support={support}"
+
+
+def similarities(X, edges) -> np.ndarray:
+    """The cosine of each pair of rows ``edges`` (m, 2) of ``X`` (L2-normalised)."""
+    E = np.asarray(edges, np.int64).reshape(-1, 2)
+    return np.einsum("ij,ij->i", X[E[:, 0]], X[E[:, 1]]) if len(E) else np.zeros(0)
+
+
+def default_labels(X, edges, inliers, sure: int, chance: int, rule=None) -> np.ndarray:
+    """The groups of rows of ``X`` under ``rule`` (None: the default ``groups.Rule``) over the mined
+    ``edges`` and their ``inliers``: a label per row."""
+    from ..groups import Rule, labels, links
+
+    return labels(len(X), links(edges, inliers, similarities(X, edges), sure, chance, rule or Rule()))
+
+
+def rule_candidates(edges, inliers, X, sure: int, chance: int, grid: dict | None = None) -> dict[str, np.ndarray]:
+    """Each rule of ``grid`` (``GRID``) over the mined ``edges`` ((m, 2) rows of ``X``, their
+    ``inliers``): name → a label per row."""
+    from ..groups import Rule, labels, links
+
+    grid = GRID if grid is None else grid
+    E = np.asarray(edges, np.int64).reshape(-1, 2)
+    sim = similarities(X, E)
+    out = {}
+    for weak in grid["weak"]:
+        for s in grid["similarity"]:
+            for k in grid["support"]:
+                out[rule_name(weak, s, k)] = labels(len(X), links(E, inliers, sim, sure, chance, Rule(weak, s, k)))
+    return out
+
+
+def cosine_candidates(X, thresholds=COSINES, neighbours: int = NEIGHBOURS) -> dict[str, np.ndarray]:
+    """Components of the pairs among each row's ``neighbours`` nearest with cosine ≥ each threshold."""
+    from ..groups import labels
+    from ..pairs import nearest
+
+    sims, rows = nearest(X, neighbours)
+    a = np.repeat(np.arange(len(X)), rows.shape[1])
+    b, s = rows.ravel(), sims.ravel()
+    return {f"cosine={t:g}": labels(len(X), np.stack([a, b], 1)[(b >= 0) & (s >= t)]) for t in thresholds}
+
+
+def hash_candidates(paths, distances=HAMMING) -> dict[str, np.ndarray] | None:
+    """Components of the pairs of photos whose pHash (``imagehash``, 64 bits) differ in at most each
+    number of bits; None where imagehash is not installed. Every pair is compared (O(n²) bits)."""
+    try:
+        import imagehash
+    except ImportError:
+        return None
+    from PIL import Image
+
+    from ..groups import labels
+
+    H = []
+    for p in paths:
+        with Image.open(p) as im:
+            H.append(np.packbits(imagehash.phash(im).hash.ravel()))
+    H = np.stack(H)
+    pop = np.unpackbits(H[:, None, :] ^ H[None, :, :], axis=2).sum(2)
+    i, j = np.triu_indices(len(paths), 1)
+    d = pop[i, j]
+    return {f"hamming={t}": labels(len(paths), np.stack([i, j], 1)[d <= t]) for t in distances}
+
+
+def peer_candidates(file: Path, paths) -> tuple[str, dict[str, np.ndarray]]:
+    """A peer's groupings from ``file`` (``{"peer", "paths", "candidates": {name: [label, ...]}}``),
+    aligned with ``paths``; a ValueError naming the file where they are not the same photos."""
+    try:
+        doc = json.loads(Path(file).read_text())
+        got = {p: k for k, p in enumerate(doc["paths"])}
+        at = [got[p] for p in paths]
+        cands = {name: np.asarray(labs, dtype=object)[at].astype(str) for name, labs in doc["candidates"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        missing = f"no photo {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{file}: not a peer's groupings of this benchmark's photos ({missing})") from None
+    return str(doc.get("peer", Path(file).stem)), cands
+
+
+@dataclass
+class Chosen:
+    """A family's out-of-fold result: the labels of each held fold (``labels``, keyed by fold), the
+    candidate each fold chose, and the scores of the held folds together."""
+
+    name: str
+    labels: np.ndarray
+    chosen: list[str]
+    scores: dict = field(default_factory=dict)
+
+
+def cross_validate(cands: dict[str, np.ndarray], truth, folds: np.ndarray, name: str = "") -> Chosen:
+    truth = np.asarray(truth, dtype=object)
+    out = np.empty(len(truth), dtype=object)
+    chosen = []
+    for f in np.unique(folds):
+        train, held = folds != f, folds == f
+
+        def fit(c):
+            s = grouping_scores(cands[c][train], truth[train])
+            return s["pairwise_f1"], s["pairwise_precision"]
+
+        best = max(cands, key=fit)  # max keeps the first of ties
+        chosen.append(best)
+        out[held] = [f"{f}:{x}" for x in cands[best][held]]
+    return Chosen(name, out, chosen, grouping_scores(out, truth))
+
+
+def bootstrap(truth, found, other=None, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the pairwise F1 of the grouping ``found`` (or of ``found`` minus
+    ``other``'s, on the same resamples), the benchmark's groups drawn with replacement. A group drawn
+    w times weighs w in the true and the rightly joined pairs, and the wrongly joined pairs between
+    groups g and h weigh w_g·w_h: copies of a group are not pairs of each other."""
+    truth = np.asarray(truth, dtype=object).astype(str)
+    _, t = np.unique(truth, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    W = rng.multinomial(t.max() + 1, np.full(t.max() + 1, 1 / (t.max() + 1)), n_boot).astype(np.float64)
+
+    def f1(labels):
+        _, f = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+        B = np.zeros((f.max() + 1, t.max() + 1))
+        np.add.at(B, (f, t), 1)
+        right = (B * (B - 1) / 2).sum(0)                    # per true group: its pairs found together
+        true = (lambda n: n * (n - 1) / 2)(B.sum(0))        # per true group: its pairs
+        S, Q = W @ B.T, (W ** 2) @ (B ** 2).T               # per resample and found group
+        wrong = ((S ** 2 - Q) / 2).sum(1)                   # pairs across groups within found groups
+        tp, tr = W @ right, W @ true
+        p, r = tp / np.maximum(tp + wrong, 1e-12), tp / np.maximum(tr, 1e-12)
+        return np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
+
+    got = f1(found) - (f1(other) if other is not None else 0)
+    return tuple(float(x) for x in np.percentile(got, [2.5, 97.5]))
+
+
+def evaluate_groups(model, bench, cache=None, k: int = 5, seeds: int = 3, peers=(), report=print,
+                    progress: bool = True) -> dict:
+    """``study`` on a benchmark (``datasets.load_groups``) with ``model`` fitted: its database photos
+    encoded (through the ``evalcache.EvalCache`` ``cache``) and mined as an index mines them. A
+    ValueError where the benchmark has no groups of its database photos (the mvbench layout)."""
+    from ..pairs import mine
+    from ..verify import LOCAL_K
+    from .evaluate import encode_benchmark, grouping_of
+
+    truth = grouping_of(bench)
+    if truth is None:
+        raise ValueError(f"{bench.name}: --groups needs every photo of a group on a row of its own (the mvbench layout)")
+    if len(set(truth)) < k:
+        raise ValueError(f"{bench.name}: {k} folds need at least {k} groups")
+    enc, _, _, _ = encode_benchmark(model, bench, LOCAL_K, progress, cache)
+    v = model.verifier()
+    E, w = mine(enc.X, enc.local, v, progress, edges=True)
+    return study(enc.X, E, w, v.sure, v.chance, truth, bench.paths, k, seeds, peers, report)
+
+
+def study(X, edges, inliers, sure: int, chance: int, truth, paths, k: int = 5, seeds: int = 3,
+          peers: list[Path] = (), report=print, default_rule=None) -> dict:
+    """The grouping study: each family chosen out of fold (``k`` folds, ``seeds`` deals), the default
+    rule (``default_rule``, fixed) and the gain of the rule chosen out of fold over each baseline,
+    with intervals. Reports a table (``report``, a line a call) and returns it as a JSON-able dict."""
+    from ..groups import Rule
+
+    truth = np.asarray(truth, dtype=object)
+    rule = default_rule or Rule()
+    E = np.asarray(edges, np.int64).reshape(-1, 2)
+    default = default_labels(X, E, inliers, sure, chance, rule)
+    families = {"verified links": rule_candidates(X=X, edges=E, inliers=inliers, sure=sure, chance=chance),
+                "global cosine": cosine_candidates(X)}
+    hashes = hash_candidates(paths)
+    if hashes is None:
+        report("perceptual hash: left out (pip install imagehash)")
+    else:
+        families["perceptual hash"] = hashes
+    for f in peers:
+        peer, cands = peer_candidates(f, paths)
+        families[peer] = cands
+    doc = {"photos": len(truth), "groups": int(sum(1 for g in set(truth) if list(truth).count(g) > 1)),
+           "folds": k, "default_rule": rule_name(rule.weak, rule.similarity, rule.support),
+           "default": grouping_scores(default, truth), "families": {}}
+    d = doc["default"]
+    report(f"{'grouping':<26}{'pairwise P':>11}{'R':>7}{'F1 [95%]':>22}{'B-cubed F1':>12}   chosen per fold")
+    report(f"{'default rule (fixed)':<26}{d['pairwise_precision']:>11.3f}{d['pairwise_recall']:>7.3f}"
+           f"{_with(d['pairwise_f1'], bootstrap(truth, default)):>22}{d['bcubed_f1']:>12.3f}   {doc['default_rule']}")
+    held = {}
+    for name, cands in families.items():
+        rows = []
+        for seed in range(seeds):
+            c = cross_validate(cands, truth, group_folds(list(truth), k, seed), name)
+            rows.append({"seed": seed, "scores": c.scores, "chosen": c.chosen})
+            if seed == 0:
+                held[name] = c
+        s = rows[0]["scores"]
+        doc["families"][name] = {"out_of_fold": rows, "interval_f1": bootstrap(truth, held[name].labels),
+                                 "full_set": {c: grouping_scores(lab, truth) for c, lab in cands.items()}}
+        seeds_f1 = "/".join(f"{r['scores']['pairwise_f1']:.3f}" for r in rows)
+        report(f"{name + ' (K-fold)':<26}{s['pairwise_precision']:>11.3f}{s['pairwise_recall']:>7.3f}"
+               f"{_with(s['pairwise_f1'], doc['families'][name]['interval_f1']):>22}{s['bcubed_f1']:>12.3f}   "
+               f"{_common(held[name].chosen)}; F1 over seeds {seeds_f1}")
+    ours = held["verified links"]
+    for name, c in held.items():
+        if name == "verified links":
+            continue
+        lo, hi = bootstrap(truth, ours.labels, c.labels)
+        gain = ours.scores["pairwise_f1"] - c.scores["pairwise_f1"]
+        doc["families"][name]["gain_of_verified_links"] = {"f1": gain, "interval": (lo, hi)}
+        report(f"verified links over {name}: F1 {gain:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    return doc
+
+
+def _with(v: float, iv) -> str:
+    return f"{v:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
+def _common(chosen: list[str]) -> str:
+    counts = {c: chosen.count(c) for c in chosen}
+    return ", ".join(f"{c} ×{n}" if n > 1 else c for c, n in sorted(counts.items(), key=lambda x: -x[1]))
+
+
+__all__ = ["COSINES", "Chosen", "GRID", "HAMMING", "bootstrap", "cosine_candidates", "cross_validate", "default_labels",
+           "evaluate_groups", "hash_candidates", "peer_candidates", "rule_candidates", "rule_name", "similarities", "study"]
