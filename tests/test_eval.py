@@ -56,10 +56,42 @@ def test_default_pipeline_reaches_target_map(tmp_path):
     assert global_ >= float(alone.group(2)) + 0.01 and float(last.split()[1]) >= float(alone.group(1)), p.stdout
     assert "layers=block6 pooled=block15 scales=1,2 k=100 dim=128" in p.stdout
     assert "re-ranking: top 100" in p.stdout and "24602 bytes of local features per image" in p.stdout
-    # the groups of the database, the components of the same verified pairs (`convlad groups`):
-    # nearly every pair right (0.997 and B-cubed F1 0.944 when measured)
+    # the groups of the database under the default rule over the same mined pairs (`convlad groups`):
+    # nearly every pair right (0.995, F1 0.942 and B-cubed F1 0.956 when measured)
     g = re.search(r"^groups .*: pairwise precision (0\.\d{3}), recall (0\.\d{3}), F1 (0\.\d{3}); B-cubed F1 "
                   r"(0\.\d{3})$", p.stdout, re.M)
-    assert g and float(g.group(1)) >= 0.98 and float(g.group(4)) >= 0.9, p.stdout
+    assert g and float(g.group(1)) >= 0.98 and float(g.group(3)) >= 0.92 and float(g.group(4)) >= 0.94, p.stdout
     doc = json.loads((tmp_path / "aps.json").read_text())
     assert len(doc["aps"]) == 191 and abs(np.nanmean([a for a in doc["aps"] if a is not None]) - doc["mAP"]) < 1e-9
+
+
+def test_groups_are_chosen_out_of_fold_beside_their_baselines(tmp_path):
+    """`convlad eval --groups`: the groups' rule chosen by group-wise K-fold on mvbench-dev beside the
+    global-cosine components and the perceptual hash, each chosen the same way. Out of fold the
+    verified links keep nearly every pair right and find more than the global cosine (measured:
+    P 1.000, F1 0.944 against 0.877; pHash F1 0.195). Reuses the default eval's fit and encoding."""
+    need(MVBENCH_TRAIN)
+    bad = tmp_path / "peer.json"
+    bad.write_text('{"paths": ["elsewhere.jpg"], "candidates": {}}')
+    p = subprocess.run([sys.executable, "-m", "convlad", "eval", "mvbench", str(MVBENCH_DEV), "--train",
+                        str(MVBENCH_TRAIN.parent), "--groups", "--peer", str(bad)], capture_output=True, text=True)
+    assert p.returncode != 0 and "not a peer's groupings of this benchmark's photos" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    out = tmp_path / "study.json"
+    p = subprocess.run([sys.executable, "-m", "convlad", "eval", "mvbench", str(MVBENCH_DEV), "--train",
+                        str(MVBENCH_TRAIN.parent), "--groups", "--groups-out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for line in ("default rule (fixed)", "verified links (K-fold)", "global cosine (K-fold)",
+                 "perceptual hash (K-fold)", "verified links over global cosine: F1 +"):
+        assert line in p.stdout, p.stdout
+    doc = json.loads(out.read_text())
+    fam = doc["families"]
+    ours, cosine = (fam[k]["out_of_fold"][0]["scores"] for k in ("verified links", "global cosine"))
+    assert ours["pairwise_precision"] >= 0.98 and ours["pairwise_f1"] >= 0.92, ours
+    assert ours["pairwise_f1"] >= cosine["pairwise_f1"] + 0.03 and ours["bcubed_f1"] > cosine["bcubed_f1"]
+    assert fam["perceptual hash"]["out_of_fold"][0]["scores"]["pairwise_f1"] < ours["pairwise_f1"]
+    lo, hi = fam["verified links"]["interval_f1"]
+    assert lo < ours["pairwise_f1"] < hi and len(fam["verified links"]["out_of_fold"]) == 3
+    # the default rule is the one the folds choose most often
+    chosen = [c for r in fam["verified links"]["out_of_fold"] for c in r["chosen"]]
+    assert max(set(chosen), key=chosen.count) == doc["default_rule"], chosen
