@@ -501,20 +501,127 @@ def job_groups(n: int, method: str, seed: int = 0) -> dict:
             "peak_rss_mb": peak_rss_mb(), "extra_mb": peak_rss_mb() - base}
 
 
+def _group_sizes(n: int, rng) -> np.ndarray:
+    """Sizes of groups of a collection of about ``n`` photos: 1-12, most alone (geometric)."""
+    sizes = np.minimum(rng.geometric(0.45, n), 12)
+    return sizes[np.cumsum(sizes) <= n]
+
+
+def job_groups_build(model: str, folder: str, n: int, photos: list[str], seed: int = 0, chunk: int = 10_000) -> dict:
+    """An index of ``n`` photos as `convlad groups` finds one: synthetic descriptors (each group
+    around a centre), the real local features of ``photos`` (encoded by ``model``) dealt round, and
+    the mining as the index keeps it (``add_vectors(mined=...)``): each photo's 20 candidates, its
+    group mates first, their inliers those of real pairs (a tree of sure pairs, 30 inliers, and
+    weak ones, 15, between mates; 0-11 with the rest)."""
+    from convlad.index.store import IndexStore
+    from convlad.pipeline import ConvVLAD
+    from convlad.runtime import Runtime
+    from convlad.verify import LOCAL_K
+
+    rng = np.random.default_rng(seed)
+    m = ConvVLAD.load(model, runtime=Runtime(compile=False))
+    real = m.transform(photos, progress=False, local=LOCAL_K).local
+    sizes = _group_sizes(n, rng)
+    n = int(sizes.sum())
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])[group]  # each photo's group's first photo
+    parent = np.where(np.arange(n) > first, first + (np.arange(n) - first - 1) // 2, -1)  # a binary tree
+    centres = rng.normal(size=(len(sizes), m.dim)).astype(np.float32)
+    t = time.perf_counter()
+    with IndexStore.create(folder, model=m) as st:
+        for lo in range(0, n, chunk):
+            rows = np.arange(lo, min(n, lo + chunk))
+            X = centres[group[rows]] + 0.6 * rng.normal(size=(len(rows), m.dim)).astype(np.float32)
+            X /= np.linalg.norm(X, axis=1, keepdims=True)
+            cand, inl = rng.integers(0, n, (len(rows), 20)), rng.integers(0, 12, (len(rows), 20))
+            for k, i in enumerate(rows):
+                mates = np.arange(first[i], first[i] + sizes[group[i]])
+                mates = mates[mates != i]
+                cand[k, :len(mates)] = mates
+                inl[k, :len(mates)] = np.where((parent[mates] == i) | (mates == parent[i]), 30, 15)
+            at = rows % len(real)
+            st.add_vectors(X, [photos[j] for j in at], local=real[at], mined=(cand, inl))
+            print(f"  {rows[-1] + 1:,d} written", file=sys.stderr, flush=True)
+    return {"n": n, "write_s": time.perf_counter() - t,
+            "bytes_on_disk": sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())}
+
+
+def job_groups_run(folder: str) -> dict:
+    """`convlad groups` on an index, from a fresh reader: every group with its evidence (the
+    duplicates verified), as ``convlad groups --csv`` lists them."""
+    from convlad.groups import groups
+    from convlad.index.store import IndexStore
+
+    import threading
+
+    def anon_mb() -> float:  # memory of its own, not the index's files mapped in
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    t = time.perf_counter()
+    st = IndexStore.open(folder)
+    opened, base, base_anon = time.perf_counter() - t, _rss_mb(), anon_mb()
+    peak, done = [base_anon], threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            peak.append(anon_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    found = groups(st)
+    seconds = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    return {"images": len(st), "groups": len(found), "grouped": int(sum(g["size"] for g in found)),
+            "duplicates": int(sum(m["duplicate_of"] is not None for g in found for m in g["members"])),
+            "open_s": opened, "seconds": seconds, "rss_open_mb": base, "peak_rss_mb": peak_rss_mb(),
+            "extra_mb": max(peak + [anon_mb()]) - base_anon, "extra_with_mapped_mb": peak_rss_mb() - base}
+
+
 JOBS = {"index": job_index, "forward": job_forward, "search": job_search, "store_build": job_store_build,
-        "store_search": job_store_search, "store_write": job_store_write, "groups": job_groups}
+        "store_search": job_store_search, "store_write": job_store_write, "groups": job_groups,
+        "groups_build": job_groups_build, "groups_run": job_groups_run}
 
 
-def measure_groups(quick: bool) -> dict:
-    """The graph part of grouping at 10 000 and 100 000 photos (and 1 000 000 unless quick), each in
-    a fresh process: convlad's against a plain union-find, measured in the same run."""
+def measure_groups(quick: bool, parent: str | None = None) -> dict:
+    """Grouping at 10 000 and 100 000 photos, each part in a fresh process: the graph part
+    (convlad's against a plain union-find over the same pairs, measured in the same run; and 1 000 000
+    unless quick), then `convlad groups` end to end on an index (``job_groups_build``): from a fresh
+    reader, every group with its evidence, its time and its memory beyond the open index."""
+    import shutil
+
+    from convlad.images import list_images
+    from convlad.pipeline import ConvVLAD
+
     out = []
     for n in ([10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]):
         print(f"groups {n} ...", flush=True)
         c, b = child("groups", n=n, method="convlad"), child("groups", n=n, method="baseline")
         assert c["groups"] == b["groups"], (c, b)
         out.append({**c, "baseline_seconds": b["seconds"], "ratio": c["seconds"] / b["seconds"]})
-    return {"rows": out}
+    e2e = []
+    folder = Path(tempfile.mkdtemp(prefix="convlad-bench-groups-", dir=parent))
+    try:
+        train_dir = SHARED / "mvbench-train" / "images"
+        print("groups: fitting the default descriptor on 64 mvbench-train photos ...", flush=True)
+        ConvVLAD().fit([str(train_dir / p) for p in list_images(train_dir)][::9], progress=False).save(folder / "m.npz")
+        from convlad.study.datasets import load_groups
+
+        photos = load_groups(SHARED / "mvbench-dev").paths[::4]
+        for n in [10_000, 100_000]:
+            print(f"groups: an index of {n:,d} photos ...", flush=True)
+            built = child("groups_build", model=str(folder / "m.npz"), folder=str(folder / f"ix{n}"), n=n,
+                          photos=photos)
+            e2e.append({**child("groups_run", folder=str(folder / f"ix{n}")), "write_s": built["write_s"],
+                        "bytes_on_disk": built["bytes_on_disk"]})
+            shutil.rmtree(folder / f"ix{n}", ignore_errors=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"rows": out, "end_to_end": e2e}
 
 
 def measure_serve(quick: bool) -> dict:
@@ -730,7 +837,7 @@ def main():
     if "rerank" in parts:
         results["rerank"] = measure_rerank(a.quick)
     if "groups" in parts:
-        results["groups"] = measure_groups(a.quick)
+        results["groups"] = measure_groups(a.quick, a.store_dir)
     # a part measured alone keeps the machine it ran on: the others may come from another one
     for part in parts:
         if isinstance(results.get(part), dict):
@@ -828,6 +935,11 @@ def print_table(r: dict) -> None:
             print(f"  {g['n']:>9,d} photos, {g['pairs']:,d} pairs, {g['groups']:,d} groups: {g['seconds']:.2f} s "
                   f"(a plain union-find {g['baseline_seconds']:.2f} s, {g['ratio']:.1f}×), "
                   f"{g['extra_mb']:.0f} MB beyond the pairs")
+        for g in r["groups"].get("end_to_end", []):
+            print(f"  `convlad groups` on an index of {g['images']:,d} photos ({g['bytes_on_disk'] / 2**30:.1f} GiB): "
+                  f"{g['groups']:,d} groups of {g['grouped']:,d} photos, {g['duplicates']:,d} duplicates, in "
+                  f"{g['seconds']:.1f} s (open {g['open_s']:.1f} s), {g['extra_mb']:.0f} MB of its own beyond the open "
+                  f"index (with the index's pages it read: {g['extra_with_mapped_mb']:.0f} MB)")
     if "forward" not in r or "search" not in r:
         return
     f = r["forward"]

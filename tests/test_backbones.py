@@ -1,7 +1,6 @@
 """Backbones: exact torchvision key layouts, real weights loading right, taps and early stopping."""
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """VLAD and normalisations against values computed by hand or by the plainest possible loop."""
 import numpy as np
-import pytest
 import torch
 
 from convlad import functional as Fn

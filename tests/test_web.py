@@ -78,7 +78,7 @@ def test_search_click_match_add_and_delete_in_a_browser(browser, site, tmp_path)
     second = page.locator("#grid .card").nth(1)
     clicked = second.locator(".path").inner_text()
     second.locator(".thumb").click()
-    page.wait_for_function(f"document.getElementById('status').textContent.includes('photos like photo')")
+    page.wait_for_function("document.getElementById('status').textContent.includes('photos like photo')")
     assert clicked not in page.locator("#grid .card .path").all_inner_texts()
 
     # the match view of the first result
@@ -100,7 +100,7 @@ def test_search_click_match_add_and_delete_in_a_browser(browser, site, tmp_path)
     card = page.locator("#grid .card").first
     gone = card.locator(".path").inner_text()
     card.locator(".del").click()
-    page.wait_for_function(f"document.getElementById('status').textContent.startsWith('Deleted')")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Deleted')")
     assert gone not in page.locator("#grid .card .path").all_inner_texts()
     page.wait_for_function(f"document.getElementById('stats').textContent.startsWith('{before} ')")
     assert not page.locator("#error").is_visible()

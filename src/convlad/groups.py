@@ -9,9 +9,9 @@ out of fold, their pairs are right 100% of the time and find 89% of the true pai
 "Groups"). A weak pair alone never joins two groups of two or more photos: a chain of weak links
 does not merge them. Each group has a representative, the photo with the most links in it (the
 smallest id among ties), and each other member the evidence that put it there: the photo it joins
-through (``via``, one hop nearer the representative, linked with it), their inliers, verified again from the stored local features (the more of the two
-directions: a pair is mined from one side), and the similarity of their global descriptors
-(cosine). A member is a duplicate (``duplicate_of``) of its most similar partner, of the two the
+through (``via``, one hop nearer the representative, linked with it), their inliers as mined (the
+more of the two directions where each was among the other's nearest), and the similarity of their
+global descriptors (cosine). A member is a duplicate (``duplicate_of``) of its most similar partner, of the two the
 one added later, where their verification maps one photo onto the other with the same framing: at
 least ``DUPLICATE_SHARE`` of the local features the two keep (the fewer) as inliers (and the sure
 level), and an affine map whose two scales are within ``DUPLICATE_LOG_SCALE`` of 1 (in log) and
@@ -117,6 +117,7 @@ DUPLICATE_SHIFT = 0.66
 # (pans reach 0.32 to 0.73): the scale does.
 DUPLICATE_SHARE = 0.25
 DUPLICATE_MIN_GRID = 20
+CHUNK = 2048  # pairs whose local features are read at once (25 kB a photo by default: 100 MB at most)
 
 
 def components(ids, pairs) -> list[np.ndarray]:
@@ -137,10 +138,23 @@ def labels(n: int, pairs) -> np.ndarray:
     return out
 
 
-def graph(index, rule: Rule = Rule()) -> np.ndarray:
+def similarities(X, edges) -> np.ndarray:
+    """The cosine of each pair of rows ``edges`` (m, 2) of ``X`` (L2-normalised)."""
+    E = np.asarray(edges, np.int64).reshape(-1, 2)
+    return np.einsum("ij,ij->i", X[E[:, 0]], X[E[:, 1]]) if len(E) else np.zeros(0)
+
+
+def grouping(X, edges, inliers, sure: int, chance: int, rule: Rule = Rule()) -> np.ndarray:
+    """The groups of the rows of ``X`` (descriptors in memory, as ``eval`` holds a benchmark's) under
+    ``rule`` over their mined ``edges`` ((m, 2) rows) and ``inliers``: a label per row."""
+    return labels(len(X), links(edges, inliers, similarities(X, edges), sure, chance, rule))
+
+
+def graph(index, rule: Rule = Rule(), inliers: bool = False):
     """The pairs of ``index``'s live photos (an ``IndexStore``) that join groups: ``links`` under
     ``rule`` over the pairs it mined as photos were added (``IndexStore.edges``), with the cosine of
-    their descriptors read for the weak ones only: (m, 2) ids."""
+    their descriptors read for the weak ones only: (m, 2) ids, sorted; ``inliers``: and their
+    inliers as mined, (m,)."""
     E, w = index.edges()
     v = verifier_of(index)
     weak = (w < v.sure) & (w >= rule.level(v.chance))
@@ -150,7 +164,16 @@ def graph(index, rule: Rule = Rule()) -> np.ndarray:
         X = index.vectors(ends)
         at = at.reshape(-1, 2)
         sim[weak] = np.einsum("ij,ij->i", X[at[:, 0]], X[at[:, 1]])
-    return links(E, w, sim, v.sure, v.chance, rule)
+    keep = np.isin(np.arange(len(E)), _rows_of(E, links(E, w, sim, v.sure, v.chance, rule)))
+    return (E[keep], w[keep]) if inliers else E[keep]
+
+
+def _rows_of(E: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """The rows of ``E`` (m, 2), sorted and unique, that the pairs ``P`` are."""
+    if not len(P):
+        return np.zeros(0, np.int64)
+    code = np.array([int(E.max()) + 1, 1], np.int64)
+    return np.searchsorted(E @ code, P @ code)
 
 
 def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: bool = False,
@@ -158,27 +181,33 @@ def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: boo
     """The groups of ``index``'s live photos (an ``IndexStore``): plain data, largest first, each
     ``{"id", "size", "representative", "members": [{"id", "path", "via", "inliers", "similarity",
     "duplicate_of"}, ...]}`` with the representative first (its ``via``, ``inliers``, ``similarity``
-    None), then in the order of a walk from it. ``id`` is the representative's. ``min_size``: the
-    smallest group listed (1 lists every photo); ``limit``: the largest ``limit`` groups only;
-    ``evidence`` False skips the verifications (inliers and ``duplicate_of`` None: ``verify`` fills
-    them in later, a group at a time); ``duplicates_only``: each group's members that are
-    duplicates, with the photos they duplicate, and only groups that have some; ``rule``: which
-    mined pairs join groups (``Rule``, the default chosen by K-fold)."""
-    P = graph(index, rule)
+    None), then in the order of a walk from it. ``id`` is the representative's; ``inliers`` are
+    the mined pair's with ``via`` (an index written before they were kept gives the sure level).
+    ``min_size``: the smallest group listed (1 lists every photo); ``limit``: the largest ``limit``
+    groups only; ``evidence`` False skips the verification of duplicates (``duplicate_of`` None:
+    ``verify`` fills it in later, a group at a time); ``duplicates_only``: each group's members
+    that are duplicates, with the photos they duplicate, and only groups that have some; ``rule``:
+    which mined pairs join groups (``Rule``, the default chosen by K-fold)."""
+    P, W = graph(index, rule, inliers=True)
+    count = {(int(a), int(b)): int(k) for (a, b), k in zip(P.tolist(), W)}
     ids = np.array([i for i, _, _ in index.items()], np.int64) if min_size <= 1 else np.unique(P)
-    out = []
-    for rep, order, via in walks(ids, P, min_size):
-        if limit is not None and len(out) >= limit and not duplicates_only:
+    found = []
+    for walk in walks(ids, P, min_size):
+        if limit is not None and len(found) >= limit and not duplicates_only:
             break
-        X = index.vectors(order)
-        at = {i: k for k, i in enumerate(order)}
+        found.append(walk)
+    every = np.array([i for _, order, _ in found for i in order], np.int64)
+    X, paths = index.vectors(every), index.paths_of(every)  # for all groups at once: a lookup costs
+    at = {i: k for k, i in enumerate(every.tolist())}
+    out = []
+    for rep, order, via in found:
         out.append({"id": rep, "size": len(order), "representative": rep, "members": [
-            {"id": i, "path": index.path_of(i), "via": via.get(i), "inliers": None,
+            {"id": i, "path": paths[at[i]], "via": via.get(i),
+             "inliers": None if i == rep else count[(min(i, via[i]), max(i, via[i]))],
              "similarity": None if i == rep else round(float(X[at[i]] @ X[at[via[i]]]), 6), "duplicate_of": None}
             for i in order]})
     if evidence or duplicates_only:
-        for g in out:
-            verify(index, g)
+        _verify(index, out)
     if duplicates_only:
         out = [{**g, "members": kept} for g in out if (kept := _duplicates(g["members"]))]
     return out if limit is None else out[:limit]
@@ -255,40 +284,51 @@ def walks(ids, pairs, min_size: int = 2):
 
 
 def verify(index, group: dict) -> dict:
-    """A group of ``groups`` with its evidence filled in (in place, and returned): each member's
-    inliers with the photo it joins through (the more of the two directions: a pair is mined from
-    one side) and the photo it duplicates, if any (its most similar partner, one pair a photo)."""
-    members = group["members"]
-    if len(members) < 2 or not index.local_k:
-        return group
-    order = [m["id"] for m in members]
+    """A group of ``groups`` with its duplicates marked (in place, and returned): the photo each
+    member duplicates, if any (its most similar sure partner, verified again for the affine map;
+    one pair a photo)."""
+    _verify(index, [group])
+    return group
+
+
+def _verify(index, found: list[dict]) -> None:
+    """``verify`` for many groups, each store lookup made once for all of them."""
+    order = [m["id"] for g in found for m in g["members"] if len(g["members"]) >= 2]
+    for g in found:
+        for m in g["members"]:
+            m["duplicate_of"] = None
+    if not order or not index.local_k:
+        return
     row = {i: k for k, i in enumerate(order)}
     X = index.vectors(order)
     v = verifier_of(index)
-    codes, have = index.local_codes(order)
-    fine = int(codes.cells.max()) + 1 >= DUPLICATE_MIN_GRID  # the map's side, from the cells kept
-
-    def match(a, b):
-        return v.match(codes.features(row[a]), codes[[row[b]]]) if have[row[a]] and have[row[b]] else None
-
-    for m in members[1:]:
-        got = [x.n_inliers for x in (match(m["id"], m["via"]), match(m["via"], m["id"])) if x is not None]
-        m["inliers"] = max(got) if got else None
-    dup: dict[int, int] = {}
     partners: dict[int, list[int]] = {}
-    for a, b in index.partners(order).tolist() if fine else ():
+    for a, b in index.partners(order).tolist():
         partners.setdefault(a, []).append(b)
-    for i, js in partners.items():  # a duplicate is most like the photo it copies
+    best = {}  # a duplicate is most like the photo it copies
+    for i, js in partners.items():
         j = max((k for k in js if k in row), key=lambda k: (float(X[row[i]] @ X[row[k]]), -k), default=None)
-        if j is None or max(i, j) in dup:
-            continue
-        m = match(i, j)
-        kept = int(min(codes.count[row[i]], codes.count[row[j]]))  # the features each keeps
-        if m is not None and is_duplicate(m, v.sure, kept):
-            dup[max(i, j)] = min(i, j)
-    for m in members:
-        m["duplicate_of"] = dup.get(m["id"])
-    return group
+        if j is not None:
+            best[i] = j
+    dup: dict[int, int] = {}
+    pairs = list(best.items())
+    for lo in range(0, len(pairs), CHUNK):  # the local features of a chunk of photos at a time
+        chunk = pairs[lo:lo + CHUNK]
+        need = sorted({i for p in chunk for i in p})
+        codes, have = index.local_codes(need)
+        if int(codes.cells.max()) + 1 < DUPLICATE_MIN_GRID:  # the map's side, from the cells kept
+            return
+        at = {i: k for k, i in enumerate(need)}
+        for i, j in chunk:
+            if max(i, j) in dup or not (have[at[i]] and have[at[j]]):
+                continue
+            m = v.match(codes.features(at[i]), codes[[at[j]]])
+            kept = int(min(codes.count[at[i]], codes.count[at[j]]))  # the features each keeps
+            if is_duplicate(m, v.sure, kept):
+                dup[max(i, j)] = min(i, j)
+    for g in found:
+        for m in g["members"]:
+            m["duplicate_of"] = dup.get(m["id"])
 
 
 def is_duplicate(match, sure: int, features: int) -> bool:
@@ -304,5 +344,5 @@ def is_duplicate(match, sure: int, features: int) -> bool:
 
 
 __all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "Rule", "SIMILARITY",
-           "SUPPORT", "WEAK", "components", "contact_sheet", "graph", "groups", "is_duplicate", "labels", "links",
-           "verify", "walks"]
+           "SUPPORT", "WEAK", "components", "contact_sheet", "graph", "grouping", "groups", "is_duplicate", "labels",
+           "links", "similarities", "verify", "walks"]

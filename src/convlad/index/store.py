@@ -435,13 +435,17 @@ class IndexStore:
 
     def path_of(self, id_: int) -> str:
         """The indexed file of ``id_``: absolute when the store knows its folder."""
+        return self.paths_of([id_])[0]
+
+    def paths_of(self, ids) -> list[str]:
+        """The indexed files of ``ids``, as ``path_of`` gives each (a KeyError names one not live)."""
         with self._mutex:
-            pos = self._positions([id_])[0]
-            if pos < 0:
-                raise KeyError(f"no image with id {id_} in {self.path}")
-            seg, row = self._locate(np.array([pos]))
-            p = self._segs[seg[0]].path(int(row[0]))
-        return os.path.join(self.root, p) if self.root else p
+            pos = self._positions(ids)
+            if (pos < 0).any():
+                raise KeyError(f"no image with id {int(np.asarray(ids).ravel()[pos < 0][0])} in {self.path}")
+            seg, row = self._locate(pos)
+            got = [self._segs[s].path(r) for s, r in zip(seg.tolist(), row.tolist())]
+        return [os.path.join(self.root, p) for p in got] if self.root else got
 
     def items(self):
         """(id, stored path, (size, mtime_ns)) of every live image, in store order."""
@@ -578,9 +582,13 @@ class IndexStore:
         self._install(m)
         S.collect_garbage(self.path, m)
 
-    def add_vectors(self, X: np.ndarray, paths: list[str], stamps=None, local: LocalCodes | None = None) -> np.ndarray:
+    def add_vectors(self, X: np.ndarray, paths: list[str], stamps=None, local: LocalCodes | None = None,
+                    mined: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Append descriptors (and, for re-ranking, their images' local features) as one new
-        segment, committed at once; returns their new ids."""
+        segment, committed at once; returns their new ids. A store that augments mines them
+        (``pairs.mine_additions``) unless ``mined`` gives what mining them found elsewhere (the
+        candidates' ids and their inliers, each (n, width), as ``mine_additions`` returns them: a
+        cluster's candidate pass)."""
         self._need_writer()
         X = np.ascontiguousarray(X, dtype=np.float32).reshape(-1, self.dim)
         if len(X) != len(paths):
@@ -592,7 +600,12 @@ class IndexStore:
         ids = np.arange(m["next_id"], m["next_id"] + len(X), dtype=np.int64)
         extra = local.arrays() if local is not None else None
         if local is not None and self.augments:
-            cand, inl = self._mine(X, local, ids)
+            if mined is None:
+                cand, inl = self._mine(X, local, ids)
+            else:
+                cand, inl = np.asarray(mined[0], np.int64), np.asarray(mined[1], np.int64)
+            if cand.shape != inl.shape or len(cand) != len(X):
+                raise ValueError(f"mined: candidates {cand.shape} and inliers {inl.shape} for {len(X)} photos")
             extra = dict(extra, **{S.PARTNERS: partners_from(cand, inl, self.model.verifier().sure),
                                    S.CANDIDATES: cand, S.CANDIDATE_INLIERS: inl.astype(np.int16)})
         name = S.write_segment(self.path, X, ids, stamps, list(paths), extra)

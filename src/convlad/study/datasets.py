@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..images import Box, list_images
+from ..images import list_images
 
 
 class DatasetError(ValueError):

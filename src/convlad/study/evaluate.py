@@ -276,10 +276,10 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
     res = measure(X, Xq, pairs)
     grouping = None
     if pairs is not None and (truth := grouping_of(bench)) is not None:
-        from .grouping import default_labels
+        from ..groups import grouping as groups_of
 
         v = model.verifier()
-        grouping = grouping_scores(default_labels(enc.X, *edges, v.sure, v.chance), truth)
+        grouping = grouping_scores(groups_of(enc.X, *edges, v.sure, v.chance), truth)
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,
                            model.chance_, model.local_key,

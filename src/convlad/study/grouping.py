@@ -39,24 +39,10 @@ def rule_name(weak: float, similarity: float, support: int) -> str:
     return f"weak={weak:g} similarity={similarity:g} support={support}"
 
 
-def similarities(X, edges) -> np.ndarray:
-    """The cosine of each pair of rows ``edges`` (m, 2) of ``X`` (L2-normalised)."""
-    E = np.asarray(edges, np.int64).reshape(-1, 2)
-    return np.einsum("ij,ij->i", X[E[:, 0]], X[E[:, 1]]) if len(E) else np.zeros(0)
-
-
-def default_labels(X, edges, inliers, sure: int, chance: int, rule=None) -> np.ndarray:
-    """The groups of rows of ``X`` under ``rule`` (None: the default ``groups.Rule``) over the mined
-    ``edges`` and their ``inliers``: a label per row."""
-    from ..groups import Rule, labels, links
-
-    return labels(len(X), links(edges, inliers, similarities(X, edges), sure, chance, rule or Rule()))
-
-
 def rule_candidates(edges, inliers, X, sure: int, chance: int, grid: dict | None = None) -> dict[str, np.ndarray]:
     """Each rule of ``grid`` (``GRID``) over the mined ``edges`` ((m, 2) rows of ``X``, their
     ``inliers``): name → a label per row."""
-    from ..groups import Rule, labels, links
+    from ..groups import Rule, labels, links, similarities
 
     grid = GRID if grid is None else grid
     E = np.asarray(edges, np.int64).reshape(-1, 2)
@@ -195,12 +181,12 @@ def study(X, edges, inliers, sure: int, chance: int, truth, paths, k: int = 5, s
     """The grouping study: each family chosen out of fold (``k`` folds, ``seeds`` deals), the default
     rule (``default_rule``, fixed) and the gain of the rule chosen out of fold over each baseline,
     with intervals. Reports a table (``report``, a line a call) and returns it as a JSON-able dict."""
-    from ..groups import Rule
+    from ..groups import Rule, grouping
 
     truth = np.asarray(truth, dtype=object)
     rule = default_rule or Rule()
     E = np.asarray(edges, np.int64).reshape(-1, 2)
-    default = default_labels(X, E, inliers, sure, chance, rule)
+    default = grouping(X, E, inliers, sure, chance, rule)
     families = {"verified links": rule_candidates(X=X, edges=E, inliers=inliers, sure=sure, chance=chance),
                 "global cosine": cosine_candidates(X)}
     hashes = hash_candidates(paths)
@@ -253,5 +239,5 @@ def _common(chosen: list[str]) -> str:
     return ", ".join(f"{c} ×{n}" if n > 1 else c for c, n in sorted(counts.items(), key=lambda x: -x[1]))
 
 
-__all__ = ["COSINES", "Chosen", "GRID", "HAMMING", "bootstrap", "cosine_candidates", "cross_validate", "default_labels",
-           "evaluate_groups", "hash_candidates", "peer_candidates", "rule_candidates", "rule_name", "similarities", "study"]
+__all__ = ["COSINES", "Chosen", "GRID", "HAMMING", "bootstrap", "cosine_candidates", "cross_validate", "evaluate_groups",
+           "hash_candidates", "peer_candidates", "rule_candidates", "rule_name", "study"]
