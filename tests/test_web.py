@@ -148,9 +148,30 @@ def test_the_groups_view_and_a_match_view_from_it(browser, site, tmp_path):
     page.wait_for_function("document.getElementById('mimg').complete && document.getElementById('mimg').naturalWidth > 300")
     assert page.locator("#mtitle").inner_text().startswith(f"Match view: photo {g['members'][1]['via']} → photo")
     page.keyboard.press("Escape")
-    # back to a search from a member: the groups view makes way for the results
-    first.locator(".card").first.locator(".thumb").click()
-    page.wait_for_function("document.getElementById('status').textContent.includes('photos like photo')")
+    # back to a search from a member: the groups view makes way for the results, and the query's
+    # group is named; it opens that one group
+    member = g["members"][1]["id"]
+    first.locator(".card").nth(1).locator(".thumb").click()
+    page.wait_for_function(f"document.getElementById('status').textContent.includes('photos like photo {member}')")
     assert not page.locator("#groupsview").is_visible() and page.locator("#grid .card").count() > 0
+    assert page.locator("#qgroup").inner_text() == f"In group {g['id']}: {g['size']} photos of the same thing"
+    page.locator("#qgroup").click()
+    page.wait_for_selector("#groupsview .group")
+    assert page.locator("#groupsview .group").count() == 1 and not page.locator("#qgroup").is_visible()
+    assert page.locator("#groupsview .group .card .path").all_inner_texts() == [m["path"] for m in g["members"]]
+    # a photo alone in the index names no group
+    alone = httpx.get(server.url + "/api/images?limit=100", timeout=60).json()["images"]
+    grouped = {m["id"]: x["id"] for x in httpx.get(server.url + "/api/groups?limit=100", timeout=60).json()["groups"]
+               for m in x["members"]}
+    lone = next(x["id"] for x in alone if x["id"] not in grouped)
+    got = httpx.get(f"{server.url}/api/similar/{lone}", timeout=60).json()
+    same = [r["id"] for r in got["results"] if r["same"] and r["id"] in grouped]
+    if same:  # ... unless a result shows the same thing: then that one's group
+        assert got["group"]["id"] == grouped[same[0]]
+    else:
+        assert got["group"] is None
+        page.evaluate(f"searchId({lone})")
+        page.wait_for_function(f"document.getElementById('status').textContent.includes('photos like photo {lone}')")
+        assert not page.locator("#qgroup").is_visible()
     assert not page.locator("#error").is_visible()
     page.close()

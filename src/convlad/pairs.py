@@ -125,6 +125,8 @@ def edges_of(ids: np.ndarray, candidates: np.ndarray, inliers: np.ndarray, floor
     padded) and the ``inliers`` of each (n, width): (pairs (m, 2) int64 with a < b, sorted, each once;
     their inliers (m,) int32, the more of the two directions), those with ``floor`` inliers or more."""
     ids = np.asarray(ids, np.int64)
+    if not len(ids):
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int32)
     C = np.asarray(candidates, np.int64).reshape(len(ids), -1)
     L = np.asarray(inliers).reshape(C.shape)
     r, c = np.nonzero((C >= 0) & (L >= floor))

@@ -178,12 +178,24 @@ class Service:
         results = await self._pool(self._ranked, x[None], local, settings, None)
         self.latency.append(time.perf_counter() - t)
         self.n_search += 1
-        return {"query": self.queries.remember(tmp, local), "results": results}
+        return {"query": self.queries.remember(tmp, local), "results": results,
+                "group": await self._pool(self.group_of, [r["id"] for r in results if r.get("same")])}
 
     async def similar(self, i: int, settings: S.Settings) -> dict:
-        """Search with an indexed photo: its nearest others."""
+        """Search with an indexed photo: its nearest others, and its group where it is in one."""
         self.file_of(i)
-        return {"query_id": i, "results": await self._pool(self._ranked, None, None, settings, i)}
+        results = await self._pool(self._ranked, None, None, settings, i)
+        return {"query_id": i, "results": results,
+                "group": await self._pool(self.group_of, [i] + [r["id"] for r in results if r.get("same")])}
+
+    def group_of(self, ids) -> dict | None:
+        """The group (``{"id", "size"}``) of the first of ``ids`` that is in one, or None: the group a
+        query belongs to, through itself or the first result that shows the same thing."""
+        by_member = self._groups(slice(0, 0), members=True)
+        for i in ids:
+            if i in by_member:
+                return by_member[i]
+        return None
 
     async def add_photo(self, data: bytes) -> dict:
         """Add a photo: kept in the index's folder, searchable at once."""
@@ -387,20 +399,26 @@ class Service:
             out.append({**h.to_dict(), "path": path})
         return out
 
-    def _groups(self, which) -> tuple[int, int, list[dict]]:
+    def _groups(self, which, members: bool = False):
         """(the generation, how many groups it has, the groups ``which`` selects: a slice of them, or
-        the one of an id), the
-        groups found once a generation and each verified the first time it is asked for (paths as
-        shown)."""
+        the one of an id), the groups found once a generation and each verified the first time it
+        is asked for (paths as shown); ``members``: instead, each grouped photo's ``{"id", "size"}``
+        of its group."""
         with self.groups_lock:
             gen = self.store.generation
             if self._groups_of is None or self._groups_of[0] != gen:
                 found = find_groups(self.store, evidence=False)
+                every = [m["id"] for g in found for m in g["members"]]
+                shown = dict(zip(every, self.display_paths(every)))
                 for g in found:
                     for m in g["members"]:
-                        m["path"] = self.display_path(m["id"])
-                self._groups_of = (gen, {g["id"]: g for g in found}, len(found), [g["id"] for g in found], set())
-            _, by_id, total, order, verified = self._groups_of
+                        m["path"] = shown[m["id"]]
+                member_of = {m["id"]: {"id": g["id"], "size": g["size"]} for g in found for m in g["members"]}
+                self._groups_of = (gen, {g["id"]: g for g in found}, len(found), [g["id"] for g in found], set(),
+                                   member_of)
+            _, by_id, total, order, verified, member_of = self._groups_of
+            if members:
+                return member_of
             ids = order[which] if isinstance(which, slice) else [which] if which in by_id else []
             for i in ids:
                 if i not in verified:
@@ -421,10 +439,13 @@ class Service:
         return out
 
     def display_path(self, i: int) -> str:
-        p = self.store.path_of(i)
+        return self.display_paths([i])[0]
+
+    def display_paths(self, ids) -> list[str]:
+        """The paths shown for ``ids``: within the index's folder, or an upload's name."""
         root = self.store.root
-        return os.path.relpath(p, root) if root and p.startswith(root.rstrip("/") + "/") else \
-            (f"uploads/{Path(p).name}" if f"/{UPLOADS}/" in p else p)
+        return [os.path.relpath(p, root) if root and p.startswith(root.rstrip("/") + "/") else
+                (f"uploads/{Path(p).name}" if f"/{UPLOADS}/" in p else p) for p in self.store.paths_of(ids)]
 
     def file_of(self, i: int) -> str:
         try:

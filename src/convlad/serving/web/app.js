@@ -32,8 +32,10 @@ async function refreshStats() {
 }
 // Text from the server (paths above all) goes in as text, never as markup.
 function el(tag, cls, text) { const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
-function render(list, label) {
+function render(list, label, group = null) {
   results = list; $("groupsview").hidden = true; $("grid").hidden = false;
+  const qg = $("qgroup"); qg.hidden = !group;  // the query's group: itself, or its first same result's
+  if (group) { qg.textContent = `In group ${group.id}: ${group.size} photos of the same thing`; qg.onclick = () => showGroup(group.id); }
   $("status").textContent = list.length ? label : "No results.";
   const grid = $("grid"); grid.replaceChildren();
   list.forEach((r, n) => {
@@ -78,7 +80,7 @@ function orderNote() {
 
 function clearResults(label) {  // no results shown under a query they do not belong to
   results = []; query = null; $("grid").replaceChildren(); $("status").textContent = label || "";
-  $("more").hidden = true; $("pager").hidden = true; $("groupsview").hidden = true;
+  $("qgroup").hidden = true; $("more").hidden = true; $("pager").hidden = true; $("groupsview").hidden = true;
 }
 function kParam() { return k ? `?k=${k}` : ""; }
 function showMore(n) {
@@ -96,7 +98,7 @@ async function searchFile(file, again = false) {
     const r = await api(`/api/search${kParam()}`, {method: "POST", body: fd});  // defaults: /api/config
     query = {kind: "upload", qid: r.query}; last = {kind: "file", file};
     $("pager").hidden = true;
-    render(r.results, `${r.results.length} photos in ${Math.round(performance.now() - t)} ms${orderNote()}`);
+    render(r.results, `${r.results.length} photos in ${Math.round(performance.now() - t)} ms${orderNote()}`, r.group);
     showMore(r.results.length);
   } catch (e) {
     showError(e.message);
@@ -112,7 +114,7 @@ async function searchId(id, again = false) {
     query = {kind: "id", id}; last = {kind: "id", id};
     $("qimg").src = `/api/images/${id}/thumbnail`; $("qimg").hidden = false;
     $("pager").hidden = true;
-    render(r.results, `${r.results.length} photos like photo ${id}${orderNote()}`);
+    render(r.results, `${r.results.length} photos like photo ${id}${orderNote()}`, r.group);
     showMore(r.results.length);
     if (!again) window.scrollTo({top: 0, behavior: "smooth"});
   } catch (e) { showError(e.message); clearResults("The search failed: no results shown."); }
@@ -163,21 +165,33 @@ function memberCard(m, g) {
   c.append(thumb, meta);
   return c;
 }
+function groupBox(g) {
+  const box = el("section", "group"); box.dataset.id = g.id;
+  const h = el("h3", null, `Group ${g.id}: ${g.size} photos`);
+  const dups = g.members.filter((m) => m.duplicate_of !== null).length;
+  if (dups) h.append(el("span", "note", `${dups} duplicate${dups > 1 ? "s" : ""}`));
+  const members = el("div", "members"); g.members.forEach((m) => members.append(memberCard(m, g)));
+  box.append(h, members);
+  return box;
+}
+async function showGroup(id) {  // one group, from a search: the query's
+  showError("");
+  try {
+    const g = await api(`/api/groups/${id}`);
+    query = null; last = null; results = []; $("more").hidden = true; $("pager").hidden = true; $("qgroup").hidden = true;
+    $("grid").replaceChildren(); $("grid").hidden = true;
+    const view = $("groupsview"); view.replaceChildren(groupBox(g)); view.hidden = false;
+    $("status").textContent = `Group ${g.id}: the photos the index's verified pairs join with it`;
+  } catch (e) { showError(e.message); }
+}
 async function showGroups(offset) {
   showError("");
   try {
     const r = await api(`/api/groups?offset=${offset}&limit=${GROUPS_PAGE}`);
-    query = null; last = null; results = []; $("qimg").hidden = true; $("more").hidden = true;
+    query = null; last = null; results = []; $("qimg").hidden = true; $("more").hidden = true; $("qgroup").hidden = true;
     $("grid").replaceChildren(); $("grid").hidden = true;
     const view = $("groupsview"); view.replaceChildren(); view.hidden = false;
-    r.groups.forEach((g) => {
-      const box = el("section", "group"); box.dataset.id = g.id;
-      const h = el("h3", null, `Group ${g.id}: ${g.size} photos`);
-      const dups = g.members.filter((m) => m.duplicate_of !== null).length;
-      if (dups) h.append(el("span", "note", `${dups} duplicate${dups > 1 ? "s" : ""}`));
-      const members = el("div", "members"); g.members.forEach((m) => members.append(memberCard(m, g)));
-      box.append(h, members); view.append(box);
-    });
+    r.groups.forEach((g) => view.append(groupBox(g)));
     const end = Math.min(r.total, offset + r.groups.length);
     $("status").textContent = r.total ? `Groups ${offset + 1}–${end} of ${r.total.toLocaleString()}, largest first: ` +
       "photos the index's verified pairs join" : "No groups: no two photos of this index verify as the same thing.";
