@@ -3,7 +3,7 @@
 Every photo an index adds is verified against its 20 nearest, and each pair's inliers are kept
 (``IndexStore.edges``). Two photos are linked (``links``, under a ``Rule``) where their pair reaches
 the sure level (``Verifier.sure``, three times the chance level), or where weaker pairs (from 1.75
-times the chance level, at a global cosine of 0.5 or more) join the same two groups of sure pairs
+times the chance level, at a global cosine of 0.6 or more) join the same two groups of sure pairs
 twice, or join a photo alone. The groups are the connected components of the links: on mvbench-dev,
 out of fold, their pairs are right 100% of the time and find 89% of the true pairs (docs/defaults.md,
 "Groups"). A weak pair alone never joins two groups of two or more photos: a chain of weak links
@@ -11,8 +11,8 @@ does not merge them. Each group has a representative, the photo with the most li
 smallest id among ties), and each other member the evidence that put it there: the photo it joins
 through (``via``, one hop nearer the representative, linked with it), their inliers as mined (the
 more of the two directions where each was among the other's nearest), and the similarity of their
-global descriptors (cosine). A member is a duplicate (``duplicate_of``) of its most similar partner, of the two the
-one added later, where their verification maps one photo onto the other with the same framing: at
+global descriptors (cosine). A member is a duplicate (``duplicate_of``) of its most similar partner,
+of the two the one added later, where their verification maps one photo onto the other with the same framing: at
 least ``DUPLICATE_SHARE`` of the local features the two keep (the fewer) as inliers (and the sure
 level), and an affine map whose two scales are within ``DUPLICATE_LOG_SCALE`` of 1 (in log) and
 whose shift is under ``DUPLICATE_SHIFT`` cells. That is the same photo re-encoded, resized or with
@@ -316,7 +316,7 @@ def _verify(index, found: list[dict]) -> None:
         chunk = pairs[lo:lo + CHUNK]
         need = sorted({i for p in chunk for i in p})
         codes, have = index.local_codes(need)
-        if int(codes.cells.max()) + 1 < DUPLICATE_MIN_GRID:  # the map's side, from the cells kept
+        if have.any() and int(codes.cells[have].max()) + 1 < DUPLICATE_MIN_GRID:  # the map's side, from the cells kept
             return
         at = {i: k for k, i in enumerate(need)}
         for i, j in chunk:

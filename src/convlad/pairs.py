@@ -6,14 +6,16 @@ inliers reach ``Verifier.sure`` (three times the chance level): among mvbench-tr
 share no place, a photo and one of its 20 nearest reached 16-23 inliers (2-2.9 times Lite0's 8) nine
 times in 8 000 pairs (round things: a clock, a wheel, a speaker; a watermark), and none reached 24.
 
-Three users, one graph:
+Four users, one graph:
 - **augmentation** (``augment``): each photo's descriptor summed with its partners', by default in
   an index and in eval (+0.024 global mAP out of fold on mvbench-dev, docs/defaults.md);
 - **links** (``search.linked``): a shortlisted photo joined to a sure match ranks as one;
-- **learned whitening** (``whitening.py``), from the differences of the pairs.
+- **learned whitening** (``whitening.py``), from the differences of the pairs;
+- **groups** (``groups.py``): the sure pairs and, under its rule, weaker ones join the photos that show the same thing.
 
 An index mines each photo it adds (``mine_additions``, with the same steps as ``mine_pairs``), keeps
-each segment's partners beside it, and holds the live pairs of a generation in a ``PairOverlay``.
+each segment's partners beside it, with every candidate's inliers (``edges_of``: the evidence the
+groups are built on, ``groups.links``), and holds the live pairs of a generation in a ``PairOverlay``.
 
     >>> pairs = mine_pairs(X, local, model.verifier())            # (m, 2) photo pairs, i < j
     >>> Y = augment(X, pairs)                                     # (n, d) float32, rows L2-normalised

@@ -304,7 +304,8 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
         """Search with a photo (multipart field ``image``): the k nearest, the top ``rerank``
         re-ordered by spatial verification (each result's ``inliers``), after α-query expansion with
         the top ``qe``; the defaults are ``/api/config``'s, the command line's. ``query`` in the
-        answer names this query for the match view."""
+        answer names this query for the match view, ``group`` the group (``{"id", "size"}``) of its
+        first result that is the same thing, or null."""
         settings = access.settings(request.headers, k, rerank, qe)
         async with admission.slot():
             out = await svc.search_photo(await read_image(request), settings)
@@ -313,7 +314,8 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
     @app.api_route("/api/similar/{image_id}", methods=GET, responses=errors(400, 404, 503))
     async def similar(request: Request, image_id: str, k: str | None = None, rerank: str | None = None,
                       qe: str | None = None):
-        """Search with an indexed photo: its nearest others (parameters as for a search)."""
+        """Search with an indexed photo: its nearest others (parameters as for a search), and its
+        group (``{"id", "size"}``, or null where it is in none)."""
         i, settings = parse_id(image_id), access.settings(request.headers, k, rerank, qe)
         async with admission.slot():
             out = await svc.similar(i, settings)
