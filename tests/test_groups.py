@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ from convlad.index.store import IndexStore
 from convlad.study.metrics import grouping_scores
 
 from .conftest import MVBENCH_DEV
-from .servers import Server, cli
+from .servers import CLI, Server, cli
 
 pytestmark = pytest.mark.e2e
 
@@ -136,6 +137,13 @@ def test_the_table_and_the_csv(dev_index, tmp_path):
     found = groups(IndexStore.open(index))
     assert len(rows) == sum(g["size"] for g in found) and {int(r["group"]) for r in rows} == {g["id"] for g in found}
     assert sum(int(r["representative"]) for r in rows) == len(found)
+    # another rule from the command line: the library's groups under it (a looser one joins more)
+    loose = Rule(weak=1.0, similarity=0.0, support=1)
+    got = json.loads(cli("groups", index, "--json", "--weak", "1", "--similarity", "0", "--support", "1").stdout)
+    want = groups(IndexStore.open(index), rule=loose)
+    assert got["groups"] == json.loads(json.dumps(want)) and sum(g["size"] for g in want) > sum(g["size"] for g in found)
+    bad = subprocess.run([*CLI, "groups", str(index), "--support", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "support 0 (1 or more)" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_a_photo_added_joins_its_group_and_a_deleted_representative_leaves_what_the_pairs_join(dev_index, tmp_path):

@@ -325,8 +325,16 @@ def groups(
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write one row per member to this CSV file."),
     sheet: Optional[Path] = typer.Option(None, "--sheet", help="Also draw the largest groups shown (6 at most, 8 "
                                          "photos each) as a contact sheet, to this PNG."),
+    weak: Optional[float] = typer.Option(None, "--weak", help="The groups' rule (default: the one chosen by K-fold, "
+                                         "docs/defaults.md): weak links from this many times the chance level of "
+                                         "inliers (default 1.75; 3 or more: the sure pairs alone, the strictest)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="... at a global cosine of this or more "
+                                               "(default 0.6)."),
+    support: Optional[int] = typer.Option(None, "--support", help="... and this many of them to join two groups "
+                                          "(default 2; 1: any one, which lets a chain of weak links merge groups)."),
 ):
     """Which photos show the same thing: the groups the index's verified pairs join, with the evidence."""
+    from .groups import Rule
     from .groups import groups as find_groups
     from .groups import verify as verify_group
     from .index.store import IndexStore
@@ -335,11 +343,16 @@ def groups(
         raise UserError(f"--min-size {min_size}: must be at least 1")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be at least 1")
+    try:
+        given = {"weak": weak, "similarity": similarity, "support": support}
+        rule = Rule(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise UserError(str(e)) from None
     idx = IndexStore.open(index_file)
     if not idx.augments:
         _warn(f"note: {index_file} keeps no verified pairs (indexed with --augment none): every photo is alone")
     # every group's evidence where the CSV lists them all, else only the shown ones' (each verifies)
-    found = find_groups(idx, min_size=min_size, duplicates_only=duplicates, evidence=csv_out is not None)
+    found = find_groups(idx, min_size=min_size, duplicates_only=duplicates, evidence=csv_out is not None, rule=rule)
     shown = found[:limit] if limit else found
     for g in shown:
         if csv_out is None and not duplicates:
