@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--views", default=None, help="a synthetic-views benchmark (python -m convlad.study.synviews)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="run the candidates whose name contains this (and today's format)")
+    ap.add_argument("--fixed-chance", action="store_true", help="every format at today's chance level, not its own")
     a = ap.parse_args()
     specs = [s for s in SPECS if a.only is None or s is SPECS[0] or a.only in name_of(s)]
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
@@ -135,7 +136,7 @@ def main():
         for spec in specs:
             t = time.time()
             L, Lt = variant(enc.local, spec, pqs), variant(tr.local, spec, pqs)
-            v = model.verifier(chance=chance_level(Lt, seed=0))
+            v = model.verifier(chance=chance_level(variant(tr.local, SPECS[0], pqs) if a.fixed_chance else Lt, seed=0))
             pairs = mine_pairs(enc.X, L, v)
             res = evaluate_descriptors(bench, augment(enc.X, pairs), rerank=100, local=L, verifier=v, pairs=pairs)
             aps[name_of(spec)] = res.aps
