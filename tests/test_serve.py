@@ -327,6 +327,28 @@ def test_the_service_is_a_domain_api_without_http(setup, tmp_path):
         added = asyncio.run(svc.add_photo(photo.read_bytes()))
         assert added["path"].startswith("uploads/") and len(svc.store) == len(IndexStore.open(setup[1])) + 1
         assert asyncio.run(svc.delete(added["id"])) == {"deleted": added["id"]}
+        # the query's group: the one `groups` puts its first same result in (found in this search
+        # where the collection is small; past GROUPS_INLINE photos in the background, named once found)
+        from convlad.groups import groups
+        from convlad.serving import service
+
+        of = {m["id"]: (g["id"], g["size"]) for g in groups(svc.store, evidence=False) for m in g["members"]}
+        same = [r["id"] for r in asyncio.run(svc.search_photo(photo.read_bytes(), settings))["results"] if r["same"]]
+        assert same and same[0] in of
+        assert asyncio.run(svc.search_photo(photo.read_bytes(), settings))["group"] == dict(zip(("id", "size"), of[same[0]]))
+        added = asyncio.run(svc.add_photo(photo.read_bytes()))  # a new generation, its groups not found yet
+        try:
+            service.GROUPS_INLINE = 0
+            assert asyncio.run(svc.similar(first, settings))["group"] is None
+            for _ in range(200):
+                if (g := asyncio.run(svc.similar(first, settings))["group"]) is not None:
+                    break
+                time.sleep(0.05)
+            assert g == dict(zip(("id", "size"), {m["id"]: (x["id"], x["size"]) for x in groups(svc.store, evidence=False)
+                                                  for m in x["members"]}[first]))
+        finally:
+            service.GROUPS_INLINE = 20_000
+        asyncio.run(svc.delete(added["id"]))
         with pytest.raises(NotFound, match="no image with id"):
             asyncio.run(svc.similar(10 ** 12, settings))
         with pytest.raises(NotFound, match="unknown or expired"):
