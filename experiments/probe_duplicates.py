@@ -8,7 +8,9 @@ warped, relit). The descriptor's model is fitted on mvbench-dev, as the syntheti
 is measured. Printed: the cosine of each kind of copy with its photo (min, 1st percentile, median),
 of each view, and of each photo's nearest unrelated photo; then each copy's verification with its
 photo: inliers and how far the affine map's scales are from 1 (|log| of its singular values). The
-cosines overlap; the scales do not, and the level is chosen midway between them.
+cosines overlap; the scales do not, and the level is chosen midway between them. Beside it, the
+perceptual hash people find duplicates with (``imagehash``'s pHash, at its best Hamming distance on
+these very copies): which copies each marks as the same photo twice.
 
     python experiments/probe_duplicates.py [--photos 120] [--out docs/results/probe-duplicates.json]
 """
@@ -82,6 +84,7 @@ def main():
         kinds = list(made[0])
         items = [str(p) for p in photos] + [str(m[k]) for m in made for k in kinds]
         enc = model.transform(items, progress=True, local=300)
+        hashes = phashes(items)  # the duplicates finder people use, beside the verified map
     assert not enc.errors, enc.errors
     X = enc.X
     n = len(photos)
@@ -126,7 +129,31 @@ def main():
     print(f"|log scale| of the affine map: duplicates at most {dup_scale.max():.3f}, views at least "
           f"{view_scale.min():.3f}: level midway {(dup_scale.max() + view_scale.min()) / 2:.3f}")
     print(f"lowest duplicate {dups.min():.4f}, highest view {views.max():.4f}: level midway {level:.4f}")
-    doc = {"photos": n, "model": model.describe(), "cosine_level_midway": level,
+    # the same decision by the groups' rule (``groups.is_duplicate``) and by pHash at its best
+    # Hamming distance, over the same copies: what each marks as the same photo twice
+    from convlad.groups import is_duplicate
+
+    same = [k for k in kinds if k in ("jpeg q40", "half size", "no metadata")]
+    ham = {k: np.array([int((hashes[i] ^ hashes[n + i * len(kinds) + j]).sum()) for i in range(n)])
+           for j, k in enumerate(kinds)}
+    marked = {k: np.array([is_duplicate(v.match(enc.local.features(n + i * len(kinds) + j), enc.local[[i]]), v.sure,
+                                        int(min(enc.local.count[i], enc.local.count[n + i * len(kinds) + j])))
+                           for i in range(n)]) for j, k in enumerate(kinds)}
+    best = max(range(0, 33), key=lambda t: _f1(ham, same, lambda d: d <= t))
+    print(f"\n{'kind':<20}{'pHash bits apart: min':>22}{'median':>8}{'max':>6}{'  marked by the rule':>20}"
+          f"{'  by pHash ≤ ' + str(best):>16}")
+    for k in kinds:
+        print(f"{k:<20}{ham[k].min():>22}{np.median(ham[k]):>8.0f}{ham[k].max():>6}{marked[k].mean():>20.0%}"
+              f"{(ham[k] <= best).mean():>16.0%}")
+    rule_f1, hash_f1 = _f1(marked, same, lambda m: m), _f1(ham, same, lambda d: d <= best)
+    print(f"telling the same photo (q40, half, stripped) from crops, pans and views: F1 {rule_f1:.3f} by the rule, "
+          f"{hash_f1:.3f} by pHash at its best distance ({best} bits, chosen on these copies)")
+    doc_extra = {"phash_best_bits": best, "f1_rule": rule_f1, "f1_phash_best": hash_f1,
+                 "marked_by_rule": {k: float(marked[k].mean()) for k in kinds},
+                 "marked_by_phash": {k: float((ham[k] <= best).mean()) for k in kinds},
+                 "phash_bits": {k: {"min": int(ham[k].min()), "median": float(np.median(ham[k])), "max": int(ham[k].max())}
+                                for k in kinds}}
+    doc = {"photos": n, "model": model.describe(), "cosine_level_midway": level, **doc_extra,
            "log_scale_level_midway": float((dup_scale.max() + view_scale.min()) / 2),
            "geometry": {k: {"inliers_min": float(g[:, 0].min()), "log_scale_max": float(g[:, 1].max()),
                             "log_scale_min": float(g[:, 1].min()), "shift_max": float(g[:, 2].max())}
@@ -136,6 +163,27 @@ def main():
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     finite = json.loads(json.dumps(doc), parse_constant=lambda c: None)  # no fit: no scale (JSON has no infinity)
     Path(a.out).write_text(json.dumps(finite, indent=1))
+
+
+def phashes(paths) -> np.ndarray:
+    """Each photo's 64-bit pHash (``imagehash``), as (n, 64) bools."""
+    import imagehash
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(imagehash.phash(im).hash.ravel())
+    return np.array(out)
+
+
+def _f1(values: dict, same: list, says) -> float:
+    """F1 of ``says(value)`` as "the same photo twice" over every kind's copies (``same`` the kinds
+    that are)."""
+    tp = sum(int(says(values[k]).sum()) for k in same)
+    fp = sum(int(says(values[k]).sum()) for k in values if k not in same)
+    fn = sum(int((~says(values[k])).sum()) for k in same)
+    return 2 * tp / max(1, 2 * tp + fp + fn)
 
 
 if __name__ == "__main__":
