@@ -46,9 +46,9 @@ def _truth(st) -> dict[int, str]:
 
 def test_a_chain_of_weak_links_does_not_merge_two_groups():
     """Two groups of three photos held by sure pairs (24 inliers, chance 8): one weak pair between
-    them (15 inliers, cosine 0.8) does not merge them, nor does a chain through a third group; two
-    weak pairs between the same two groups do (support 2); a weak pair joins a photo alone; a pair
-    under the weak level or the cosine floor joins nothing."""
+    them (15 inliers, cosine 0.8) does not merge them, nor does a chain through a third group or
+    through photos alone; two weak pairs between the same two groups do (support 2); a weak pair
+    joins a photo alone to one group; a pair under the weak level or the cosine floor joins nothing."""
     sure, chance = 24, 8
     groups3 = [(0, 1), (1, 2), (3, 4), (4, 5), (6, 7), (7, 8)]
     strong = [30] * len(groups3)
@@ -65,6 +65,12 @@ def test_a_chain_of_weak_links_does_not_merge_two_groups():
     assert joined([(2, 3)], [15], [0.8], Rule(support=1))[0][0] == [0, 1, 2, 3, 4, 5]
     comps, got = joined([(8, 9)], [15], [0.8])  # a photo alone joins through one weak pair
     assert [6, 7, 8, 9] in comps and (8, 9) in got
+    # ... to one group only: the one it has more weak pairs with, not a bridge between two
+    comps, got = joined([(2, 9), (5, 9), (4, 9)], [15, 16, 15], [0.8] * 3)
+    assert [0, 1, 2] in comps and [3, 4, 5, 9] in comps and (2, 9) not in got
+    # nor does a chain of photos alone bridge two groups: 2 ~ 9 ~ 10 ~ 3
+    comps, _ = joined([(2, 9), (9, 10), (3, 10)], [15, 15, 15], [0.8] * 3)
+    assert not any({2, 3} <= set(c) for c in comps), comps
     for inl, sim in ((13, 0.8), (15, 0.55)):  # under 1.75 × 8 inliers, or under the cosine floor
         assert [9] not in joined([(8, 9)], [inl], [sim])[0] and (8, 9) not in joined([(8, 9)], [inl], [sim])[1]
     # the weak level follows the chance level, from 7 up (a coarse map's 3 gives no weak tier below 13)

@@ -4,10 +4,10 @@ Every photo an index adds is verified against its 20 nearest, and each pair's in
 (``IndexStore.edges``). Two photos are linked (``links``, under a ``Rule``) where their pair reaches
 the sure level (``Verifier.sure``, three times the chance level), or where weaker pairs (from 1.75
 times the chance level, at a global cosine of 0.6 or more) join the same two groups of sure pairs
-twice, or join a photo alone. The groups are the connected components of the links: on mvbench-dev,
-out of fold, their pairs are right 100% of the time and find 89% of the true pairs (docs/defaults.md,
-"Groups"). A weak pair alone never joins two groups of two or more photos: a chain of weak links
-does not merge them. Each group has a representative, the photo with the most links in it (the
+twice, or join a photo alone to one group. The groups are the connected components of the links:
+on mvbench-dev, out of fold, their pairs are right 100% of the time and find 89% of the true pairs
+(docs/defaults.md, "Groups"). No weak pair, nor a chain of them through photos alone or other
+groups, merges two groups of two or more photos that two weak pairs do not join directly. Each group has a representative, the photo with the most links in it (the
 smallest id among ties), and each other member the evidence that put it there: the photo it joins
 through (``via``, one hop nearer the representative, linked with it), their inliers as mined (the
 more of the two directions where each was among the other's nearest), and the similarity of their
@@ -40,7 +40,7 @@ from .search import verifier_of
 # Which mined pairs join groups (``links``), chosen by group-wise K-fold on mvbench-dev
 # (``convlad eval --groups``; docs/defaults.md, "Groups"): besides the sure pairs, a weak pair (from
 # ``WEAK`` times the chance level of inliers, with global descriptors at ``SIMILARITY`` cosine or
-# more) joins two groups when ``SUPPORT`` of them do (or every photo of the smaller group).
+# more) joins two groups when ``SUPPORT`` of them do, or a photo alone to one group.
 # Unrelated photos that reach 12-19 inliers do so on repeated textures, at cosine 0.1-0.45; true
 # pairs of a building seen from elsewhere reach them at 0.5-0.9.
 WEAK = 1.75
@@ -78,8 +78,12 @@ class Rule:
 def links(pairs, inliers, similarity, sure: int, chance: int, rule: Rule = Rule()) -> np.ndarray:
     """The mined ``pairs`` ((m, 2) ids, with their ``inliers`` and the ``similarity`` of their global
     descriptors, each (m,)) that join groups under ``rule``, with ``sure`` and ``chance`` the
-    verifier's levels: (k, 2) int64, in the order of ``pairs``. A weak pair's groups are those of
-    the sure pairs alone, so one weak pair never joins two groups of two or more photos."""
+    verifier's levels: (k, 2) int64, in the order of ``pairs``.
+
+    The groups of the sure pairs alone are joined by weak pairs: two groups of two or more photos
+    where ``rule.support`` weak pairs join them directly; a photo alone to the group it has the
+    most weak pairs with (the most inliers on ties). No chain of weak pairs, through photos alone
+    or other groups, puts two groups of two or more photos together otherwise."""
     P = np.asarray(pairs, np.int64).reshape(-1, 2)
     w, c = np.asarray(inliers), np.asarray(similarity, np.float64)
     strong = w >= sure
@@ -90,17 +94,41 @@ def links(pairs, inliers, similarity, sure: int, chance: int, rule: Rule = Rule(
     at = at.reshape(-1, 2)
     lab = labels(len(ids), at[strong])
     size = np.bincount(lab)
-    a, b = lab[at[weak, 0]], lab[at[weak, 1]]
-    between = np.stack([np.minimum(a, b), np.maximum(a, b)], 1)
-    across = between[:, 0] != between[:, 1]
-    key, count = np.unique(between[across], axis=0, return_counts=True)
-    need = np.minimum(rule.support, np.minimum(size[key[:, 0]], size[key[:, 1]]))
-    joined = key[count >= need]
-    keep = np.zeros(len(P), bool)
-    keep[strong] = True
-    if len(joined):
-        code = np.array([len(size), 1], np.int64)
-        keep[np.flatnonzero(weak)[np.isin(between @ code, joined @ code) & across]] = True
+    rows = np.flatnonzero(weak)
+    a, b = lab[at[rows, 0]], lab[at[rows, 1]]
+    across = a != b
+    rows, a, b = rows[across], a[across], b[across]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for r, x, y in zip(rows.tolist(), lo.tolist(), hi.tolist()):
+        by_key.setdefault((x, y), []).append(r)
+    # strongest first: more weak pairs between the two, then more inliers
+    order = sorted(by_key, key=lambda k: (-len(by_key[k]), -int(w[by_key[k]].max()), k))
+    parent: dict[int, int] = {}
+    big: dict[int, bool] = {}  # whether a set holds a group of two or more photos
+
+    def find(x):
+        parent.setdefault(x, x)
+        big.setdefault(x, size[x] >= 2)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    keep = strong.copy()
+    for x, y in order:
+        n = len(by_key[(x, y)])
+        if n < min(rule.support, size[x], size[y]):
+            continue
+        rx, ry = find(x), find(y)
+        if rx == ry:
+            keep[by_key[(x, y)]] = True
+            continue
+        if big[rx] and big[ry] and not (size[x] >= 2 and size[y] >= 2):
+            continue  # two groups would be chained together through a photo alone
+        parent[ry] = rx
+        big[rx] = big[rx] or big[ry]
+        keep[by_key[(x, y)]] = True
     return P[keep]
 
 
