@@ -82,10 +82,15 @@ def hash_candidates(paths, distances=HAMMING) -> dict[str, np.ndarray] | None:
         with Image.open(p) as im:
             H.append(np.packbits(imagehash.phash(im).hash.ravel()))
     H = np.stack(H)
-    pop = np.unpackbits(H[:, None, :] ^ H[None, :, :], axis=2).sum(2)
-    i, j = np.triu_indices(len(paths), 1)
-    d = pop[i, j]
-    return {f"hamming={t}": labels(len(paths), np.stack([i, j], 1)[d <= t]) for t in distances}
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte
+    near = []  # (i, j, bits apart) of the pairs within the largest distance, a block of rows at a time
+    for lo in range(0, len(H), 512):
+        d = bits[H[lo:lo + 512, None, :] ^ H[None, :, :]].sum(2)
+        i, j = np.nonzero(d <= max(distances))
+        keep = lo + i < j
+        near.append(np.stack([lo + i[keep], j[keep], d[i[keep], j[keep]]], 1))
+    near = np.concatenate(near) if near else np.zeros((0, 3), np.int64)
+    return {f"hamming={t}": labels(len(paths), near[near[:, 2] <= t, :2]) for t in distances}
 
 
 def peer_candidates(file: Path, paths) -> tuple[str, dict[str, np.ndarray]]:
