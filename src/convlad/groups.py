@@ -85,11 +85,15 @@ def links(pairs, inliers, similarity, sure: int, chance: int, rule: Rule = Rule(
     most weak pairs with (the most inliers on ties). No chain of weak pairs, through photos alone
     or other groups, puts two groups of two or more photos together otherwise."""
     P = np.asarray(pairs, np.int64).reshape(-1, 2)
-    w, c = np.asarray(inliers), np.asarray(similarity, np.float64)
+    return P[_linked(P, np.asarray(inliers), np.asarray(similarity, np.float64), sure, chance, rule)]
+
+
+def _linked(P: np.ndarray, w: np.ndarray, c: np.ndarray, sure: int, chance: int, rule: Rule) -> np.ndarray:
+    """``links`` as a mask over the rows of ``P``."""
     strong = w >= sure
     weak = ~strong & (w >= rule.level(chance)) & (c >= rule.similarity)
     if not weak.any():
-        return P[strong]
+        return strong
     ids, at = np.unique(P, return_inverse=True)
     at = at.reshape(-1, 2)
     lab = labels(len(ids), at[strong])
@@ -129,7 +133,7 @@ def links(pairs, inliers, similarity, sure: int, chance: int, rule: Rule = Rule(
         parent[ry] = rx
         big[rx] = big[rx] or big[ry]
         keep[by_key[(x, y)]] = True
-    return P[keep]
+    return keep
 
 
 # How far a duplicate's verified affine map is from the identity: its scales (|log| of each singular
@@ -189,19 +193,9 @@ def graph(index, rule: Rule = Rule(), inliers: bool = False):
     sim = np.zeros(len(E))
     if weak.any():
         ends, at = np.unique(E[weak], return_inverse=True)
-        X = index.vectors(ends)
-        at = at.reshape(-1, 2)
-        sim[weak] = np.einsum("ij,ij->i", X[at[:, 0]], X[at[:, 1]])
-    keep = np.isin(np.arange(len(E)), _rows_of(E, links(E, w, sim, v.sure, v.chance, rule)))
+        sim[weak] = similarities(index.vectors(ends), at.reshape(-1, 2))
+    keep = _linked(E, w, sim, v.sure, v.chance, rule)
     return (E[keep], w[keep]) if inliers else E[keep]
-
-
-def _rows_of(E: np.ndarray, P: np.ndarray) -> np.ndarray:
-    """The rows of ``E`` (m, 2), sorted and unique, that the pairs ``P`` are."""
-    if not len(P):
-        return np.zeros(0, np.int64)
-    code = np.array([int(E.max()) + 1, 1], np.int64)
-    return np.searchsorted(E @ code, P @ code)
 
 
 def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: bool = False,

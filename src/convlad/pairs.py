@@ -91,15 +91,6 @@ def partners_from(candidates: np.ndarray, inliers: np.ndarray, min_inliers: int)
     return out
 
 
-def verified_partners(local: LocalCodes, candidates: np.ndarray, codes_of, verifier: Verifier,
-                      min_inliers: int | None = None, progress=None) -> np.ndarray:
-    """For each photo ``i`` of ``local``, those of its ``candidates[i]`` (ids, -1 padded) whose local
-    features verify with its own at ``min_inliers`` or more (None: ``verifier.sure``, ``verify.SURE``
-    times its chance level): (n, width) int64, in the candidates' order, -1 padded."""
-    inl = verify_candidates(local, candidates, codes_of, verifier, progress)
-    return partners_from(candidates, inl, verifier.sure if min_inliers is None else min_inliers)
-
-
 def pairs_of(ids: np.ndarray, partners: np.ndarray) -> np.ndarray:
     """The pairs (a, b), a < b, of photos ``ids`` (n,) and their ``partners`` (n, width), -1 padded:
     (m, 2) int64, sorted, each pair once."""
@@ -161,7 +152,7 @@ def mine_edges(X: np.ndarray, local: LocalCodes, verifier: Verifier, neighbours:
 def mine_pairs(X: np.ndarray, local: LocalCodes, verifier: Verifier, neighbours: int = NEIGHBOURS,
                min_inliers: int | None = None, progress=None) -> np.ndarray:
     """Pairs (i, j), i < j, of rows of ``X`` (n, d, L2-normalised) whose local features (``local``,
-    row-aligned) verify with at least ``min_inliers`` (None: as ``verified_partners``), among each
+    row-aligned) verify with at least ``min_inliers`` (None: ``verifier.sure``), among each
     row's ``neighbours`` nearest by ``X``: (m, 2) int64, sorted, each pair once. An index store
     mines its photos with the same steps as they are added (``mine_additions``)."""
     P, inl = mine_edges(X, local, verifier, neighbours, progress)
@@ -302,4 +293,4 @@ def _live_sorted(pos: np.ndarray) -> np.ndarray:
 
 __all__ = ["AUGMENT", "AUGMENT_CHOICES", "NEIGHBOURS", "PairOverlay", "augment", "check_augment", "edges_of", "mine",
            "mine_additions", "mine_edges", "mine_pairs", "nearest", "pairs_of", "partners_from", "unique_pairs",
-           "verified_partners", "verify_candidates"]
+           "verify_candidates"]

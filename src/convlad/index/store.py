@@ -375,13 +375,14 @@ class IndexStore:
             # segment merged from older ones keeps -1 candidates for their rows, and their pairs)
             P = self._segment_pairs(seg)
             sure = self.model.verifier().sure if self.model is not None else 1
+            a, b, w = P[:, 0], P[:, 1], np.full(len(P), sure, np.int32)
             C = seg.extra.get(S.CANDIDATES)
-            got = edges_of(P[:, 0], P[:, 1:], np.full((len(P), 1), sure, np.int32))
             if C is not None:
-                E, w = edges_of(np.asarray(seg.ids), np.asarray(C), np.asarray(seg.extra[S.CANDIDATE_INLIERS]))
-                both = np.concatenate([got[0], E])
-                got = edges_of(both[:, 0], both[:, 1:], np.concatenate([got[1], w])[:, None])
-            self._edges_cache[seg.name] = got
+                C = np.asarray(C)
+                a = np.concatenate([a, np.repeat(np.asarray(seg.ids), C.shape[1])])
+                b = np.concatenate([b, C.ravel()])
+                w = np.concatenate([w, np.asarray(seg.extra[S.CANDIDATE_INLIERS]).ravel()])
+            got = self._edges_cache[seg.name] = edges_of(a, b[:, None], w[:, None])
         return got
 
     def pairs(self) -> np.ndarray:
