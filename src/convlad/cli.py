@@ -96,12 +96,15 @@ def index(
                                           "local features, else the index's setting (docs/defaults.md)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: 'local' starts Ray on this machine, "
                                       "'auto' or 'ray://HOST:PORT' joins a cluster (pip install 'convlad[ray]')."),
+    shards: Optional[int] = typer.Option(None, "--shards", help="Spread the index over N shards, for `serve --ray` "
+                                         "(each commit is split among them, the emptiest first). Default: 1 for a new "
+                                         "index, else the index's; shards can be added, never removed."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
     precision: str = PrecisionOpt,
 ):
     """Index a folder; run again on a grown folder to add only the new images."""
     from .pipeline import ConvVLAD
-    from .index.store import IndexStore
+    from .index.store import MAX_SHARDS, IndexStore
     from .index.sync import sync
     from .pairs import check_augment
 
@@ -112,6 +115,8 @@ def index(
     if local is not None and not 0 <= local <= 65535:
         raise UserError(f"--local-features {local}: must be between 0 and 65535")
     check_augment(augment, "--augment")
+    if shards is not None and not 1 <= shards <= MAX_SHARDS:
+        raise UserError(f"--shards {shards}: must be between 1 and {MAX_SHARDS}")
     if augment == "verified" and local == 0:
         raise UserError("--augment verified with --local-features 0: pairs are mined by verifying local features")
     if len(args) > 2:
@@ -128,7 +133,7 @@ def index(
                             "convert an index of convlad 0.1)")
         model = _fit_on_sample(folder, batch_size, device, compile, precision)
     with IndexStore.create(out, model=model, root=folder, ann=ann, wait=wait, report=_warn, local=local,
-                           augment=augment, runtime=runtime) as idx:
+                           augment=augment, runtime=runtime, shards=shards) as idx:
         t = time.time()
         if ray is not None:
             from .index.cluster import RayMissing, sync_with_ray
@@ -241,6 +246,11 @@ def info(
     for key, value in d.items():
         if key == "bytes":
             key, value = "size", f"{value / 1e6:.1f} MB"
+        elif key == "shards":
+            if value is None:
+                continue
+            value = f"{len(value)} (" + ", ".join(f"{s['shard']}: {s['images']} images in {s['segments']} segments"
+                                                  for s in value) + ")"
         typer.echo(f"{key}: {value}")
 
 

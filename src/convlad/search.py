@@ -18,7 +18,9 @@ sure matches scores at least as if it had verified at the sure level itself.
 
 What is searched is any object with the small verbs of ``IndexStore``: ``search(Q, k)`` → squared
 L2 and ids, ``vectors(ids)``, ``local_codes(ids)`` → (``LocalCodes``, stored mask), ``local_k`` and
-``len``, and, where it keeps verified pairs, ``partners(ids)``; ``MemoryIndex`` holds a benchmark's descriptors in memory for ``eval``.
+``len``, and, where it keeps verified pairs, ``partners(ids)``, and where its local features are
+verified elsewhere, ``verify(query, ids, verifier)`` → (``Evidence``, stored mask) (``index.shards``);
+``MemoryIndex`` holds a benchmark's descriptors in memory for ``eval``.
 """
 from __future__ import annotations
 
@@ -142,20 +144,30 @@ def rerank(index, query, ids: np.ndarray, distances: np.ndarray, n: int, verifie
     there, and where an image keeps no local features; via as ``Hit.via``). ``q``: the query's
     descriptor, for an index that augments (its plain distances are the ones scored)."""
     head = np.asarray(ids[:n])
-    codes, stored = index.local_codes(head)
     scored = distances[:n]
     if q is not None and getattr(index, "augmented", False):
         try:
             scored = plain_distances(index.vectors(head), q)
         except KeyError:  # deleted since the search (another thread refreshed): its own order stands
             pass
-    ev = verifier.verify(query, codes, stored)
+    ev, stored = verify(index, query, head, verifier)
     order, through = reorder(index, head, scored, ev, verifier)
     ids = np.concatenate([head[order], ids[n:]])
     distances = np.concatenate([np.asarray(distances[:n])[order], distances[n:]])
     rest = [None] * (len(ids) - len(head))
     via = [int(through[o]) if through[o] >= 0 else None for o in order]
     return ids, distances, [int(ev.inliers[o]) if stored[o] else None for o in order] + rest, via + rest
+
+
+def verify(index, query, ids, verifier: Verifier):
+    """(evidence, stored mask) of ``query`` (local features) against the photos ``ids``: by the
+    index's own ``verify`` where it verifies elsewhere (a sharded index, on the shard that holds the
+    features: only the evidence travels), else against its ``local_codes`` here."""
+    own = getattr(index, "verify", None)
+    if own is not None:
+        return own(query, ids, verifier)
+    codes, stored = index.local_codes(ids)
+    return verifier.verify(query, codes, stored), stored
 
 
 def reorder(index, head: np.ndarray, scored: np.ndarray, ev: Evidence, verifier: Verifier):
@@ -272,4 +284,4 @@ class MemoryIndex:
 
 __all__ = ["DEFAULTS", "Hit", "K", "MemoryIndex", "RERANK", "Settings", "encode", "features", "linked", "plain_distances", "rank",
            "rerank",
-           "reorder", "search_ids", "search_images", "verifier_of"]
+           "reorder", "search_ids", "search_images", "verifier_of", "verify"]

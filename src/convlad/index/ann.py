@@ -60,20 +60,24 @@ class ExactIndex:
 
         Q = torch.from_numpy(np.ascontiguousarray(Q, dtype=np.float32))
         k = min(k, len(self.X))
+        if k <= 0:
+            return np.zeros((len(Q), 0), np.float32), np.zeros((len(Q), 0), np.int64)
         D, I = [], []
         with torch.inference_mode():
             for s in range(0, len(Q), block):
                 q = Q[s:s + block]
-                dist = torch.addmm(self.sq, q, self.X.T, alpha=-2)  # ‖x‖² − 2 q·x, (nq, n)
-                d, i = torch.topk(dist, k, dim=1, largest=False)
-                # nearest first, ties by row order (topk leaves their order open): rankings and
-                # the APs computed from them are the same on every run and every door
-                i, by_row = i.sort(dim=1)
-                d = d.gather(1, by_row)
-                d, by_d = d.sort(dim=1, stable=True)
-                i = i.gather(1, by_d)
-                D.append((d + (q * q).sum(1, keepdim=True)).clamp_(min=0))
-                I.append(i)
+                # ‖x‖² − 2 q·x + ‖q‖², (nq, n): ordered by the distance itself, not by the part
+                # that ranks the same, so that rows whose distances round to one value (the photos
+                # of a group, augmented to one row) tie, and go by row order, in a shard as in the whole
+                dist = torch.addmm(self.sq, q, self.X.T, alpha=-2).add_((q * q).sum(1, keepdim=True))
+                kth = torch.topk(dist, k, dim=1, largest=False).values[:, -1:]
+                # the k nearest, ties by row order, at the cut too (topk picks among tied rows
+                # as it likes): every row up to the k-th distance, in row order, sorted stably
+                for r, row in enumerate(dist <= kth):
+                    at = torch.nonzero(row).squeeze(1)
+                    d, o = dist[r, at].sort(stable=True)
+                    D.append(d[:k].clamp_(min=0)[None])
+                    I.append(at[o[:k]][None])
         return torch.cat(D).numpy(), torch.cat(I).numpy()
 
 

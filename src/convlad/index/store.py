@@ -38,6 +38,7 @@ from ..verify import LOCAL_K, LocalCodes
 from ..pairs import AUGMENT, PairOverlay, check_augment, edges_of, mine_additions, pairs_of, partners_from, unique_pairs
 
 MODEL = S.MODEL
+MAX_SHARDS = 1024
 RETRAIN_GROWTH = 4.0  # the IVF-PQ is retrained once the collection is this many times what it was trained on
 
 
@@ -53,6 +54,11 @@ def _live_mask(ids: np.ndarray, dead: np.ndarray) -> np.ndarray | None:
     return None if mask.all() else mask
 
 
+def shard_of(entry: dict) -> int:
+    """The shard of a manifest's segment entry (0 for an index written before shards)."""
+    return int(entry.get("shard", 0))
+
+
 def _stamp(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
@@ -66,9 +72,13 @@ class IndexStore:
     results are ``(distances, ids)``, squared L2, nearest first.
     """
 
-    def __init__(self, path: Path, lock: S.WriterLock | None = None, runtime=None):
+    def __init__(self, path: Path, lock: S.WriterLock | None = None, runtime=None, shard: int | None = None):
         self.path = Path(path)
         self._lock = lock
+        # a shard's view (``open(shard=s)``): searches and counts the segments of shard s only, while
+        # ids, pairs and rows by id stay the whole index's (the rows of its photos' partners in other
+        # shards are read where they lie, so its photos are searched as the whole index searches them)
+        self.shard = shard
         self._runtime = runtime  # how its model runs (``runtime.Runtime``; None: the defaults)
         self._mutex = threading.RLock()  # search structures vs. refresh/commit in this process
         self._seg_cache: dict[str, S.Segment] = {}
@@ -85,9 +95,12 @@ class IndexStore:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, write: bool = False, wait: bool = False, runtime=None) -> "IndexStore":
-        """``runtime``: how the store's model runs when it encodes (``runtime.Runtime``)."""
+    def open(cls, path, write: bool = False, wait: bool = False, runtime=None, shard: int | None = None) -> "IndexStore":
+        """``runtime``: how the store's model runs when it encodes (``runtime.Runtime``); ``shard``:
+        a read-only view that searches one shard's segments (``shards``)."""
         path = Path(path)
+        if shard is not None and write:
+            raise ValueError("a shard's view is read-only: the index has one writer")
         if path.is_file():
             if write:
                 raise FileFormatError(f"{path}: a single-file index (convlad ≤ 0.1) opens read-only; "
@@ -97,8 +110,10 @@ class IndexStore:
             raise FileFormatError(f"{path}: no such index")
         lock = S.WriterLock(path, wait) if write else None
         try:
-            store = cls(path, lock, runtime)
+            store = cls(path, lock, runtime, shard)
             store._load_current()
+            if shard is not None and not 0 <= shard < store.shards:
+                raise FileFormatError(f"{path}: has {store.shards} shard(s); there is no shard {shard}")
             if write:
                 S.collect_garbage(path, store.m)
             return store
@@ -110,7 +125,7 @@ class IndexStore:
     @classmethod
     def create(cls, path, model=None, root=None, dim: int | None = None, ann: str | None = None,
                wait: bool = False, report=print, local: int | None = None,
-               augment: str | None = None, runtime=None) -> "IndexStore":
+               augment: str | None = None, runtime=None, shards: int | None = None) -> "IndexStore":
         """Open ``path`` for writing, creating it if needed. ``model``: a fitted ConvVLAD (or None for
         a store of descriptors made elsewhere, with ``dim``); ``root``: the folder indexed (paths are
         kept relative to it); ``ann``: auto, exact or ivfpq (None keeps the store's, auto if new);
@@ -118,11 +133,15 @@ class IndexStore:
         the store is new; 0 keeps none); ``augment``: "verified" mines each added photo's pairs
         and searches the database side augmented over them, "none" does not (``pairs.AUGMENT``
         when None and the store is new and keeps local features). These settings are the store's:
-        they apply to later additions. ``runtime``: how the store's model runs (as ``open``)."""
+        they apply to later additions. ``runtime``: how the store's model runs (as ``open``); ``shards``:
+        how many shards new segments are spread over (1 when None and the store is new; an index's
+        shards can grow, never shrink: each segment stays where it was written)."""
         path = Path(path)
         if ann is not None and ann not in ("auto", "exact", "ivfpq"):
             raise ValueError(f"index type must be auto, exact or ivfpq, not {ann!r}")
         check_augment(augment)
+        if shards is not None and not 1 <= int(shards) <= MAX_SHARDS:
+            raise ValueError(f"shards must be 1 to {MAX_SHARDS}, not {shards}")
         root = str(Path(root).resolve()) if root is not None else None
         fingerprint = model.fingerprint() if model is not None else None
         if path.is_file() or _interrupted_conversion(path):
@@ -146,7 +165,8 @@ class IndexStore:
                     "format": S.FORMAT, "version": S.FORMAT_VERSION, "generation": 0, "dim": int(dim),
                     "root": root, "model": MODEL if model is not None else None, "model_fingerprint": fingerprint,
                     "ann": ann or "auto", "next_id": 0, "segments": [], "tombstones": None, "n_dead": 0,
-                    "ivf": None, "local": keeps, "augment": augment or (AUGMENT if keeps else "none")})
+                    "ivf": None, "local": keeps, "augment": augment or (AUGMENT if keeps else "none"),
+                    "shards": int(shards or 1)})
             store = cls(path, lock, runtime)
             store._load_current()
             m = store.m
@@ -168,6 +188,10 @@ class IndexStore:
                                  "model and local features (--local-features above 0)")
             if augment is not None and augment != store.m.get("augment", "none"):
                 store._commit(dict(store.m, augment=augment), new_segments={})  # for images added from now on
+            if shards is not None and shards != store.shards:
+                if shards < store.shards:
+                    raise FileFormatError(f"{path}: has {store.shards} shards; an index's shards can grow, not shrink")
+                store._commit(dict(store.m, shards=int(shards)), new_segments={})  # new segments spread over them
             return store
         except BaseException:
             lock.release()
@@ -213,12 +237,14 @@ class IndexStore:
         for s in segs:
             key = (m.get("tombstones"), s.name)
             live.append(self._live_cache[key] if key in self._live_cache else _live_mask(s.ids, dead))
+        own = [self.shard is None or shard_of(e) == self.shard for e in m["segments"]]
         with self._mutex:
             old_names = [s.name for s in self._segs]
             appended = bool(self.m) and [s.name for s in segs[:len(old_names)]] == old_names
             same_ivf = bool(self.m) and m.get("ivf") == self.m.get("ivf")
             same_dead = bool(self.m) and m.get("tombstones") == self.m.get("tombstones")
-            self.m, self._segs, self._dead, self._live = m, segs, dead, live
+            self.m, self._segs, self._dead, self._live, self._own = m, segs, dead, live, own
+            self._n_own = sum(len(s) if lv is None else int(lv.sum()) for s, lv, o in zip(segs, live, own) if o)
             self._seg_cache = {s.name: s for s in segs}
             self._live_cache = {(m.get("tombstones"), s.name): lv for s, lv in zip(segs, live)}
             self._codes_cache = codes
@@ -242,12 +268,13 @@ class IndexStore:
                 self._exact = self._exact_pos = None
             elif self._exact is not None:
                 new = np.concatenate([self._offsets[i] + self._live_positions(i)
-                                      for i in range(len(old_names), len(segs))] or [np.zeros(0, np.int64)])
+                                      for i in range(len(old_names), len(segs)) if own[i]] or [np.zeros(0, np.int64)])
                 X = np.concatenate([self._exact.X.numpy(), self._search_rows(new)])
                 self._exact_pos = np.concatenate([self._exact_pos, new])
                 # older photos the new ones verified with (the overlay's new pairs): their rows changed
                 p = self._aug.pairs[kept:].ravel() if self._aug is not None else np.zeros(0, np.int64)
                 changed = np.unique(p[p < self._offsets[len(old_names)]])
+                changed = changed[np.isin(changed, self._exact_pos)]  # a shard's view: its own rows only
                 if len(changed):
                     X[np.searchsorted(self._exact_pos, changed)] = self._search_rows(changed)
                 self._exact = ExactIndex(X)
@@ -274,7 +301,22 @@ class IndexStore:
         return self.m.get("root")
 
     def __len__(self) -> int:
-        return int(self._offsets[-1]) - self.n_dead
+        """Live images: the whole index's, or a shard view's own."""
+        return int(self._offsets[-1]) - self.n_dead if self.shard is None else self._n_own
+
+    @property
+    def shards(self) -> int:
+        return int(self.m.get("shards") or 1)
+
+    def shards_of(self, ids) -> np.ndarray:
+        """The shard holding each of ``ids`` (-1 where not live)."""
+        with self._mutex:
+            pos = self._positions(ids)
+            out = np.full(len(pos), -1, np.int64)
+            seg, _ = self._locate(pos[pos >= 0])
+            of = np.array([shard_of(e) for e in self.m.get("segments") or [{}] * len(self._segs)] or [0], np.int64)
+            out[pos >= 0] = of[seg]
+        return out
 
     @property
     def n_dead(self) -> int:
@@ -461,11 +503,12 @@ class IndexStore:
 
     def segments(self) -> list[dict]:
         """This generation's segments, in store order: name, rows (dead ones included), live rows,
-        and the arrays kept beside the descriptors (``local-codes``, ``partners``, ...)."""
+        the shard that holds it, and the arrays kept beside the descriptors (``local-codes``,
+        ``partners``, ...)."""
         with self._mutex:
-            segs, lives = self._segs, self._live
-        return [{"name": s.name, "rows": len(s), "live": len(s) if lv is None else int(lv.sum()),
-                 "arrays": sorted(s.extra)} for s, lv in zip(segs, lives)]
+            segs, lives, entries = self._segs, self._live, self.m.get("segments") or [{}] * len(self._segs)
+        return [{"name": s.name, "rows": len(s), "live": len(s) if lv is None else int(lv.sum()), "shard": shard_of(e),
+                 "arrays": sorted(s.extra)} for s, lv, e in zip(segs, lives, entries)]
 
     # -- searching -------------------------------------------------------------------------------
     def _uses_ivf(self) -> bool:
@@ -480,7 +523,8 @@ class IndexStore:
     def _add_codes(self, first: int) -> None:
         d = self.m["ivf"]["dir"]
         for i in range(first, len(self._segs)):
-            IVF.add_codes(self._ivf, self._codes_cache[(d, self._segs[i].name)], int(self._offsets[i]))
+            if self._own[i]:
+                IVF.add_codes(self._ivf, self._codes_cache[(d, self._segs[i].name)], int(self._offsets[i]))
 
     def _is_live(self, pos: np.ndarray) -> np.ndarray:
         if not self._n_dead:
@@ -493,8 +537,8 @@ class IndexStore:
             self._ivf = IVF.empty_copy(self._trained)
             self._add_codes(0)
         else:
-            pos = np.concatenate([self._offsets[i] + self._live_positions(i) for i in range(len(self._segs))]
-                                 or [np.zeros(0, np.int64)])
+            pos = np.concatenate([self._offsets[i] + self._live_positions(i) for i in range(len(self._segs))
+                                  if self._own[i]] or [np.zeros(0, np.int64)])
             self._exact, self._exact_pos = ExactIndex(self._search_rows(pos)), pos
 
     def set_nprobe(self, nprobe: int) -> None:
@@ -609,12 +653,26 @@ class IndexStore:
                 raise ValueError(f"mined: candidates {cand.shape} and inliers {inl.shape} for {len(X)} photos")
             extra = dict(extra, **{S.PARTNERS: partners_from(cand, inl, self.model.verifier().sure),
                                    S.CANDIDATES: cand, S.CANDIDATE_INLIERS: inl.astype(np.int16)})
-        name = S.write_segment(self.path, X, ids, stamps, list(paths), extra)
-        self._commit(dict(m, next_id=int(ids[-1]) + 1,
-                          segments=[*m["segments"], {"name": name, "rows": len(X)}]), new_segments={name: X})
+        # a sharded store spreads one addition over its shards, the emptiest first, in one commit
+        parts = np.array_split(np.arange(len(X)), min(self.shards, len(X)))
+        entries, new = [], {}
+        for part, shard in zip(parts, self._emptiest_shards()):
+            sel = slice(int(part[0]), int(part[-1]) + 1)
+            name = S.write_segment(self.path, X[sel], ids[sel], stamps[sel], list(paths[sel]),
+                                   {k: v[sel] for k, v in extra.items()} if extra is not None else None)
+            entries.append({"name": name, "rows": len(part), **({"shard": shard} if self.shards > 1 else {})})
+            new[name] = X[sel]
+        self._commit(dict(m, next_id=int(ids[-1]) + 1, segments=[*m["segments"], *entries]), new_segments=new)
         if needs_compaction([s["rows"] for s in self.m["segments"]]):
             self.compact()
         return ids
+
+    def _emptiest_shards(self) -> list[int]:
+        """The shards, the one with the fewest live photos first (the lower number on ties)."""
+        n = np.zeros(self.shards, np.int64)
+        for e, seg, lv in zip(self.m["segments"], self._segs, self._live):
+            n[shard_of(e)] += len(seg) if lv is None else int(lv.sum())
+        return np.argsort(n, kind="stable").tolist()
 
     @property
     def augmented(self) -> bool:
@@ -666,8 +724,12 @@ class IndexStore:
 
         self._need_writer()
         m = self.m
-        groups = plan_merges([len(seg) for seg in self._segs], [len(self._live_positions(i)) for i in range(len(self._segs))],
-                             target_rows)
+        # each shard's segments merge among themselves: a segment never moves to another shard
+        rows, lives = [len(seg) for seg in self._segs], [len(self._live_positions(i)) for i in range(len(self._segs))]
+        groups = []
+        for sh in sorted({shard_of(e) for e in m["segments"]}):
+            at = [i for i, e in enumerate(m["segments"]) if shard_of(e) == sh]
+            groups += [[at[j] for j in g] for g in plan_merges([rows[i] for i in at], [lives[i] for i in at], target_rows)]
         before = len(self._segs)
         if not groups:
             return {"segments_before": before, "segments_after": before, "dropped": 0, "merged": 0}
@@ -695,7 +757,8 @@ class IndexStore:
                                             for i, r in zip(g, rows)])[order]
                     S.write_durable(S.codes_file(self.path, ivf["dir"], name), lambda f, c=codes: S.save_npy(f, c))
                 replaced.update({i: name for i in g})
-                new_entries[name] = {"name": name, "rows": len(ids)}
+                new_entries[name] = {"name": name, "rows": len(ids),
+                                     **({"shard": shard_of(m["segments"][g[0]])} if "shard" in m["segments"][g[0]] else {})}
                 bar.update(sum(len(self._segs[i]) for i in g))
         finally:
             bar.close()
@@ -726,7 +789,14 @@ class IndexStore:
         model = None
         if self.m.get("model"):
             model = self.model.describe()
-        return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self),
+        shards = None
+        if self.shards > 1:
+            with self._mutex:
+                shards = [{"shard": sh, "segments": 0, "images": 0} for sh in range(self.shards)]
+                for e, seg, lv in zip(self.m["segments"], self._segs, self._live):
+                    shards[shard_of(e)]["segments"] += 1
+                    shards[shard_of(e)]["images"] += len(seg) if lv is None else int(lv.sum())
+        return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self), "shards": shards,
                 "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
                 "dim": self.dim, "augment": self.m.get("augment", "none"),
                 "pairs": 0 if self._aug is None else len(self._aug),
@@ -739,7 +809,7 @@ def _open_legacy(path: Path) -> IndexStore:
     """A single-file index, read-only and in memory."""
     store = IndexStore(path)
     store._model, store.m, seg = legacy.read(path)
-    store._segs, store._dead, store._live = [seg], np.zeros(0, np.int64), [None]
+    store._segs, store._dead, store._live, store._own = [seg], np.zeros(0, np.int64), [None], [True]
     store._offsets = np.array([0, len(seg)], np.int64)
     return store
 
@@ -758,5 +828,5 @@ def _convert_legacy(path: Path, report) -> None:
     legacy.convert(path, build, report)
 
 
-__all__ = ["IndexStore", "StoreLocked"]
+__all__ = ["MAX_SHARDS", "IndexStore", "StoreLocked", "shard_of"]
 StoreLocked = S.StoreLocked

@@ -439,7 +439,9 @@ def serve(index, host: str = "127.0.0.1", port: int = 8000, token: str | None = 
     log(f"convlad serve: {svc.index} ({len(svc.store)} images) on http://{host}:{port}/  (API docs: /docs)"
         + ("" if app.state.access.writes else "; writes disabled: listening beyond loopback without --token"))
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+    # h11 and asyncio, never the C parser and loop that ray[serve] pulls in: the strict parser the
+    # safety tests were written against, whatever else is installed
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, http="h11", loop="asyncio")
 
 
 __all__ = ["Access", "Admission", "ApiError", "CAPS", "STATUS_OF", "create_app", "parse_id", "serve", "whole"]
