@@ -26,7 +26,7 @@ import numpy as np
 from ..verify import Evidence
 from .store import IndexStore
 
-TIMEOUT = 10.0  # seconds a shard has to answer before a search is refused (ShardUnavailable)
+TIMEOUT = 5.0  # seconds a shard has to answer before a search is refused (ShardUnavailable)
 
 
 class ShardUnavailable(RuntimeError):
@@ -92,6 +92,15 @@ class ShardedIndex:
         self.store, self.clients, self.timeout = store, list(shards), timeout
 
     # -- what the shards answer ---------------------------------------------------------------------
+    def _call(self, shard: int, method: str, *args):
+        """The pending call of ``method`` on ``shard``; one that failed at once where it cannot be made."""
+        try:
+            return self.clients[shard].submit(method, *args)
+        except Exception as e:  # noqa: BLE001 - a handle whose cluster is gone raises here, not at result()
+            f: Future = Future()
+            f.set_exception(e)
+            return f
+
     def _gather(self, calls: dict) -> dict:
         """{shard: result} of ``calls`` ({shard: pending}); ShardUnavailable naming every shard
         that failed or did not answer within the timeout."""
@@ -111,7 +120,7 @@ class ShardedIndex:
         nearest, merged."""
         Q = np.ascontiguousarray(np.atleast_2d(Q), dtype=np.float32)
         g = self.store.generation
-        got = self._gather({sh: c.submit("search", Q, k, g) for sh, c in enumerate(self.clients)})
+        got = self._gather({sh: self._call(sh, "search", Q, k, g) for sh in range(len(self.clients))})
         D = np.concatenate([got[sh][0] for sh in sorted(got)], 1)
         ids = np.concatenate([got[sh][1] for sh in sorted(got)], 1)
         k = min(k, D.shape[1])
@@ -130,19 +139,21 @@ class ShardedIndex:
         owner = self.store.shards_of(ids)
         ev, stored = Evidence.empty(len(ids)), np.zeros(len(ids), bool)
         g = self.store.generation
-        calls = {int(sh): self.clients[int(sh)].submit("verify", query, ids[owner == sh], verifier, g)
+        calls = {int(sh): self._call(int(sh), "verify", query, ids[owner == sh], verifier, g)
                  for sh in np.unique(owner[owner >= 0])}
         for sh, (inl, tent, area, have) in self._gather(calls).items():
             at = owner == sh
             ev.inliers[at], ev.tentative[at], ev.area[at], stored[at] = inl, tent, area, have
         return ev, stored
 
-    def health(self) -> list[dict]:
-        """Each shard's ``Shard.info``, or ``{"shard", "error"}`` where it does not answer."""
+    def health(self, timeout: float = 1.0) -> list[dict]:
+        """Each shard's ``Shard.info``, or ``{"shard", "error"}`` where it does not answer within
+        ``timeout`` seconds."""
         out = []
-        for sh, c in enumerate(self.clients):
+        calls = [self._call(sh, "info") for sh in range(len(self.clients))]
+        for sh, pending in enumerate(calls):
             try:
-                out.append(c.submit("info").result(timeout=self.timeout))
+                out.append(pending.result(timeout=timeout))
             except Exception as e:  # noqa: BLE001
                 out.append({"shard": sh, "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
         return out

@@ -209,13 +209,15 @@ def _fastapi():
 def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: list[str] | None = None,
                window_ms: float = 5.0, max_batch: int = 16, max_upload_mb: int = 20,
                max_pixels: int = 50_000_000, body_timeout: float = 30.0, max_active: int | None = None,
-               max_queue: int = 64, compile: bool | str = "auto", precision: str | None = None):
+               max_queue: int = 64, compile: bool | str = "auto", precision: str | None = None,
+               shards: list | None = None):
     """The API and the page over ``index``. ``compile`` (True, False, "auto": on CPU wherever the
     network can be) and ``precision`` (None: the index's model's setting, "auto" unless changed)
-    are the encoder's, warmed for every batch shape before this returns."""
+    are the encoder's, warmed for every batch shape before this returns. ``shards``: a client per
+    shard of a sharded index (``ray_shards.deploy``), searched through them."""
     access = Access(token, writes=token is not None or is_loopback(host))
     svc = Service(index, window_ms=window_ms, max_batch=max_batch, max_pixels=max_pixels, compile=compile,
-                  precision=precision)
+                  precision=precision, shards=shards)
     admission = Admission(max_active or max_batch, max_queue)
 
     @asynccontextmanager
@@ -429,19 +431,32 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
 def serve(index, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, cors=None,
           window_ms: float = 5.0, max_batch: int = 16, max_upload_mb: int = 20, body_timeout: float = 30.0,
           max_active: int | None = None, max_queue: int = 64, compile: bool | str = "auto",
-          precision: str | None = None, log=print) -> None:
+          precision: str | None = None, log=print, ray: str | None = None, replicas: int = 1) -> None:
+    """``ray``: serve the index's shards on the Ray cluster at this address ("local": one started
+    here), ``replicas`` each (``ray_shards``); this process is their ingress."""
     import uvicorn
 
-    app = create_app(index, token=token, host=host, cors=cors, window_ms=window_ms, max_batch=max_batch,
-                     max_upload_mb=max_upload_mb, body_timeout=body_timeout, max_active=max_active,
-                     max_queue=max_queue, compile=compile, precision=precision)
-    svc = app.state.service
-    log(f"convlad serve: {svc.index} ({len(svc.store)} images) on http://{host}:{port}/  (API docs: /docs)"
-        + ("" if app.state.access.writes else "; writes disabled: listening beyond loopback without --token"))
-    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # h11 and asyncio, never the C parser and loop that ray[serve] pulls in: the strict parser the
-    # safety tests were written against, whatever else is installed
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, http="h11", loop="asyncio")
+    shards = None
+    if ray is not None:
+        from .ray_shards import deploy, undeploy
+
+        log(f"convlad serve: deploying the shards of {index} on Ray Serve ({ray}, {replicas} replica(s) each) ...")
+        shards = deploy(index, ray, replicas)
+    try:
+        app = create_app(index, token=token, host=host, cors=cors, window_ms=window_ms, max_batch=max_batch,
+                         max_upload_mb=max_upload_mb, body_timeout=body_timeout, max_active=max_active,
+                         max_queue=max_queue, compile=compile, precision=precision, shards=shards)
+        svc = app.state.service
+        log(f"convlad serve: {svc.index} ({len(svc.store)} images"
+            + (f", {len(shards)} shards on Ray Serve" if shards else "") + f") on http://{host}:{port}/  (API docs: /docs)"
+            + ("" if app.state.access.writes else "; writes disabled: listening beyond loopback without --token"))
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        # h11 and asyncio, never the C parser and loop that ray[serve] pulls in: the strict parser the
+        # safety tests were written against, whatever else is installed
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, http="h11", loop="asyncio")
+    finally:
+        if shards:
+            undeploy(len(shards))
 
 
 __all__ = ["Access", "Admission", "ApiError", "CAPS", "STATUS_OF", "create_app", "parse_id", "serve", "whole"]

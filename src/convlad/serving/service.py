@@ -40,6 +40,7 @@ from ..groups import groups as find_groups
 from ..groups import verify as verify_group
 from ..images import ImageError, load_image, load_warped
 from ..index.segments import UPLOADS, StoreLocked, is_upload_file, new_upload_name
+from ..index.shards import ShardedIndex, ShardUnavailable
 from ..index.store import IndexStore
 from ..runtime import Runtime, cpu_flags, want_compile
 from ..storage import write_durable
@@ -56,6 +57,7 @@ MAX_DECODED_PIXELS = 24_000_000
 # half a second or less (2.5 s at 100 000 photos, measured; linear in the photos); past this many
 # photos they are found in the background, and a search in the meantime names none
 GROUPS_INLINE = 20_000
+SHARD_RETRY = 5  # seconds a client is told to wait for a shard whose replica Ray Serve is replacing
 FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
@@ -133,16 +135,19 @@ class Service:
     """The index at ``index``, served. ``window_ms``/``max_batch``: the micro-batcher's; ``max_pixels``:
     the largest photo accepted; ``compile`` (True, False, "auto": on CPU wherever the network can be)
     and ``precision`` (None: "auto") are the encoder's ``runtime.Runtime``, warmed for every batch
-    shape before this returns."""
+    shape before this returns. ``shards``: a client per shard of a sharded index (``index.shards``):
+    searches go through them, and a search some shard does not answer is ``Unavailable``."""
 
     def __init__(self, index, window_ms: float = 5.0, max_batch: int = 16, max_pixels: int = 50_000_000,
-                 compile: bool | str = "auto", precision: str | None = None):
+                 compile: bool | str = "auto", precision: str | None = None, shards: list | None = None):
         self.index = Path(index)
         # a server runs without end: "auto" compiles wherever the network can be (on 2 AVX2 cores a
         # compiled pass is 1.2–1.5×, against 10–60 s once)
         self.store = IndexStore.open(self.index, runtime=Runtime(compile=compile, precision=precision or "auto",
                                                                  workload=math.inf))
         self.model = self.store.model  # on CUDA when there is one, as everywhere else
+        # what a search ranks: the index here, or its shards (rows by id, pairs and paths stay the store's)
+        self.searcher = ShardedIndex(self.store, shards) if shards else self.store
         self.max_pixels = max_pixels
         self.sizes = [scale_size(s) for s in self.model.config.scales]
         self._grid = None
@@ -278,7 +283,14 @@ class Service:
         return {"total": len(self.store), "offset": offset, "images": await self._pool(self.page, offset, limit)}
 
     def health(self) -> dict:
-        return {"status": "ok", "images": len(self.store), "generation": self.store.generation}
+        """The service's state; a sharded one's also names each shard's (``ShardedIndex.health``), and
+        is "degraded" while one does not answer."""
+        out = {"status": "ok", "images": len(self.store), "generation": self.store.generation}
+        if isinstance(self.searcher, ShardedIndex):
+            out["shards"] = self.searcher.health()
+            if any("error" in s for s in out["shards"]):
+                out["status"] = "degraded"
+        return out
 
     def config(self) -> dict:
         """The search's defaults for this index, as every door applies them."""
@@ -400,11 +412,13 @@ class Service:
         for attempt in range(3):
             try:
                 if of is not None:
-                    (hits,) = S.search_ids(self.store, [of], settings, verifier=self.verifier)
+                    (hits,) = S.search_ids(self.searcher, [of], settings, verifier=self.verifier)
                 else:
-                    (hits,) = S.rank(self.store, Q, [local.features(0) if local is not None else None], settings,
+                    (hits,) = S.rank(self.searcher, Q, [local.features(0) if local is not None else None], settings,
                                      verifier=self.verifier)
                 break
+            except ShardUnavailable as e:  # no answer from part of the index: never a partial one
+                raise Unavailable(f"{e}; its replica is being replaced, try again", retry_after=SHARD_RETRY) from None
             except KeyError:  # a neighbour deleted by a write that committed meanwhile: rank again
                 if of is not None:
                     self.file_of(of)  # ... unless it is the query itself

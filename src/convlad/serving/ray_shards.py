@@ -1,0 +1,99 @@
+"""`convlad serve INDEX --ray ADDRESS`: the shards of an index as Ray Serve deployments.
+
+Each shard of the index (``index/shards.py``) is one Ray Serve application, ``convlad-shard-S``,
+whose one deployment runs ``Shard`` in ``replicas`` replicas: its global top-k with exact distances
+and the verification of its photos against its local features. Ray Serve spreads the replicas over
+the cluster's nodes, balances the calls among them and replaces a replica that dies.
+
+The ingress is ``convlad serve`` itself: the same page, API and guards (caps, the bounded queue,
+private queries, headers) as the single-process server. It encodes each query once, calls every
+shard through its handle and ranks with ``search.rank`` over ``ShardedIndex``. Several ingresses
+may serve one set of shards. Every node reads the index folder at the same path (a shared file
+system), as ``convlad index --ray`` does.
+
+Serve's own HTTP proxy is not started: nothing reaches a shard but its handle.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..index.cluster import RayMissing
+from ..index.shards import Shard
+from ..index.store import IndexStore
+
+APP = "convlad-shard-{}"
+
+
+def _serve():
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise RayMissing("--ray needs Ray Serve: pip install 'convlad[ray]' (or pip install 'ray[serve]')") from None
+    return ray, serve
+
+
+class RayShard:
+    """A shard's Ray Serve handle, reached as ``index.shards`` reaches any shard (``submit``)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def submit(self, method: str, *args):
+        return _Pending(getattr(self.handle, method).remote(*args))
+
+
+class _Pending:
+    def __init__(self, response):
+        self.response = response
+
+    def result(self, timeout: float | None = None):
+        return self.response.result(timeout_s=timeout)
+
+
+def connect(address: str, slots: int = 1) -> None:
+    """Join the cluster at ``address`` unless joined already; "local" starts one on this machine
+    with room for ``slots`` replicas of one CPU, however few cores it has."""
+    ray, _ = _serve()
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=max(os.cpu_count() or 1, slots + 1), logging_level="warning", log_to_driver=False,
+                     include_dashboard=False)
+        else:
+            ray.init(address=address, logging_level="warning", log_to_driver=False)
+
+
+def deploy(index, address: str, replicas: int = 1, cpus: float = 1.0) -> list[RayShard]:
+    """Deploy (or update) one application per shard of ``index`` on the cluster at ``address``
+    and return a client per shard, in shard order."""
+    ray, serve = _serve()
+    path = str(Path(index).resolve())
+    n = IndexStore.open(path).shards
+    connect(address, n * replicas)
+    serve.start(proxy_location="Disabled")
+    dep = serve.deployment(Shard, name="shard", num_replicas=replicas,
+                           ray_actor_options={"num_cpus": cpus, "runtime_env": {"env_vars": _env()}})
+    out = []
+    for s in range(n):
+        out.append(RayShard(serve.run(dep.bind(path, s), name=APP.format(s), route_prefix=None)))
+    return out
+
+
+def undeploy(n: int) -> None:
+    """Delete the ``n`` shard applications (at the ingress's exit)."""
+    _, serve = _serve()
+    for s in range(n):
+        try:
+            serve.delete(APP.format(s), _blocking=False)
+        except Exception:  # noqa: BLE001 - the cluster may be gone already
+            pass
+
+
+def _env() -> dict:
+    # a replica runs one shard on the CPUs it was given: numpy, torch and OpenCV each start a thread
+    # per core of the node otherwise, and several replicas of a node would fight over them
+    return {k: os.environ.get(k, "1") for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+__all__ = ["APP", "RayShard", "connect", "deploy", "undeploy"]

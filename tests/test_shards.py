@@ -1,0 +1,109 @@
+"""Shards of one index (``index/shards.py``): a sharded index of mvbench-dev's photos, searched through
+its shards in this process, ranks as the unsharded index of the same photos: the same ids, order,
+inliers and links. The writer spreads commits over the shards; deletes and compaction stay per shard.
+The same on Ray Serve, on a three-node cluster, is ``test_ray_shards.py``."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from convlad import search as S
+from convlad.index.shards import Local, Shard, ShardedIndex, ShardUnavailable, local_shards
+from convlad.index.store import IndexStore
+
+from .servers import CLI, cli
+
+
+def _ranked(index, ids, k=100):
+    return [[(h.id, h.inliers, h.via, h.same) for h in hits] for hits in S.search_ids(index, ids, S.Settings(k=k))]
+
+
+@pytest.fixture(scope="module")
+def sharded(dev_index):
+    out = dev_index / "sharded.index"
+    # as default.index was made (one commit: the pairs mined are those of a commit), split over 3 shards
+    cli("index", dev_index / "model.npz", dev_index / "photos", "--out", out, "--shards", "3")
+    return out
+
+
+def test_a_sharded_index_ranks_as_the_unsharded_one(dev_index, sharded):
+    whole = IndexStore.open(dev_index / "default.index")  # the same photos and model, one shard
+    by_shard = ShardedIndex(IndexStore.open(sharded), local_shards(sharded))
+    ids = [i for i, _, _ in whole.items()]
+    assert [i for i, _, _ in IndexStore.open(sharded).items()] == ids
+    info = json.loads(cli("info", sharded, "--json").stdout)
+    assert [s["shard"] for s in info["shards"]] == [0, 1, 2] and sum(s["images"] for s in info["shards"]) == len(ids)
+    assert min(s["images"] for s in info["shards"]) >= len(ids) // 3 - 1  # spread evenly
+    assert len(Shard(sharded, 1).store) == info["shards"][1]["images"]
+    got, want = _ranked(by_shard, ids), _ranked(whole, ids)
+    assert got == want
+    # the test can fail: verified results, links among them, and a photo of each shard in most lists
+    assert sum(h[1] is not None and h[1] >= whole.model.verifier().sure for r in want for h in r) > len(ids)
+    assert sum(h[2] is not None for r in want for h in r) > 0
+    store = IndexStore.open(sharded)
+    mixed = [len(set(store.shards_of([h[0] for h in r[:30]]).tolist())) for r in want]
+    assert max(mixed) == 3 and sum(m >= 2 for m in mixed) > len(ids) / 2  # most lists merge several shards
+
+
+def test_deletes_and_compaction_stay_within_each_shard(dev_index, sharded, tmp_path):
+    import shutil
+
+    copy = tmp_path / "sharded.index"
+    shutil.copytree(sharded, copy)
+    before = {s["name"]: s["shard"] for s in IndexStore.open(copy).segments()}
+    with IndexStore.open(copy, write=True) as w:
+        gone = [i for i, _, _ in w.items()][5::7]
+        assert w.remove(gone) == len(gone)
+        w.compact()
+        segs = w.segments()
+    # a merged segment holds the rows of one shard's segments only
+    assert len(segs) == 3 and sorted(s["shard"] for s in segs) == [0, 1, 2]
+    store = IndexStore.open(copy)
+    for sh in range(3):
+        old_ids = {i for s in IndexStore.open(sharded).segments() if s["shard"] == sh for i in _ids(sharded, s["name"])}
+        assert set(_ids(copy, segs[[s["shard"] for s in segs].index(sh)]["name"])) == old_ids - set(gone)
+    assert set(before.values()) == {0, 1, 2}
+    ids = [i for i, _, _ in store.items()]
+    assert _ranked(ShardedIndex(store, local_shards(copy)), ids[:60]) == _ranked(store, ids[:60])
+    # shards can grow (new segments go to the emptiest), never shrink
+    shrink = subprocess.run([*CLI, "index", str(dev_index / "photos"), "--out", str(copy), "--shards", "2"],
+                            capture_output=True, text=True)
+    assert shrink.returncode != 0 and shrink.stderr.strip().endswith("can grow, not shrink"), shrink.stderr
+    cli("index", dev_index / "photos", "--out", copy, "--shards", "4")
+    assert IndexStore.open(copy).shards == 4
+
+
+def _ids(index, name):
+    from convlad.index import segments as SG
+
+    return np.asarray(SG.read_segment(index, name).ids).tolist()
+
+
+class _Dead:
+    def submit(self, method, *args):
+        raise ConnectionError("replica died")
+
+
+class _Refusing:
+    def submit(self, method, *args):
+        from concurrent.futures import Future
+
+        f = Future()
+        f.set_exception(TimeoutError("no replica within 5 s"))
+        return f
+
+
+def test_a_search_some_shard_does_not_answer_names_it_and_answers_nothing(sharded):
+    store = IndexStore.open(sharded)
+    shards = local_shards(sharded)
+    for broken in (_Refusing(), _Dead()):
+        index = ShardedIndex(store, [shards[0], broken, shards[2]])
+        with pytest.raises(ShardUnavailable) as e:
+            S.search_ids(index, [0], S.Settings(k=10))
+        assert e.value.missing == [1] and "shard 1 did not answer" in str(e.value)
+    assert [h.get("error") is not None for h in ShardedIndex(store, [shards[0], _Refusing(), shards[2]]).health()] \
+        == [False, True, False]
+    assert isinstance(shards[0], Local)
