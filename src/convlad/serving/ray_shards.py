@@ -15,6 +15,7 @@ Serve's own HTTP proxy is not started: nothing reaches a shard but its handle.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def deploy(index, address: str, replicas: int = 1, cpus: float = 1.0) -> list[Ra
     """Deploy (or update) one application per shard of ``index`` on the cluster at ``address``
     and return a client per shard, in shard order."""
     ray, serve = _serve()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line per application deployed otherwise
     path = str(Path(index).resolve())
     n = IndexStore.open(path).shards
     connect(address, n * replicas)
@@ -77,6 +79,8 @@ def deploy(index, address: str, replicas: int = 1, cpus: float = 1.0) -> list[Ra
     out = []
     for s in range(n):
         out.append(RayShard(serve.run(dep.bind(path, s), name=APP.format(s), route_prefix=None)))
+    for c in out:  # a handle's first call sets up its router (seconds): before the first query, not in it
+        c.submit("info").result(timeout=120)
     return out
 
 

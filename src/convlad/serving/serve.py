@@ -292,7 +292,7 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
     @app.api_route("/api/health", methods=GET, responses=errors())
     async def health():
         """Always answers, busy or not: 200 with the number of images."""
-        return svc.health()
+        return await svc.health()
 
     @app.api_route("/api/config", methods=GET, responses=errors())
     async def config():

@@ -282,12 +282,12 @@ class Service:
         """The indexed photos in index order, ``limit`` from ``offset``."""
         return {"total": len(self.store), "offset": offset, "images": await self._pool(self.page, offset, limit)}
 
-    def health(self) -> dict:
+    async def health(self) -> dict:
         """The service's state; a sharded one's also names each shard's (``ShardedIndex.health``), and
         is "degraded" while one does not answer."""
         out = {"status": "ok", "images": len(self.store), "generation": self.store.generation}
-        if isinstance(self.searcher, ShardedIndex):
-            out["shards"] = self.searcher.health()
+        if isinstance(self.searcher, ShardedIndex):  # not in the decoders' pool: health answers when it is full
+            out["shards"] = await asyncio.to_thread(self.searcher.health)
             if any("error" in s for s in out["shards"]):
                 out["status"] = "degraded"
         return out
