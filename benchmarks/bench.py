@@ -582,9 +582,125 @@ def job_groups_run(folder: str) -> dict:
             "extra_mb": max(peak + [anon_mb()]) - base_anon, "extra_with_mapped_mb": peak_rss_mb() - base}
 
 
+def job_shards_build(model: str, folder: str, n: int, photos: list[str], segments: int = 24, seed: int = 0) -> dict:
+    """A store of ``n`` photos as the default search meets one: synthetic 128-D descriptors
+    (``_collection``), the real local features of ``photos`` (the default 300 a photo, encoded by
+    ``model``) dealt round, in ``segments`` segments (24: evenly over 1, 2, 3 or 4 shards), the
+    IVF-PQ kept in step as `convlad index` keeps it. No pairs are mined (verifying 20 candidates of
+    each of a million photos is hours here); the search verifies its shortlist all the same."""
+    from convlad.index.store import IndexStore
+    from convlad.pipeline import ConvVLAD
+    from convlad.runtime import Runtime
+    from convlad.verify import LOCAL_K
+
+    m = ConvVLAD.load(model, runtime=Runtime(compile=False))
+    real = m.transform(photos, progress=False, local=LOCAL_K).local
+    _, chunk = _collection(n, m.dim, seed)
+    t = time.perf_counter()
+    step = -(-n // segments)
+    with IndexStore.create(folder, model=m, augment="none") as st:
+        for lo in range(0, n, step):
+            rows = np.arange(lo, min(n, lo + step))
+            at = rows % len(real)
+            st.add_vectors(chunk(lo, rows[-1] + 1), [photos[j] for j in at], local=real[at])
+            print(f"  {rows[-1] + 1:,d} written", file=sys.stderr, flush=True)
+        search = st.info()["search"]
+    return {"n": n, "write_s": time.perf_counter() - t, "search": search,
+            "bytes_on_disk": sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())}
+
+
+def job_shards_run(folder: str, shards: int, nq: int = 200, clients: int = 4, seed: int = 1) -> dict:
+    """The default search (global top 100 through the IVF-PQ, re-ranked by verification) of
+    ``nq`` queries, from this process over the store (``shards`` 0) or through ``shards`` shards on
+    Ray Serve on this machine (the store re-spread first: a manifest change): latency one query at a
+    time (p50, p99), then queries/s with ``clients`` at once. A query is a stored photo's
+    descriptor, perturbed, with its local features (each finds itself, and verifies 99 others)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from convlad import search as S
+    from convlad.index.shards import ShardedIndex
+    from convlad.index.store import IndexStore
+
+    if shards:
+        with IndexStore.open(folder, write=True) as w:
+            w.reshard(shards)
+    store = IndexStore.open(folder)
+    index, verifier = store, store.model.verifier(threads=1)
+    if shards:
+        from convlad.serving.ray_shards import deploy, undeploy
+
+        t = time.perf_counter()
+        index = ShardedIndex(store, deploy(folder, "local"), timeout=60)
+        deploy_s = time.perf_counter() - t
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(len(store), nq, replace=False)  # ids are 0 … n-1: nothing was deleted
+    Q = store.vectors(ids) + 0.05 * rng.normal(size=(nq, store.dim)).astype(np.float32)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    codes, _ = store.local_codes(ids)
+    feats = [codes.features(j) for j in range(nq)]
+
+    def one(j):
+        t = time.perf_counter()
+        (hits,) = S.rank(index, Q[j:j + 1], [feats[j]], S.DEFAULTS, verifier=verifier)
+        return time.perf_counter() - t, hits[0].id == ids[j]
+
+    for j in range(5):  # warm: the IVF-PQ built, the pages of the first lists read
+        one(j)
+    lat = [one(j) for j in range(nq)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(nq)))
+    qps = nq / (time.perf_counter() - t)
+    ms = np.sort([x for x, _ in lat]) * 1e3
+    out = {"shards": shards, "queries": nq, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+           "qps": qps, "clients": clients, "found_itself": float(np.mean([ok for _, ok in lat])), "rss_mb": _rss_mb()}
+    if shards:
+        out["deploy_s"] = deploy_s
+        undeploy(shards)
+        import ray
+
+        ray.shutdown()
+    return out
+
+
 JOBS = {"index": job_index, "forward": job_forward, "search": job_search, "store_build": job_store_build,
         "store_search": job_store_search, "store_write": job_store_write, "groups": job_groups,
-        "groups_build": job_groups_build, "groups_run": job_groups_run}
+        "groups_build": job_groups_build, "groups_run": job_groups_run, "shards_build": job_shards_build,
+        "shards_run": job_shards_run}
+
+
+def measure_shards(quick: bool, parent: str | None = None) -> dict:
+    """The default search over 1-4 shards on Ray Serve on this machine against one process over the
+    same store (``job_shards_run``), at 100 000 photos and at 1 000 000 (unless quick; 25 GB of
+    local features, more than this machine's memory: verification reads them from disk)."""
+    import shutil
+
+    from convlad.images import list_images
+    from convlad.pipeline import ConvVLAD
+    from convlad.study.datasets import load_groups
+
+    out = []
+    folder = Path(tempfile.mkdtemp(prefix="convlad-bench-shards-", dir=parent))
+    try:
+        train_dir = SHARED / "mvbench-train" / "images"
+        print("shards: fitting the default descriptor on 64 mvbench-train photos ...", flush=True)
+        ConvVLAD().fit([str(train_dir / p) for p in list_images(train_dir)][::9], progress=False).save(folder / "m.npz")
+        photos = load_groups(SHARED / "mvbench-dev").paths[::4]
+        for n in ([100_000] if quick else [100_000, 1_000_000]):
+            print(f"shards: a store of {n:,d} photos with local features ...", flush=True)
+            built = child("shards_build", model=str(folder / "m.npz"), folder=str(folder / f"ix{n}"), n=n, photos=photos)
+            rows = []
+            for shards in (0, 1, 2, 3, 4):
+                print(f"shards: {n:,d} photos, {shards or 'one process, no'} shards ...", flush=True)
+                rows.append(child("shards_run", folder=str(folder / f"ix{n}"), shards=shards))
+            base = rows[0]
+            for r in rows[1:]:
+                r["qps_ratio"], r["p50_ratio"] = r["qps"] / base["qps"], r["p50_ms"] / base["p50_ms"]
+            out.append({**built, "rows": rows})
+            shutil.rmtree(folder / f"ix{n}", ignore_errors=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"sizes": out}
 
 
 def measure_groups(quick: bool, parent: str | None = None) -> dict:
@@ -774,7 +890,7 @@ def fit_models(tmp: Path, n_train: int) -> dict[float, str]:
     return out
 
 
-PARTS = ("e2e", "forward", "search", "store", "serve", "ray", "rerank", "groups")
+PARTS = ("e2e", "forward", "search", "store", "serve", "ray", "rerank", "groups", "shards")
 
 
 def main():
@@ -838,6 +954,8 @@ def main():
         results["rerank"] = measure_rerank(a.quick)
     if "groups" in parts:
         results["groups"] = measure_groups(a.quick, a.store_dir)
+    if "shards" in parts:
+        results["shards"] = measure_shards(a.quick, a.store_dir)
     # a part measured alone keeps the machine it ran on: the others may come from another one
     for part in parts:
         if isinstance(results.get(part), dict):
@@ -899,6 +1017,16 @@ def print_table(r: dict) -> None:
         print(f"  append 1 000 photos: {w['append_1000_s'] * 1e3:.0f} ms (median of {len(w['append_s'])}); delete 1 000: "
               f"{w['remove_1000_s'] * 1e3:.0f} ms; compact {w['segments_before_after'][0]} → "
               f"{w['segments_before_after'][1]} segments, {w['compact']['dropped']} dead rows: {w['compact_s']:.1f}s")
+    if "shards" in r:
+        print("\nthe default search (IVF-PQ top 100, re-ranked by verification) over shards on Ray Serve, this machine; "
+              "baseline: one process over the same store")
+        for size in r["shards"]["sizes"]:
+            print(f"  {size['n']:,d} photos with local features ({size['bytes_on_disk'] / 1e9:.1f} GB on disk; {size['search']})")
+            for row in size["rows"]:
+                label = f"{row['shards']} shard(s)" if row["shards"] else "one process"
+                ratio = f"  ×{row['qps_ratio']:.2f} q/s, p50 ×{row['p50_ratio']:.2f}" if row["shards"] else ""
+                print(f"    {label:<12} p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                      f"{row['qps']:6.1f} q/s with {row['clients']} clients{ratio}")
     if "serve" in r:
         print("\nconvlad serve, 200 concurrent clients on loopback posting mvbench-dev photos (default descriptor)")
         for key in ("single", "batched"):

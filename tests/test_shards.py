@@ -68,12 +68,17 @@ def test_deletes_and_compaction_stay_within_each_shard(dev_index, sharded, tmp_p
     assert set(before.values()) == {0, 1, 2}
     ids = [i for i, _, _ in store.items()]
     assert _ranked(ShardedIndex(store, local_shards(copy)), ids[:60]) == _ranked(store, ids[:60])
-    # shards can grow (new segments go to the emptiest), never shrink
-    shrink = subprocess.run([*CLI, "index", str(dev_index / "photos"), "--out", str(copy), "--shards", "2"],
-                            capture_output=True, text=True)
-    assert shrink.returncode != 0 and shrink.stderr.strip().endswith("can grow, not shrink"), shrink.stderr
-    cli("index", dev_index / "photos", "--out", copy, "--shards", "4")
-    assert IndexStore.open(copy).shards == 4
+    # re-sharded: the manifest changes, no segment file is rewritten, and the ranking stays
+    files = {str(p.relative_to(copy)): p.stat().st_mtime_ns for p in copy.glob("seg-*/X.npy")}
+    with IndexStore.open(copy, write=True) as w:
+        w.reshard(2)
+    store = IndexStore.open(copy)
+    assert store.shards == 2 and {s["shard"] for s in store.segments()} == {0, 1}
+    assert {str(p.relative_to(copy)): p.stat().st_mtime_ns for p in copy.glob("seg-*/X.npy")} == files
+    assert _ranked(ShardedIndex(store, local_shards(copy)), ids[:60]) == _ranked(store, ids[:60])
+    bad = subprocess.run([*CLI, "index", str(dev_index / "photos"), "--out", str(copy), "--shards", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip() == "error: --shards 0: must be between 1 and 1024", bad.stderr
 
 
 def _ids(index, name):

@@ -97,8 +97,9 @@ def index(
     ray: Optional[str] = typer.Option(None, "--ray", help="Encode on Ray: 'local' starts Ray on this machine, "
                                       "'auto' or 'ray://HOST:PORT' joins a cluster (pip install 'convlad[ray]')."),
     shards: Optional[int] = typer.Option(None, "--shards", help="Spread the index over N shards, for `serve --ray` "
-                                         "(each commit is split among them, the emptiest first). Default: 1 for a new "
-                                         "index, else the index's; shards can be added, never removed."),
+                                         "(each commit is split among them, the emptiest first; an existing index's "
+                                         "segments are re-spread, no file moved). Default: 1 for a new index, else the "
+                                         "index's."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
     precision: str = PrecisionOpt,
 ):

@@ -134,8 +134,8 @@ class IndexStore:
         and searches the database side augmented over them, "none" does not (``pairs.AUGMENT``
         when None and the store is new and keeps local features). These settings are the store's:
         they apply to later additions. ``runtime``: how the store's model runs (as ``open``); ``shards``:
-        how many shards new segments are spread over (1 when None and the store is new; an index's
-        shards can grow, never shrink: each segment stays where it was written)."""
+        how many shards its segments are spread over (1 when None and the store is new; another number
+        re-spreads an existing store's segments, ``reshard``)."""
         path = Path(path)
         if ann is not None and ann not in ("auto", "exact", "ivfpq"):
             raise ValueError(f"index type must be auto, exact or ivfpq, not {ann!r}")
@@ -189,9 +189,7 @@ class IndexStore:
             if augment is not None and augment != store.m.get("augment", "none"):
                 store._commit(dict(store.m, augment=augment), new_segments={})  # for images added from now on
             if shards is not None and shards != store.shards:
-                if shards < store.shards:
-                    raise FileFormatError(f"{path}: has {store.shards} shards; an index's shards can grow, not shrink")
-                store._commit(dict(store.m, shards=int(shards)), new_segments={})  # new segments spread over them
+                store.reshard(int(shards))
             return store
         except BaseException:
             lock.release()
@@ -666,6 +664,25 @@ class IndexStore:
         if needs_compaction([s["rows"] for s in self.m["segments"]]):
             self.compact()
         return ids
+
+    def reshard(self, n: int) -> None:
+        """Spread the segments over ``n`` shards, balanced by live photos (the largest segment to the
+        emptiest shard first): one new manifest; no file is moved or re-encoded (every shard shares the
+        model, the PCA and the trained IVF-PQ). Shards being served pick it up at their next search."""
+        self._need_writer()
+        if not 1 <= n <= MAX_SHARDS:
+            raise ValueError(f"shards must be 1 to {MAX_SHARDS}, not {n}")
+        load = np.zeros(n, np.int64)
+        entries = [dict(e) for e in self.m["segments"]]
+        lives = [len(s) if lv is None else int(lv.sum()) for s, lv in zip(self._segs, self._live)]
+        for i in sorted(range(len(entries)), key=lambda i: -lives[i]):
+            sh = int(np.argmin(load))
+            load[sh] += lives[i]
+            if n > 1:
+                entries[i]["shard"] = sh
+            else:
+                entries[i].pop("shard", None)
+        self._commit(dict(self.m, shards=int(n), segments=entries), new_segments={})
 
     def _emptiest_shards(self) -> list[int]:
         """The shards, the one with the fewest live photos first (the lower number on ties)."""
