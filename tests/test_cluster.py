@@ -142,6 +142,12 @@ def test_without_ray_the_option_says_what_to_install(tmp_path):
     p = subprocess.run([*CLI, "index", model, tmp_path / "p", "--out", tmp_path / "i", "--ray", "local"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(shim)})
     assert p.returncode == 2 and "pip install 'convlad[ray]'" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    # and serving shards on Ray Serve
+    cli("index", model, tmp_path / "p", "--out", tmp_path / "i")
+    p = subprocess.run([*CLI, "serve", tmp_path / "i", "--ray", "local", "--port", str(free_port())],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(shim)}, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --ray needs Ray Serve: pip install 'convlad[ray]' (or pip install 'ray[serve]')"], p.stderr
 
 
 def test_a_rerun_after_the_driver_is_killed_resumes_from_the_committed_segments(cluster, tmp_path, train_images):

@@ -108,6 +108,17 @@ def test_sharded_service_on_three_nodes(cluster, indexes):
             assert r.status_code == 200, r.text
             assert _hits(r) == want[q.name], q.name
 
+        # the single server's guards hold: caps on what an anonymous search may ask, headers, a
+        # query's match view reachable only by the id its search returned
+        over = httpx.post(url + "/api/search", params={"k": 1000},
+                          files={"image": ("q.jpg", queries[0].read_bytes(), "image/jpeg")}, timeout=60)
+        assert over.status_code == 400 and "k" in over.json()["error"], over.text
+        assert r.headers["x-content-type-options"] == "nosniff" and "content-security-policy" in r.headers
+        first = r.json()["results"][0]["id"]
+        assert httpx.get(url + f"/api/match/{first}", params={"query": r.json()["query"], "format": "json"},
+                         timeout=60).status_code == 200
+        assert httpx.get(url + f"/api/match/{first}", params={"query": "0" * 32}, timeout=60).status_code in (400, 404)
+
         # 2. a replica killed during queries: every answer whole, or a 503 naming the shard
         (pid,) = _replica_pids(1)
         os.kill(pid, signal.SIGKILL)

@@ -438,6 +438,8 @@ def serve(
                                       "nodes see the index at the same path; this process is the ingress "
                                       "(pip install 'convlad[ray]')."),
     replicas: int = typer.Option(1, "--replicas", help="With --ray: replicas of each shard, for queries per second."),
+    shard_cpus: float = typer.Option(1.0, "--shard-cpus", help="With --ray: CPUs (and threads) of each replica: a "
+                                     "node's cores for one replica a node."),
 ):
     """Serve an index: search API (docs at /docs) and a web page at /."""
     from .index.cluster import RayMissing
@@ -446,15 +448,15 @@ def serve(
     if not 0 < port < 65536:
         raise UserError(f"--port {port}: must be from 1 to 65535")
     if max_batch < 1 or batch_window_ms < 0 or max_upload_mb < 1 or body_timeout <= 0 or max_queue < 0 \
-            or (max_active is not None and max_active < 1) or replicas < 1:
-        raise UserError("--max-batch, --max-active, --max-upload-mb, --body-timeout and --replicas must be positive, "
+            or (max_active is not None and max_active < 1) or replicas < 1 or not shard_cpus > 0:
+        raise UserError("--max-batch, --max-active, --max-upload-mb, --body-timeout, --replicas and --shard-cpus must be positive, "
                         "--batch-window-ms and --max-queue ≥ 0")
     try:
         run_server(index_file, host=host, port=port, token=token, cors=[c for c in (cors or "").split(",") if c] or None,
                    window_ms=batch_window_ms, max_batch=max_batch, max_upload_mb=max_upload_mb,
                    body_timeout=body_timeout, max_active=max_active, max_queue=max_queue,
                    compile=_compile(compile), precision=_precision(precision), log=lambda m: typer.echo(m, err=True),
-                   ray=ray, replicas=replicas)
+                   ray=ray, replicas=replicas, shard_cpus=shard_cpus)
     except RayMissing as e:
         raise UserError(str(e)) from None
 

@@ -26,7 +26,8 @@ from ..index.store import IndexStore
 APP = "convlad-shard-{}"
 
 
-def _serve():
+def require():
+    """Ray and Ray Serve, imported; ``RayMissing`` (one line naming the extra) where they are not installed."""
     try:
         import ray
         from ray import serve
@@ -56,7 +57,7 @@ class _Pending:
 def connect(address: str, slots: int = 1) -> None:
     """Join the cluster at ``address`` unless joined already; "local" starts one on this machine
     with room for ``slots`` replicas of one CPU, however few cores it has."""
-    ray, _ = _serve()
+    ray, _ = require()
     if not ray.is_initialized():
         if address == "local":
             ray.init(num_cpus=max(os.cpu_count() or 1, slots + 1), logging_level="warning", log_to_driver=False,
@@ -66,16 +67,17 @@ def connect(address: str, slots: int = 1) -> None:
 
 
 def deploy(index, address: str, replicas: int = 1, cpus: float = 1.0) -> list[RayShard]:
-    """Deploy (or update) one application per shard of ``index`` on the cluster at ``address``
-    and return a client per shard, in shard order."""
-    ray, serve = _serve()
+    """Deploy (or update) one application per shard of ``index`` on the cluster at ``address``,
+    ``replicas`` replicas of ``cpus`` CPUs each (and as many threads), and return a client per
+    shard, in shard order."""
+    ray, serve = require()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line per application deployed otherwise
     path = str(Path(index).resolve())
     n = IndexStore.open(path).shards
-    connect(address, n * replicas)
+    connect(address, int(n * replicas * max(1.0, cpus)))
     serve.start(proxy_location="Disabled")
     dep = serve.deployment(Shard, name="shard", num_replicas=replicas,
-                           ray_actor_options={"num_cpus": cpus, "runtime_env": {"env_vars": _env()}})
+                           ray_actor_options={"num_cpus": cpus, "runtime_env": {"env_vars": _env(cpus)}})
     out = []
     for s in range(n):
         out.append(RayShard(serve.run(dep.bind(path, s), name=APP.format(s), route_prefix=None)))
@@ -86,7 +88,7 @@ def deploy(index, address: str, replicas: int = 1, cpus: float = 1.0) -> list[Ra
 
 def undeploy(n: int) -> None:
     """Delete the ``n`` shard applications (at the ingress's exit)."""
-    _, serve = _serve()
+    _, serve = require()
     for s in range(n):
         try:
             serve.delete(APP.format(s), _blocking=False)
@@ -94,10 +96,11 @@ def undeploy(n: int) -> None:
             pass
 
 
-def _env() -> dict:
+def _env(cpus: float) -> dict:
     # a replica runs one shard on the CPUs it was given: numpy, torch and OpenCV each start a thread
     # per core of the node otherwise, and several replicas of a node would fight over them
-    return {k: os.environ.get(k, "1") for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    n = str(max(1, int(cpus)))
+    return {k: n for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
-__all__ = ["APP", "RayShard", "connect", "deploy", "undeploy"]
+__all__ = ["APP", "RayShard", "connect", "deploy", "require", "undeploy"]

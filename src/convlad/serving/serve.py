@@ -431,17 +431,19 @@ def create_app(index, token: str | None = None, host: str = "127.0.0.1", cors: l
 def serve(index, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, cors=None,
           window_ms: float = 5.0, max_batch: int = 16, max_upload_mb: int = 20, body_timeout: float = 30.0,
           max_active: int | None = None, max_queue: int = 64, compile: bool | str = "auto",
-          precision: str | None = None, log=print, ray: str | None = None, replicas: int = 1) -> None:
+          precision: str | None = None, log=print, ray: str | None = None, replicas: int = 1,
+          shard_cpus: float = 1.0) -> None:
     """``ray``: serve the index's shards on the Ray cluster at this address ("local": one started
-    here), ``replicas`` each (``ray_shards``); this process is their ingress."""
+    here), ``replicas`` of ``shard_cpus`` CPUs each (``ray_shards``); this process is their ingress."""
     import uvicorn
 
     shards = None
     if ray is not None:
-        from .ray_shards import deploy, undeploy
+        from .ray_shards import deploy, require, undeploy
 
+        require()  # without Ray Serve: its one line, before anything starts
         log(f"convlad serve: deploying the shards of {index} on Ray Serve ({ray}, {replicas} replica(s) each) ...")
-        shards = deploy(index, ray, replicas)
+        shards = deploy(index, ray, replicas, shard_cpus)
     try:
         app = create_app(index, token=token, host=host, cors=cors, window_ms=window_ms, max_batch=max_batch,
                          max_upload_mb=max_upload_mb, body_timeout=body_timeout, max_active=max_active,
