@@ -675,17 +675,10 @@ def measure_shards(quick: bool, parent: str | None = None) -> dict:
     local features, more than this machine's memory: verification reads them from disk)."""
     import shutil
 
-    from convlad.images import list_images
-    from convlad.pipeline import ConvVLAD
-    from convlad.study.datasets import load_groups
-
     out = []
     folder = Path(tempfile.mkdtemp(prefix="convlad-bench-shards-", dir=parent))
     try:
-        train_dir = SHARED / "mvbench-train" / "images"
-        print("shards: fitting the default descriptor on 64 mvbench-train photos ...", flush=True)
-        ConvVLAD().fit([str(train_dir / p) for p in list_images(train_dir)][::9], progress=False).save(folder / "m.npz")
-        photos = load_groups(SHARED / "mvbench-dev").paths[::4]
+        photos = _default_model(folder / "m.npz", "shards")
         for n in ([100_000] if quick else [100_000, 1_000_000]):
             print(f"shards: a store of {n:,d} photos with local features ...", flush=True)
             built = child("shards_build", model=str(folder / "m.npz"), folder=str(folder / f"ix{n}"), n=n, photos=photos)
@@ -703,15 +696,25 @@ def measure_shards(quick: bool, parent: str | None = None) -> dict:
     return {"sizes": out}
 
 
+def _default_model(path: Path, part: str) -> list[str]:
+    """The default descriptor fitted on 64 mvbench-train photos, saved at ``path``; returns the
+    mvbench-dev photos (a quarter) whose real local features the synthetic collections deal round."""
+    from convlad.images import list_images
+    from convlad.pipeline import ConvVLAD
+    from convlad.study.datasets import load_groups
+
+    train_dir = SHARED / "mvbench-train" / "images"
+    print(f"{part}: fitting the default descriptor on 64 mvbench-train photos ...", flush=True)
+    ConvVLAD().fit([str(train_dir / p) for p in list_images(train_dir)][::9], progress=False).save(path)
+    return load_groups(SHARED / "mvbench-dev").paths[::4]
+
+
 def measure_groups(quick: bool, parent: str | None = None) -> dict:
     """Grouping at 10 000 and 100 000 photos, each part in a fresh process: the graph part
     (convlad's against a plain union-find over the same pairs, measured in the same run; and 1 000 000
     unless quick), then `convlad groups` end to end on an index (``job_groups_build``): from a fresh
     reader, every group with its evidence, its time and its memory beyond the open index."""
     import shutil
-
-    from convlad.images import list_images
-    from convlad.pipeline import ConvVLAD
 
     out = []
     for n in ([10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]):
@@ -722,12 +725,7 @@ def measure_groups(quick: bool, parent: str | None = None) -> dict:
     e2e = []
     folder = Path(tempfile.mkdtemp(prefix="convlad-bench-groups-", dir=parent))
     try:
-        train_dir = SHARED / "mvbench-train" / "images"
-        print("groups: fitting the default descriptor on 64 mvbench-train photos ...", flush=True)
-        ConvVLAD().fit([str(train_dir / p) for p in list_images(train_dir)][::9], progress=False).save(folder / "m.npz")
-        from convlad.study.datasets import load_groups
-
-        photos = load_groups(SHARED / "mvbench-dev").paths[::4]
+        photos = _default_model(folder / "m.npz", "groups")
         for n in [10_000, 100_000]:
             print(f"groups: an index of {n:,d} photos ...", flush=True)
             built = child("groups_build", model=str(folder / "m.npz"), folder=str(folder / f"ix{n}"), n=n,

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -90,3 +92,45 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextmanager
+def ray_cluster(tmp: Path, nodes: int):
+    """A Ray cluster of ``nodes`` nodes on this machine (`ray start --head`, then `ray start --address`
+    for each other, separate processes, one CPU each): yields (address, the environment to join it
+    with), and stops those nodes only."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    # token authentication, explicitly (Ray ≥ 2.59 turns it on for local clusters whenever a token
+    # file exists, and a node without the token cannot join)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
+    address = f"127.0.0.1:{port}"
+    try:
+        head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                               f"--temp-dir={tmp}", *common], capture_output=True, text=True, env=env)
+        assert head.returncode == 0, head.stderr
+        for _ in range(nodes - 1):
+            worker = subprocess.run([ray_bin, "start", f"--address={address}", *common],
+                                    capture_output=True, text=True, env=env)
+            assert worker.returncode == 0, worker.stderr
+        yield address, env
+    finally:
+        _stop_cluster([str(tmp), address])
+
+
+def _stop_cluster(patterns: list[str]) -> None:
+    """Stop one test's nodes only: `ray stop` would stop every Ray on the machine. Their processes
+    name the head's temporary folder or address on their command lines."""
+    pids = set()
+    for pat in patterns:
+        pids |= {int(x) for x in subprocess.run(["pgrep", "-f", pat], capture_output=True, text=True).stdout.split()}
+    pids.discard(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)

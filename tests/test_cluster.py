@@ -6,9 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,52 +14,16 @@ import pytest
 from convlad.index.store import IndexStore
 
 from .conftest import SAMPLES, need
-from .servers import CLI, build_index, cli, free_port
+from .servers import CLI, build_index, cli, free_port, ray_cluster
 
 pytestmark = pytest.mark.e2e
-
-
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'convlad[ray]')")
-    tmp = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    # token authentication, explicitly (Ray ≥ 2.59 turns it on for local clusters whenever a token
-    # file exists, and a node without the token cannot join)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": os.urandom(16).hex()}
-    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
-    head = subprocess.run([_ray_bin(), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                           f"--temp-dir={tmp}", *common], capture_output=True, text=True, env=env)
-    assert head.returncode == 0, head.stderr
-    address = f"127.0.0.1:{port}"
-    try:
-        worker = subprocess.run([_ray_bin(), "start", f"--address={address}", *common],
-                                capture_output=True, text=True, env=env)
-        assert worker.returncode == 0, worker.stderr
-        yield address, env
-    finally:
-        _stop_cluster([str(tmp), address])
-
-
-def _stop_cluster(patterns: list[str]) -> None:
-    """Stop this test's two nodes only: `ray stop` would stop every Ray on the machine. Their
-    processes name the head's temporary folder or address on their command lines."""
-    pids = set()
-    for pat in patterns:
-        pids |= {int(x) for x in subprocess.run(["pgrep", "-f", pat], capture_output=True, text=True).stdout.split()}
-    pids.discard(os.getpid())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
+    with ray_cluster(tmp_path_factory.mktemp("ray"), 2) as got:
+        yield got
 
 
 def groups_dir(groups, i: int) -> str:

@@ -19,8 +19,7 @@ import pytest
 from convlad.index.store import IndexStore
 
 from .conftest import MVBENCH_DEV, MVBENCH_TRAIN, need
-from .servers import CLI, cli, free_port
-from .test_cluster import _ray_bin, _stop_cluster
+from .servers import CLI, cli, free_port, ray_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
@@ -28,23 +27,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.long]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'convlad[ray]')")
-    tmp = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": os.urandom(16).hex()}
-    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
-    head = subprocess.run([_ray_bin(), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                           f"--temp-dir={tmp}", *common], capture_output=True, text=True, env=env)
-    assert head.returncode == 0, head.stderr
-    address = f"127.0.0.1:{port}"
-    try:
-        for _ in range(2):
-            worker = subprocess.run([_ray_bin(), "start", f"--address={address}", *common],
-                                    capture_output=True, text=True, env=env)
-            assert worker.returncode == 0, worker.stderr
-        yield address, env
-    finally:
-        _stop_cluster([str(tmp), address])
+    with ray_cluster(tmp_path_factory.mktemp("ray"), 3) as got:
+        yield got
 
 
 @pytest.fixture(scope="module")
