@@ -17,8 +17,9 @@ from convlad.index.store import IndexStore
 from .servers import CLI, cli
 
 
-def _ranked(index, ids, k=100):
-    return [[(h.id, h.inliers, h.via, h.same) for h in hits] for hits in S.search_ids(index, ids, S.Settings(k=k))]
+def _ranked(index, ids, k=100, qe=0):
+    return [[(h.id, h.inliers, h.via, h.same) for h in hits]
+            for hits in S.search_ids(index, ids, S.Settings(k=k, qe=qe))]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def test_a_sharded_index_ranks_as_the_unsharded_one(dev_index, sharded):
     assert len(Shard(sharded, 1).store) == info["shards"][1]["images"]
     got, want = _ranked(by_shard, ids), _ranked(whole, ids)
     assert got == want
+    assert _ranked(by_shard, ids[::5], qe=2) == _ranked(whole, ids[::5], qe=2)  # query expansion too
     # the test can fail: verified results, links among them, and a photo of each shard in most lists
     assert sum(h[1] is not None and h[1] >= whole.model.verifier().sure for r in want for h in r) > len(ids)
     assert sum(h[2] is not None for r in want for h in r) > 0
@@ -112,3 +114,21 @@ def test_a_search_some_shard_does_not_answer_names_it_and_answers_nothing(sharde
     assert [h.get("error") is not None for h in ShardedIndex(store, [shards[0], _Refusing(), shards[2]]).health()] \
         == [False, True, False]
     assert isinstance(shards[0], Local)
+
+
+def test_through_ivfpq_each_shard_s_shortlist_holds_the_whole_one_s(sharded, tmp_path):
+    """Past the exact search (here forced: --ann ivfpq), each shard takes its own IVF-PQ shortlist
+    from the same lists: the merged global top k is the whole index's, or nearer."""
+    import shutil
+
+    copy = tmp_path / "ivf.index"
+    shutil.copytree(sharded, copy)
+    IndexStore.create(copy, ann="ivfpq").close()
+    whole = IndexStore.open(copy)
+    assert whole.info()["search"].startswith("IVF-PQ")
+    by_shard = ShardedIndex(IndexStore.open(copy), local_shards(copy))
+    Q = whole.vectors([i for i, _, _ in whole.items()][::4])
+    D1, I1 = whole.search(Q, 100)
+    D2, I2 = by_shard.search(Q, 100)
+    assert (D2 <= D1 + 1e-6).all()
+    assert (I1 == I2).mean() > 0.99  # here the shortlists (256 of 408) hold the same photos

@@ -30,6 +30,7 @@ def refine(Q: np.ndarray, candidates: list[np.ndarray], rows, k: int) -> tuple[n
     D = np.full((len(Q), k), np.inf, np.float32)
     P = np.full((len(Q), k), -1, np.int64)
     for i, c in enumerate(candidates):
+        c = np.sort(c)  # ties by row order, as the exact search orders them (and a shard's merge, by id)
         d = ((rows(c) - Q[i]) ** 2).sum(1)
         order = np.argsort(d, kind="stable")[:k]
         D[i, :len(order)], P[i, :len(order)] = d[order], c[order]
