@@ -459,6 +459,12 @@ def serve(
                    ray=ray, replicas=replicas, shard_cpus=shard_cpus)
     except RayMissing as e:
         raise UserError(str(e)) from None
+    except RuntimeError as e:
+        from .serving.ray_shards import ShardFailed
+
+        if isinstance(e, ShardFailed):
+            raise UserError(str(e)) from None
+        raise
 
 
 @app.command()

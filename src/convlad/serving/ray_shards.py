@@ -36,6 +36,10 @@ def require():
     return ray, serve
 
 
+class ShardFailed(RuntimeError):
+    """A shard's replicas could not start (one line: which shard, and why)."""
+
+
 class RayShard:
     """A shard's Ray Serve handle, reached as ``index.shards`` reaches any shard (``submit``)."""
 
@@ -80,7 +84,13 @@ def deploy(index, address: str, replicas: int = 1, cpus: float = 1.0) -> list[Ra
                            ray_actor_options={"num_cpus": cpus, "runtime_env": {"env_vars": _env(cpus)}})
     out = []
     for s in range(n):
-        out.append(RayShard(serve.run(dep.bind(path, s), name=APP.format(s), route_prefix=None)))
+        try:
+            out.append(RayShard(serve.run(dep.bind(path, s), name=APP.format(s), route_prefix=None)))
+        except Exception as e:  # noqa: BLE001 - a replica that cannot start: its own last line says why
+            undeploy(s + 1)
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise ShardFailed(f"shard {s} could not start on the cluster ({lines[-1] if lines else type(e).__name__}); "
+                              f"every node must see the index at {path}") from None
     for c in out:  # a handle's first call sets up its router (seconds): before the first query, not in it
         c.submit("info").result(timeout=120)
     return out
@@ -103,4 +113,4 @@ def _env(cpus: float) -> dict:
     return {k: n for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
-__all__ = ["APP", "RayShard", "connect", "deploy", "require", "undeploy"]
+__all__ = ["APP", "RayShard", "ShardFailed", "connect", "deploy", "require", "undeploy"]
