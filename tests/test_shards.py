@@ -72,9 +72,21 @@ def test_deletes_and_compaction_stay_within_each_shard(dev_index, sharded, tmp_p
     assert _ranked(ShardedIndex(store, local_shards(copy)), ids[:60]) == _ranked(store, ids[:60])
     # re-sharded: the manifest changes, no segment file is rewritten, and the ranking stays
     files = {str(p.relative_to(copy)): p.stat().st_mtime_ns for p in copy.glob("seg-*/X.npy")}
+    served = ShardedIndex(IndexStore.open(copy), local_shards(copy))  # serving the 3 shards meanwhile
     with IndexStore.open(copy, write=True) as w:
         w.reshard(2)
     store = IndexStore.open(copy)
+    served.store.refresh()
+    assert _ranked(served, ids[:20]) == _ranked(store, ids[:20])  # shard 2 now owns nothing
+    assert [len(c.shard.store) for c in served.clients] == [s["images"] for s in store.info()["shards"]] + [0]
+    with IndexStore.open(copy, write=True) as w:
+        w.reshard(4)
+    served.store.refresh()
+    with pytest.raises(ShardUnavailable, match="restart"):
+        _ranked(served, ids[:1])
+    with IndexStore.open(copy, write=True) as w:
+        w.reshard(2)
+    store.refresh()
     assert store.shards == 2 and {s["shard"] for s in store.segments()} == {0, 1}
     assert {str(p.relative_to(copy)): p.stat().st_mtime_ns for p in copy.glob("seg-*/X.npy")} == files
     assert _ranked(ShardedIndex(store, local_shards(copy)), ids[:60]) == _ranked(store, ids[:60])

@@ -89,6 +89,7 @@ class ShardedIndex:
     def __init__(self, store: IndexStore, shards: list, timeout: float = TIMEOUT):
         if len(shards) != store.shards:
             raise ValueError(f"{store.path}: {store.shards} shards, {len(shards)} given")
+        # a reshard to fewer shards leaves the others owning nothing; to more, ``search`` says so
         self.store, self.clients, self.timeout = store, list(shards), timeout
 
     # -- what the shards answer ---------------------------------------------------------------------
@@ -119,6 +120,10 @@ class ShardedIndex:
         """(distances, ids) as ``IndexStore.search`` gives them for the whole index: each shard's k
         nearest, merged."""
         Q = np.ascontiguousarray(np.atleast_2d(Q), dtype=np.float32)
+        if self.store.shards > len(self.clients):  # re-spread over more shards than are served
+            raise ShardUnavailable(list(range(len(self.clients), self.store.shards)),
+                                   f"the index now has {self.store.shards} shards and {len(self.clients)} are served: "
+                                   "restart the service to serve them all")
         g = self.store.generation
         got = self._gather({sh: self._call(sh, "search", Q, k, g) for sh in range(len(self.clients))})
         D = np.concatenate([got[sh][0] for sh in sorted(got)], 1)

@@ -79,6 +79,7 @@ class IndexStore:
         # ids, pairs and rows by id stay the whole index's (the rows of its photos' partners in other
         # shards are read where they lie, so its photos are searched as the whole index searches them)
         self.shard = shard
+        self._own: list[bool] = []  # per segment: searched by this view
         self._runtime = runtime  # how its model runs (``runtime.Runtime``; None: the defaults)
         self._mutex = threading.RLock()  # search structures vs. refresh/commit in this process
         self._seg_cache: dict[str, S.Segment] = {}
@@ -238,7 +239,9 @@ class IndexStore:
         own = [self.shard is None or shard_of(e) == self.shard for e in m["segments"]]
         with self._mutex:
             old_names = [s.name for s in self._segs]
-            appended = bool(self.m) and [s.name for s in segs[:len(old_names)]] == old_names
+            # ... and each kept segment still in the shards it was in (a reshard rebuilds a shard's search)
+            appended = bool(self.m) and [s.name for s in segs[:len(old_names)]] == old_names \
+                and own[:len(old_names)] == self._own
             same_ivf = bool(self.m) and m.get("ivf") == self.m.get("ivf")
             same_dead = bool(self.m) and m.get("tombstones") == self.m.get("tombstones")
             self.m, self._segs, self._dead, self._live, self._own = m, segs, dead, live, own
