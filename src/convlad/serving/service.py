@@ -148,6 +148,7 @@ class Service:
         self.model = self.store.model  # on CUDA when there is one, as everywhere else
         # what a search ranks: the index here, or its shards (rows by id, pairs and paths stay the store's)
         self.searcher = ShardedIndex(self.store, shards) if shards else self.store
+        self._shard_health: tuple[float, list] = (-math.inf, [])
         self.max_pixels = max_pixels
         self.sizes = [scale_size(s) for s in self.model.config.scales]
         self._grid = None
@@ -286,8 +287,14 @@ class Service:
         """The service's state; a sharded one's also names each shard's (``ShardedIndex.health``), and
         is "degraded" while one does not answer."""
         out = {"status": "ok", "images": len(self.store), "generation": self.store.generation}
-        if isinstance(self.searcher, ShardedIndex):  # not in the decoders' pool: health answers when it is full
-            out["shards"] = await asyncio.to_thread(self.searcher.health)
+        if isinstance(self.searcher, ShardedIndex):
+            # asked of the shards at most once a second, whoever asks how often (health is anonymous);
+            # not in the decoders' pool, so that health answers when it is full
+            at, shards = self._shard_health
+            if time.monotonic() - at > 1.0:
+                shards = await asyncio.to_thread(self.searcher.health)
+                self._shard_health = (time.monotonic(), shards)
+            out["shards"] = shards
             if any("error" in s for s in out["shards"]):
                 out["status"] = "degraded"
         return out
