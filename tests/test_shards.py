@@ -144,3 +144,25 @@ def test_through_ivfpq_each_shard_s_shortlist_holds_the_whole_one_s(sharded, tmp
     D2, I2 = by_shard.search(Q, 100)
     assert (D2 <= D1 + 1e-6).all()
     assert (I1 == I2).mean() > 0.99  # here the shortlists (256 of 408) hold the same photos
+
+
+def test_ties_merge_in_the_whole_index_s_order_after_compaction_interleaves_the_shards(tmp_path):
+    """Rows at equal distances (here exact copies) go by the whole index's store order in a shard's
+    merge too, also once compaction has merged each shard's segments and their ids interleave."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 8)).astype(np.float32)
+    with IndexStore.create(tmp_path / "ix", dim=8, shards=2) as w:
+        for _ in range(4):  # each commit split over the 2 shards: ids 0-2 / 3-5, 6-8 / 9-11, ...
+            w.add_vectors(base[rng.integers(0, 3, 6)], [f"p{i}" for i in range(6)])
+        w.remove([1])
+        w.compact()
+        segs = w.segments()
+    assert len(segs) == 2 and sorted(s["shard"] for s in segs) == [0, 1]
+    whole = IndexStore.open(tmp_path / "ix")
+    order = [i for i, _, _ in whole.items()]
+    assert order != sorted(order)  # store order is no longer id order
+    by_shard = ShardedIndex(IndexStore.open(tmp_path / "ix"), local_shards(tmp_path / "ix"))
+    for k in (5, 9, 23):
+        D1, I1 = whole.search(base, k)
+        D2, I2 = by_shard.search(base, k)
+        assert (I1 == I2).all() and np.allclose(D1, D2)

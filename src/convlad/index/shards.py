@@ -8,7 +8,7 @@ searches its own rows and verifies against its own local features.
 
 ``ShardedIndex`` is what ``search.rank`` searches on the side that takes the queries: the global
 top-k of every shard, with exact distances, merged into the whole index's order (nearest first,
-ties by id), and each shortlisted photo verified on the shard that holds it, only its evidence coming
+ties by store order), and each shortlisted photo verified on the shard that holds it, only its evidence coming
 back. Everything else (rows by id, the verified pairs, paths) is the whole index's, read from the
 store's files. So a query ranks as on the unsharded index: the same ids, order and inliers.
 
@@ -130,11 +130,14 @@ class ShardedIndex:
         ids = np.concatenate([got[sh][1] for sh in sorted(got)], 1)
         k = min(k, D.shape[1])
         outD, outI = np.full((len(Q), k), np.inf, np.float32), np.full((len(Q), k), -1, np.int64)
+        pos = self.store.positions(ids.ravel()).reshape(ids.shape)
         for r in range(len(Q)):
-            # nearest first, ties by id: the order of the unsharded index, whose ties go by position
-            # and whose positions follow the ids (appends, and merges of neighbours)
-            key = np.where(ids[r] >= 0, D[r], np.inf)
-            order = np.lexsort((np.where(ids[r] >= 0, ids[r], np.iinfo(np.int64).max), key))[:k]
+            # nearest first, ties by the whole index's store order, as its own search breaks them
+            # (an id the store here does not know yet, committed since, after the others)
+            valid = ids[r] >= 0
+            key = np.where(valid, D[r], np.inf)
+            tie = np.where(valid & (pos[r] >= 0), pos[r], np.iinfo(np.int64).max)
+            order = np.lexsort((np.where(valid, ids[r], np.iinfo(np.int64).max), tie, key))[:k]
             outD[r], outI[r] = D[r][order], ids[r][order]
         return outD, outI
 

@@ -309,6 +309,11 @@ class IndexStore:
     def shards(self) -> int:
         return int(self.m.get("shards") or 1)
 
+    def positions(self, ids) -> np.ndarray:
+        """Where each of ``ids`` lies in this generation's store order (-1 where not live): the order
+        the whole index breaks ties of distance by, which a sharded search merges by too."""
+        return self._positions(ids)
+
     def shards_of(self, ids) -> np.ndarray:
         """The shard holding each of ``ids`` (-1 where not live)."""
         with self._mutex:
