@@ -657,7 +657,7 @@ def job_shards_run(folder: str, shards: int, nq: int = 200, clients: int = 4, se
            "qps": qps, "clients": clients, "found_itself": float(np.mean([ok for _, ok in lat])), "rss_mb": _rss_mb()}
     if shards:
         out["deploy_s"] = deploy_s
-        undeploy(shards)
+        undeploy(folder, shards)
         import ray
 
         ray.shutdown()

@@ -46,7 +46,7 @@ def indexes(dev_index, tmp_path_factory):
 
 
 def _replica_pids(shard: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"ServeReplica:convlad-shard-{shard}"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:convlad-[0-9a-f]+-shard-{shard}:"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
 
 

@@ -1,6 +1,7 @@
 """`convlad serve INDEX --ray ADDRESS`: the shards of an index as Ray Serve deployments.
 
-Each shard of the index (``index/shards.py``) is one Ray Serve application, ``convlad-shard-S``,
+Each shard of the index (``index/shards.py``) is one Ray Serve application, ``convlad-TAG-shard-S``
+(TAG: a hash of the index's path),
 whose one deployment runs ``Shard`` in ``replicas`` replicas: its global top-k with exact distances
 and the verification of its photos against its local features. Ray Serve spreads the replicas over
 the cluster's nodes, balances the calls among them and replaces a replica that dies.
@@ -8,13 +9,16 @@ the cluster's nodes, balances the calls among them and replaces a replica that d
 The ingress is ``convlad serve`` itself: the same page, API and guards (caps, the bounded queue,
 private queries, headers) as the single-process server. It encodes each query once, calls every
 shard through its handle and ranks with ``search.rank`` over ``ShardedIndex``. Several ingresses
-may serve one set of shards. Every node reads the index folder at the same path (a shared file
+may serve one set of shards: an ingress that starts finds them deployed (``serve.run`` of the same
+application changes nothing), and one that exits leaves them to the others, on a cluster of its own
+(``ray start``); Ray's `serve shutdown` removes them. With "local" they end with the ingress. Every node reads the index folder at the same path (a shared file
 system), as ``convlad index --ray`` does.
 
 Serve's own HTTP proxy is not started: nothing reaches a shard but its handle.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -23,7 +27,7 @@ from ..index.cluster import RayMissing
 from ..index.shards import Shard
 from ..index.store import IndexStore
 
-APP = "convlad-shard-{}"
+APP = "convlad-{}-shard-{}"  # the index's tag (its path's hash), the shard
 
 
 def require():
@@ -85,9 +89,9 @@ def deploy(index, address: str, replicas: int = 1, cpus: float = 1.0) -> list[Ra
     out = []
     for s in range(n):
         try:
-            out.append(RayShard(serve.run(dep.bind(path, s), name=APP.format(s), route_prefix=None)))
+            out.append(RayShard(serve.run(dep.bind(path, s), name=app_name(path, s), route_prefix=None)))
         except Exception as e:  # noqa: BLE001 - a replica that cannot start: its own last line says why
-            undeploy(s + 1)
+            undeploy(path, s + 1)
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             raise ShardFailed(f"shard {s} could not start on the cluster ({lines[-1] if lines else type(e).__name__}); "
                               f"every node must see the index at {path}") from None
@@ -96,12 +100,19 @@ def deploy(index, address: str, replicas: int = 1, cpus: float = 1.0) -> list[Ra
     return out
 
 
-def undeploy(n: int) -> None:
-    """Delete the ``n`` shard applications (at the ingress's exit)."""
+def app_name(index, shard: int) -> str:
+    """The Ray Serve application of one shard of the index at ``index``: named by the index's path,
+    so that ingresses of one index share its shards and those of two indexes do not meet."""
+    tag = hashlib.sha1(str(Path(index).resolve()).encode()).hexdigest()[:8]
+    return APP.format(tag, shard)
+
+
+def undeploy(index, n: int) -> None:
+    """Delete the first ``n`` shard applications of ``index`` from the cluster."""
     _, serve = require()
     for s in range(n):
         try:
-            serve.delete(APP.format(s), _blocking=False)
+            serve.delete(app_name(index, s), _blocking=False)
         except Exception:  # noqa: BLE001 - the cluster may be gone already
             pass
 
@@ -113,4 +124,4 @@ def _env(cpus: float) -> dict:
     return {k: n for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
-__all__ = ["APP", "RayShard", "ShardFailed", "connect", "deploy", "require", "undeploy"]
+__all__ = ["APP", "RayShard", "ShardFailed", "app_name", "connect", "deploy", "require", "undeploy"]

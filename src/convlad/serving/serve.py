@@ -439,26 +439,23 @@ def serve(index, host: str = "127.0.0.1", port: int = 8000, token: str | None = 
 
     shards = None
     if ray is not None:
-        from .ray_shards import deploy, require, undeploy
+        from .ray_shards import deploy, require
 
         require()  # without Ray Serve: its one line, before anything starts
         log(f"convlad serve: deploying the shards of {index} on Ray Serve ({ray}, {replicas} replica(s) each) ...")
         shards = deploy(index, ray, replicas, shard_cpus)
-    try:
-        app = create_app(index, token=token, host=host, cors=cors, window_ms=window_ms, max_batch=max_batch,
-                         max_upload_mb=max_upload_mb, body_timeout=body_timeout, max_active=max_active,
-                         max_queue=max_queue, compile=compile, precision=precision, shards=shards)
-        svc = app.state.service
-        log(f"convlad serve: {svc.index} ({len(svc.store)} images"
-            + (f", {len(shards)} shards on Ray Serve" if shards else "") + f") on http://{host}:{port}/  (API docs: /docs)"
-            + ("" if app.state.access.writes else "; writes disabled: listening beyond loopback without --token"))
-        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        # h11 and asyncio, never the C parser and loop that ray[serve] pulls in: the strict parser the
-        # safety tests were written against, whatever else is installed
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, http="h11", loop="asyncio")
-    finally:
-        if shards:
-            undeploy(len(shards))
+    # the shards outlive this process on a cluster of its own: other ingresses may be using them
+    app = create_app(index, token=token, host=host, cors=cors, window_ms=window_ms, max_batch=max_batch,
+                     max_upload_mb=max_upload_mb, body_timeout=body_timeout, max_active=max_active,
+                     max_queue=max_queue, compile=compile, precision=precision, shards=shards)
+    svc = app.state.service
+    log(f"convlad serve: {svc.index} ({len(svc.store)} images"
+        + (f", {len(shards)} shards on Ray Serve" if shards else "") + f") on http://{host}:{port}/  (API docs: /docs)"
+        + ("" if app.state.access.writes else "; writes disabled: listening beyond loopback without --token"))
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # h11 and asyncio, never the C parser and loop that ray[serve] pulls in: the strict parser the
+    # safety tests were written against, whatever else is installed
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, http="h11", loop="asyncio")
 
 
 __all__ = ["Access", "Admission", "ApiError", "CAPS", "STATUS_OF", "create_app", "parse_id", "serve", "whole"]
