@@ -443,6 +443,7 @@ def serve(
 ):
     """Serve an index: search API (docs at /docs) and a web page at /."""
     from .index.cluster import RayMissing
+    from .serving.ray_shards import ShardFailed
     from .serving.serve import serve as run_server
 
     if not 0 < port < 65536:
@@ -457,14 +458,8 @@ def serve(
                    body_timeout=body_timeout, max_active=max_active, max_queue=max_queue,
                    compile=_compile(compile), precision=_precision(precision), log=lambda m: typer.echo(m, err=True),
                    ray=ray, replicas=replicas, shard_cpus=shard_cpus)
-    except RayMissing as e:
+    except (RayMissing, ShardFailed) as e:
         raise UserError(str(e)) from None
-    except RuntimeError as e:
-        from .serving.ray_shards import ShardFailed
-
-        if isinstance(e, ShardFailed):
-            raise UserError(str(e)) from None
-        raise
 
 
 @app.command()

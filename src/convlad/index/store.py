@@ -54,6 +54,11 @@ def _live_mask(ids: np.ndarray, dead: np.ndarray) -> np.ndarray | None:
     return None if mask.all() else mask
 
 
+def _live_rows(seg, live: np.ndarray | None) -> int:
+    """Live rows of a segment, given its liveness mask (None: all)."""
+    return len(seg) if live is None else int(live.sum())
+
+
 def shard_of(entry: dict) -> int:
     """The shard of a manifest's segment entry (0 for an index written before shards)."""
     return int(entry.get("shard", 0))
@@ -245,7 +250,7 @@ class IndexStore:
             same_ivf = bool(self.m) and m.get("ivf") == self.m.get("ivf")
             same_dead = bool(self.m) and m.get("tombstones") == self.m.get("tombstones")
             self.m, self._segs, self._dead, self._live, self._own = m, segs, dead, live, own
-            self._n_own = sum(len(s) if lv is None else int(lv.sum()) for s, lv, o in zip(segs, live, own) if o)
+            self._n_own = sum(_live_rows(s, lv) for s, lv, o in zip(segs, live, own) if o)
             self._seg_cache = {s.name: s for s in segs}
             self._live_cache = {(m.get("tombstones"), s.name): lv for s, lv in zip(segs, live)}
             self._codes_cache = codes
@@ -513,7 +518,7 @@ class IndexStore:
         ``partners``, ...)."""
         with self._mutex:
             segs, lives, entries = self._segs, self._live, self.m.get("segments") or [{}] * len(self._segs)
-        return [{"name": s.name, "rows": len(s), "live": len(s) if lv is None else int(lv.sum()), "shard": shard_of(e),
+        return [{"name": s.name, "rows": len(s), "live": _live_rows(s, lv), "shard": shard_of(e),
                  "arrays": sorted(s.extra)} for s, lv, e in zip(segs, lives, entries)]
 
     # -- searching -------------------------------------------------------------------------------
@@ -682,7 +687,7 @@ class IndexStore:
             raise ValueError(f"shards must be 1 to {MAX_SHARDS}, not {n}")
         load = np.zeros(n, np.int64)
         entries = [dict(e) for e in self.m["segments"]]
-        lives = [len(s) if lv is None else int(lv.sum()) for s, lv in zip(self._segs, self._live)]
+        lives = [_live_rows(s, lv) for s, lv in zip(self._segs, self._live)]
         for i in sorted(range(len(entries)), key=lambda i: -lives[i]):
             sh = int(np.argmin(load))
             load[sh] += lives[i]
@@ -694,10 +699,16 @@ class IndexStore:
 
     def _emptiest_shards(self) -> list[int]:
         """The shards, the one with the fewest live photos first (the lower number on ties)."""
-        n = np.zeros(self.shards, np.int64)
-        for e, seg, lv in zip(self.m["segments"], self._segs, self._live):
-            n[shard_of(e)] += len(seg) if lv is None else int(lv.sum())
-        return np.argsort(n, kind="stable").tolist()
+        return np.argsort(self._shard_loads()[1], kind="stable").tolist()
+
+    def _shard_loads(self) -> tuple[np.ndarray, np.ndarray]:
+        """(segments, live photos) of each shard."""
+        segs, photos = np.zeros(self.shards, np.int64), np.zeros(self.shards, np.int64)
+        with self._mutex:
+            for e, seg, lv in zip(self.m.get("segments") or [], self._segs, self._live):
+                segs[shard_of(e)] += 1
+                photos[shard_of(e)] += _live_rows(seg, lv)
+        return segs, photos
 
     @property
     def augmented(self) -> bool:
@@ -816,11 +827,8 @@ class IndexStore:
             model = self.model.describe()
         shards = None
         if self.shards > 1:
-            with self._mutex:
-                shards = [{"shard": sh, "segments": 0, "images": 0} for sh in range(self.shards)]
-                for e, seg, lv in zip(self.m["segments"], self._segs, self._live):
-                    shards[shard_of(e)]["segments"] += 1
-                    shards[shard_of(e)]["images"] += len(seg) if lv is None else int(lv.sum())
+            segs, photos = self._shard_loads()
+            shards = [{"shard": sh, "segments": int(a), "images": int(b)} for sh, (a, b) in enumerate(zip(segs, photos))]
         return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self), "shards": shards,
                 "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
                 "dim": self.dim, "augment": self.m.get("augment", "none"),
