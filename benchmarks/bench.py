@@ -16,7 +16,11 @@ timed on the same machine in the same run, so the figures hold on a noisy machin
 - the index store at 10M synthetic 128-D descriptors on disk: build, IVF-PQ search latency, recall
   and resident memory of a fresh reader, appending 1 000 photos, deleting, compacting.
 
-    python benchmarks/bench.py [--quick] [--only e2e,forward,search,store,serve,ray,rerank] [--store-n 10000000]
+- compact local features (``codec``): encoding and decoding beside the network, and the default
+  search over 100 000 and 1 000 000 photos with int8 and with compact local features.
+
+    python benchmarks/bench.py [--quick] [--only e2e,forward,search,store,serve,ray,rerank,groups,shards,codec]
+        [--store-n 10000000]
 """
 from __future__ import annotations
 
@@ -594,7 +598,8 @@ def job_shards_build(model: str, folder: str, n: int, photos: list[str], segment
     from convlad.verify import LOCAL_K
 
     m = ConvVLAD.load(model, runtime=Runtime(compile=False))
-    real = m.transform(photos, progress=False, local=LOCAL_K).local
+    # a compact codec's codes made once for the photos dealt round, as a cluster's workers make them
+    real = m.local_codec_.encoded(m.transform(photos, progress=False, local=LOCAL_K).local)
     _, chunk = _collection(n, m.dim, seed)
     t = time.perf_counter()
     step = -(-n // segments)
@@ -664,7 +669,31 @@ def job_shards_run(folder: str, shards: int, nq: int = 200, clients: int = 4, se
     return out
 
 
-JOBS = {"index": job_index, "forward": job_forward, "search": job_search, "store_build": job_store_build,
+def job_codec_speed(model: str, photos: list[str], reps: int = 3) -> dict:
+    """The compact local codec's cost, per photo, against the network's encoding of the same photos
+    (scales 1+2 with their local features, as `convlad index` encodes; threads as the machine has):
+    encoding the codes (where `convlad index --ray` runs it: on the workers), and decoding the 100
+    photos a query verifies (the search reads them through ``IndexStore.local_codes``)."""
+    from convlad.pipeline import ConvVLAD
+    from convlad.runtime import Runtime
+    from convlad.verify import LOCAL_K
+
+    m = ConvVLAD.load(model, runtime=Runtime(compile=False))
+    codec = m.local_codec_
+    m.transform(photos[:4], progress=False, local=LOCAL_K)  # warm
+    net = _median_s(lambda: m.transform(photos, progress=False, local=LOCAL_K), reps)
+    local = m.transform(photos, progress=False, local=LOCAL_K).local
+    enc = _median_s(lambda: codec.encode(local), reps)
+    arrays = codec.encode(local)
+    rows = np.arange(100) % len(local)
+    dec = _median_s(lambda: codec.decode(arrays, rows), reps * 5)
+    return {"codec": codec.name, "photos": len(photos), "network_ms_per_photo": 1e3 * net / len(photos),
+            "encode_ms_per_photo": 1e3 * enc / len(photos), "encode_ratio": enc / net,
+            "decode_ms_per_query": 1e3 * dec, "bytes_per_photo": codec.bytes_of(local),
+            "int8_bytes_per_photo": local.bytes_per_image}
+
+
+JOBS = {"codec_speed": job_codec_speed, "index": job_index, "forward": job_forward, "search": job_search, "store_build": job_store_build,
         "store_search": job_store_search, "store_write": job_store_write, "groups": job_groups,
         "groups_build": job_groups_build, "groups_run": job_groups_run, "shards_build": job_shards_build,
         "shards_run": job_shards_run}
@@ -702,17 +731,54 @@ def measure_shards(quick: bool, parent: str | None = None) -> dict:
     return {"sizes": out}
 
 
-def _default_model(path: Path, part: str) -> list[str]:
-    """The default descriptor fitted on 64 mvbench-train photos, saved at ``path``; returns the
-    mvbench-dev photos (a quarter) whose real local features the synthetic collections deal round."""
+def _default_model(path: Path, part: str, **config) -> list[str]:
+    """The default descriptor (with ``config``'s changes) fitted on 64 mvbench-train photos, saved at
+    ``path``; returns the mvbench-dev photos (a quarter) whose real local features the synthetic
+    collections deal round."""
     from convlad.images import list_images
     from convlad.pipeline import ConvVLAD
     from convlad.study.datasets import load_groups
 
     train_dir = SHARED / "mvbench-train" / "images"
-    print(f"{part}: fitting the default descriptor on 64 mvbench-train photos ...", flush=True)
-    ConvVLAD().fit([str(train_dir / p) for p in list_images(train_dir)][::9], progress=False).save(path)
+    print(f"{part}: fitting the default descriptor{' ' + str(config) if config else ''} on 64 mvbench-train photos ...",
+          flush=True)
+    ConvVLAD(**config).fit([str(train_dir / p) for p in list_images(train_dir)][::9], progress=False).save(path)
     return load_groups(SHARED / "mvbench-dev").paths[::4]
+
+
+def measure_codec(quick: bool, parent: str | None = None, codec: str = "rq12") -> dict:
+    """The compact local codec against today's int8 features: its cost per photo beside the network
+    (``job_codec_speed``), then the default search (IVF-PQ top 100, re-ranked) from one process over a
+    store of 100 000 photos (and 1 000 000 unless quick) with each layout, the same synthetic
+    descriptors and the same real local features dealt round (``job_shards_build``); int8 measured
+    first and again last (at 1 M its 25 GB is more than this machine's memory holds)."""
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="convlad-bench-codec-", dir=parent))
+    try:
+        photos = _default_model(folder / "int8.npz", "codec")
+        _default_model(folder / "compact.npz", "codec", local_codec=codec)
+        print(f"codec: {codec} against the network, per photo ...", flush=True)
+        out = {"speed": child("codec_speed", model=str(folder / "compact.npz"), photos=photos), "sizes": []}
+        for n in ([100_000] if quick else [100_000, 1_000_000]):
+            rows = {}
+            for name in ("int8", "compact"):
+                print(f"codec: a store of {n:,d} photos, {name} local features ...", flush=True)
+                built = child("shards_build", model=str(folder / f"{name}.npz"), folder=str(folder / f"{name}{n}"),
+                              n=n, photos=photos)
+                rows[name] = {**built, **child("shards_run", folder=str(folder / f"{name}{n}"), shards=0)}
+            print(f"codec: {n:,d} photos, int8 again ...", flush=True)
+            again = child("shards_run", folder=str(folder / f"int8{n}"), shards=0)
+            base = {k: (rows["int8"][k] + again[k]) / 2 for k in ("qps", "p50_ms")}
+            c = rows["compact"]
+            out["sizes"].append({"n": n, "int8": rows["int8"], "int8_again": again, "compact": c,
+                                 "bytes_ratio": c["bytes_on_disk"] / rows["int8"]["bytes_on_disk"],
+                                 "qps_ratio": c["qps"] / base["qps"], "p50_ratio": c["p50_ms"] / base["p50_ms"]})
+            for name in ("int8", "compact"):
+                shutil.rmtree(folder / f"{name}{n}", ignore_errors=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 def measure_groups(quick: bool, parent: str | None = None) -> dict:
@@ -894,7 +960,7 @@ def fit_models(tmp: Path, n_train: int) -> dict[float, str]:
     return out
 
 
-PARTS = ("e2e", "forward", "search", "store", "serve", "ray", "rerank", "groups", "shards")
+PARTS = ("e2e", "forward", "search", "store", "serve", "ray", "rerank", "groups", "shards", "codec")
 
 
 def main():
@@ -960,6 +1026,8 @@ def main():
         results["groups"] = measure_groups(a.quick, a.store_dir)
     if "shards" in parts:
         results["shards"] = measure_shards(a.quick, a.store_dir)
+    if "codec" in parts:
+        results["codec"] = measure_codec(a.quick, a.store_dir)
     # a part measured alone keeps the machine it ran on: the others may come from another one
     for part in parts:
         if isinstance(results.get(part), dict):
@@ -1031,6 +1099,18 @@ def print_table(r: dict) -> None:
                 ratio = f"  ×{row['qps_ratio']:.2f} q/s, p50 ×{row['p50_ratio']:.2f}" if row["shards"] else ""
                 print(f"    {label:<20} p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                       f"{row['qps']:6.1f} q/s with {row['clients']} clients{ratio}")
+    if "codec" in r:
+        sp = r["codec"]["speed"]
+        print(f"\ncompact local features ({sp['codec']}, {sp['bytes_per_photo']} bytes a photo against "
+              f"{sp['int8_bytes_per_photo']}): encoding {sp['encode_ms_per_photo']:.1f} ms a photo, "
+              f"×{sp['encode_ratio']:.2f} the network's {sp['network_ms_per_photo']:.1f} ms; decoding a query's "
+              f"100 photos {sp['decode_ms_per_query']:.1f} ms")
+        for size in r["codec"]["sizes"]:
+            i8, again, c = size["int8"], size["int8_again"], size["compact"]
+            print(f"  {size['n']:,d} photos, the default search from one process: int8 ({i8['bytes_on_disk'] / 1e9:.1f} GB) "
+                  f"p50 {i8['p50_ms']:.1f} / {again['p50_ms']:.1f} ms, {i8['qps']:.1f} / {again['qps']:.1f} q/s; "
+                  f"compact ({c['bytes_on_disk'] / 1e9:.2f} GB, ×{size['bytes_ratio']:.2f}) p50 {c['p50_ms']:.1f} ms "
+                  f"(×{size['p50_ratio']:.2f}), p99 {c['p99_ms']:.1f} ms, {c['qps']:.1f} q/s (×{size['qps_ratio']:.2f})")
     if "serve" in r:
         print("\nconvlad serve, 200 concurrent clients on loopback posting mvbench-dev photos (default descriptor)")
         for key in ("single", "batched"):

@@ -14,7 +14,7 @@ import pytest
 from convlad.index.store import IndexStore
 
 from .conftest import SAMPLES, need
-from .servers import CLI, build_index, cli, free_port, ray_cluster
+from .servers import CLI, build_index, cli, free_port, groups_of_dev, ray_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -136,3 +136,31 @@ def test_a_rerun_after_the_driver_is_killed_resumes_from_the_committed_segments(
     assert f"{total} images ({total - committed} added, {committed} unchanged" in p.stdout, p.stdout
     names = [q for _, q, _ in IndexStore.open(out).items()]
     assert sorted(names) == sorted(q.name for q in photos.iterdir())
+
+
+def test_a_compact_codec_s_codes_made_on_the_workers_are_those_the_writer_makes(cluster, tmp_path, train_images):
+    """With a compact local codec the Ray actors encode the local features, and the single writer
+    stores their codes: the same, photo by photo, as a local `convlad index` stores."""
+    from convlad.pipeline import ConvVLAD
+
+    address, env = cluster
+    model = tmp_path / "compact.npz"
+    ConvVLAD(layers=["block6"], pooled=[], scales=[1], k=8, dim=None, local_codec="pq10").fit(
+        train_images[::16], progress=False).save(model)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for files in list(groups_of_dev().values())[:3]:
+        for f in files:
+            (photos / f.name).symlink_to(f)
+    cli("index", model, photos, "--out", tmp_path / "local.index", "--augment", "none")
+    p = subprocess.run([*CLI, "index", model, photos, "--out", tmp_path / "ray.index", "--ray", address,
+                        "--batch-size", "4", "--augment", "none"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    stores = [IndexStore.open(tmp_path / name) for name in ("local.index", "ray.index")]
+    by_path = [{q: i for i, q, _ in s.items()} for s in stores]
+    assert sorted(by_path[0]) == sorted(by_path[1]) and len(by_path[0]) >= 10
+    names = sorted(by_path[0])
+    (a, _), (b, _) = (s.local_codes([m[q] for q in names]) for s, m in zip(stores, by_path))
+    assert stores[1].info()["local"]["codec"] == "pq10" and int(a.count.min()) > 100
+    for f in ("codes", "cells", "count"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))

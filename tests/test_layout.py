@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "convlad"
 ROOMS = [
     ("basics", ["progress", "storage", "runtime"]),
     ("pixels", ["images", "backbones", "functional", "extract", "cache"]),
-    ("the descriptor", ["encoding", "verify", "pairs", "whitening", "pipeline", "reference"]),
+    ("the descriptor", ["encoding", "verify", "local_codec", "pairs", "whitening", "pipeline", "reference"]),
     ("index", ["index"]),
     ("the search", ["search", "explain", "groups"]),
     ("serving", ["serving"]),

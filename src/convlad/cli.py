@@ -18,7 +18,7 @@ import typer
 
 from . import cli_study
 from .backbones import BACKBONES, WeightsError, get_backbone
-from .cli_common import (BackboneOpt, BatchOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, PooledOpt, PowerOpt,
+from .cli_common import (BackboneOpt, BatchOpt, CodecOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, PooledOpt, PowerOpt,
                          PrecisionOpt, QeOpt, ScalesOpt, SearchRerankOpt, UserError, WaitOpt, WeightsOpt, _check_dim,
                          _compile, _config, _model, _precision, _runtime, _settings, _warn)
 from .images import ImageError, list_images
@@ -55,7 +55,7 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.npz)."),
     backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
     scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
-    power: float = PowerOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
+    power: float = PowerOpt, local_codec: str = CodecOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
     compile: str = CompileOpt, precision: str = PrecisionOpt,
 ):
     """Learn the vocabularies and the PCA-whitening from a folder of photos."""
@@ -65,8 +65,8 @@ def train(
         _warn(f"skipped {msg}")
     if not paths:
         raise UserError(f"{images}: no image files found")
-    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power), batch_size, device, compile,
-                   precision)
+    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec), batch_size,
+                   device, compile, precision)
     t = time.time()
     model.fit(paths)
     for err in model.errors_:
@@ -100,6 +100,9 @@ def index(
                                          "(each commit is split among them, the emptiest first; an existing index's "
                                          "segments are re-spread, no file moved). Default: 1 for a new index, else the "
                                          "index's."),
+    local_codec: Optional[str] = typer.Option(None, "--local-codec", help="For a new index that fits its own model: "
+                                              "how it stores the local features, int8 (the default) or rqM/pqM "
+                                              "(see `convlad train --local-codec`). A given model brings its own."),
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt,
     precision: str = PrecisionOpt,
 ):
@@ -126,13 +129,15 @@ def index(
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
     runtime = _runtime(batch_size, device, compile, precision)
+    if local_codec is not None and (model is not None or has_model(out)):
+        raise UserError("--local-codec is the model's: give it to `convlad train` (or to a new index without a model)")
     if model is not None:
         model = ConvVLAD.load(model)
     elif not has_model(out):  # an index made before keeps the model it was made with (model None)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not is_index(out):
             raise UserError(f"{out}: exists and is not an index; choose another --out (or give a model, to "
                             "convert an index of convlad 0.1)")
-        model = _fit_on_sample(folder, batch_size, device, compile, precision)
+        model = _fit_on_sample(folder, batch_size, device, compile, precision, local_codec or "int8")
     with IndexStore.create(out, model=model, root=folder, ann=ann, wait=wait, report=_warn, local=local,
                            augment=augment, runtime=runtime, shards=shards) as idx:
         t = time.time()
@@ -154,7 +159,7 @@ def index(
 FIT_SAMPLE = 1000  # photos of a collection a model is fitted on when `index` is given none
 
 
-def _fit_on_sample(folder: Path, batch_size: int, device, compile: str, precision: str):
+def _fit_on_sample(folder: Path, batch_size: int, device, compile: str, precision: str, codec: str = "int8"):
     """A model of the default descriptor fitted on an even sample of the folder's own photos."""
     from .pipeline import Config
 
@@ -164,7 +169,11 @@ def _fit_on_sample(folder: Path, batch_size: int, device, compile: str, precisio
     sample = paths[::max(1, len(paths) // FIT_SAMPLE)][:FIT_SAMPLE]
     _warn(f"no model given: fitting the default descriptor on {len(sample)} of the {len(paths)} photos in {folder} "
           f"(vocabulary, PCA-whitening, chance level); it is kept in the index. For a model of your own: convlad train")
-    m = _model(Config(), batch_size, device, compile, precision)
+    try:
+        config = Config(local_codec=codec)
+    except ValueError as e:
+        raise UserError(f"--local-codec: {e}") from None
+    m = _model(config, batch_size, device, compile, precision)
     t = time.time()
     m.fit(sample)
     _check_dim(m)
@@ -247,6 +256,11 @@ def info(
     for key, value in d.items():
         if key == "bytes":
             key, value = "size", f"{value / 1e6:.1f} MB"
+        elif key == "local":
+            if value is None:
+                continue
+            key, value = "local features", (f"{value['features']} a photo, {value['codec']}, "
+                                            f"{value['bytes_per_image']} bytes a photo")
         elif key == "shards":
             if value is None:
                 continue

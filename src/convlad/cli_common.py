@@ -37,11 +37,16 @@ def _layers(text: Optional[str]) -> Optional[list[str]]:
     return [] if text.strip().lower() == "none" else [s for s in text.split(",") if s]
 
 
-def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0):
+def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0, codec="int8"):
+    from .local_codec import check
     from .pipeline import Config
 
+    try:
+        check(codec)
+    except ValueError as e:
+        raise UserError(f"--local-codec: {e}") from None
     cfg = Config(backbone=backbone, layers=_layers(layer), pooled=_layers(pooled), scales=_scales(scales),
-                 k=k, dim=dim or None, weights=weights, power=None if power == 1 else power, gem=gem)
+                 k=k, dim=dim or None, weights=weights, power=None if power == 1 else power, gem=gem, local_codec=codec)
     if cfg.layers == [] and cfg.pooled == []:
         raise UserError("--layer none and --pooled none leave nothing to encode")
     return cfg
@@ -97,6 +102,9 @@ RERANK = 100  # search.RERANK, without importing numpy for `--help`
 RerankOpt = typer.Option(RERANK, "--rerank", help="Re-rank the top N by spatial verification of local features (0: off, the global ranking alone).")
 SearchRerankOpt = typer.Option(None, "--rerank", show_default=False, help="Re-rank the top N by spatial verification "
                                f"of the local features kept in the index (0: off). Default: {RERANK} where the index keeps them, else 0.")
+CodecOpt = typer.Option("int8", "--local-codec", help="How an index stores each photo's local features: int8 "
+                        "(24.6 kB a photo) or a compact code learned with the model, rqM or pqM (M bytes a feature; "
+                        "rq12: 3.7 kB, for 100 M photos; what it costs: docs/defaults.md).")
 QeOpt = typer.Option(0, "--qe", help="α-query expansion with the top N results (0: off).")
 BatchOpt = typer.Option(16, "--batch-size", help="Images decoded and encoded per batch (on CPU the network runs "
                         "them in chunks of 4 at scale 1, 1 at scale 2).")

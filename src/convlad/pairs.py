@@ -135,47 +135,51 @@ def edges_of(ids: np.ndarray, candidates: np.ndarray, inliers: np.ndarray, floor
 
 
 def mine_edges(X: np.ndarray, local: LocalCodes, verifier: Verifier, neighbours: int = NEIGHBOURS,
-               progress=None) -> tuple[np.ndarray, np.ndarray]:
+               progress=None, stored: LocalCodes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every pair (i, j), i < j, of a row of ``X`` (n, d, L2-normalised) and one of its ``neighbours``
     nearest by ``X``, with the inliers of their local features (``local``, row-aligned; the more of
     the two directions): (pairs (m, 2) int64, inliers (m,) int32), pairs with no inlier left out. The
-    evidence the groups are built on (``groups.links``); ``mine_pairs`` keeps the sure ones."""
+    evidence the groups are built on (``groups.links``); ``mine_pairs`` keeps the sure ones.
+    ``stored``: the features as an index keeps them (``LocalCodec.stored``), the side each photo
+    is verified against (default ``local`` itself)."""
     n = len(X)
     if len(local) != n:
         raise ValueError(f"mine_pairs: {n} descriptors but {len(local)} photos' local features")
     _, nn = nearest(X, neighbours)
     every = np.ones(n, bool)
-    inl = verify_candidates(local, nn, lambda js: (local[js], every[js]), verifier, progress)
+    far = local if stored is None else stored
+    inl = verify_candidates(local, nn, lambda js: (far[js], every[js]), verifier, progress)
     return edges_of(np.arange(n), nn, inl)
 
 
 def mine_pairs(X: np.ndarray, local: LocalCodes, verifier: Verifier, neighbours: int = NEIGHBOURS,
-               min_inliers: int | None = None, progress=None) -> np.ndarray:
+               min_inliers: int | None = None, progress=None, stored: LocalCodes | None = None) -> np.ndarray:
     """Pairs (i, j), i < j, of rows of ``X`` (n, d, L2-normalised) whose local features (``local``,
     row-aligned) verify with at least ``min_inliers`` (None: ``verifier.sure``), among each
     row's ``neighbours`` nearest by ``X``: (m, 2) int64, sorted, each pair once. An index store
     mines its photos with the same steps as they are added (``mine_additions``)."""
-    P, inl = mine_edges(X, local, verifier, neighbours, progress)
+    P, inl = mine_edges(X, local, verifier, neighbours, progress, stored)
     return P[inl >= (verifier.sure if min_inliers is None else min_inliers)]
 
 
 def mine(X: np.ndarray, local: LocalCodes, verifier: Verifier, progress: bool = True,
-         edges: bool = False):
-    """``mine_pairs`` with a progress bar; ``edges``: ``mine_edges`` instead."""
+         edges: bool = False, stored: LocalCodes | None = None):
+    """``mine_pairs`` with a progress bar; ``edges``: ``mine_edges`` instead (``stored``: as theirs)."""
     from . import progress as P
 
     with P.bar(len(X), "mining pairs (collection)", "img", enabled=progress) as bar:
-        got = mine_edges(X, local, verifier, progress=bar)
+        got = mine_edges(X, local, verifier, progress=bar, stored=stored)
     return got if edges else got[0][got[1] >= verifier.sure]
 
 
 def mine_additions(index, X: np.ndarray, local: LocalCodes, ids: np.ndarray,
-                   verifier: Verifier) -> tuple[np.ndarray, np.ndarray]:
+                   verifier: Verifier, stored: LocalCodes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each photo being added to ``index`` (descriptors ``X``, local features ``local``, new ``ids``):
     its ``NEIGHBOURS`` nearest of the live photos (as ``index.search`` ranks them) and of the others
     being added, and their inliers with it (``verify_candidates``): two (n, NEIGHBOURS) arrays, ids
     -1 padded. Its partners are those at the sure level (``partners_from``); a photo added later
-    finds its pairs with these from its own side."""
+    finds its pairs with these from its own side. ``stored``: the additions' features as the index
+    will keep them (``LocalCodec.stored``), what the others being added are verified against."""
     sims, rows = nearest(X, NEIGHBOURS)
     cand = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
     if len(index):
@@ -185,17 +189,19 @@ def mine_additions(index, X: np.ndarray, local: LocalCodes, ids: np.ndarray,
         cand = np.take_along_axis(cand, np.argsort(-sims, axis=1, kind="stable")[:, :NEIGHBOURS], 1)
     first = int(ids[0])
 
+    far = local if stored is None else stored
+
     def codes_of(js):
         old = js < first
-        codes, have = local[np.maximum(js - first, 0)], ~old
+        codes, have = far[np.maximum(js - first, 0)], ~old
         if old.any():
-            got, stored = index.local_codes(js[old])
-            at = np.flatnonzero(old)[stored]
+            got, kept = index.local_codes(js[old])
+            at = np.flatnonzero(old)[kept]
             if len(at) and got.codes.shape[1:] != codes.codes.shape[1:]:
                 raise ValueError(f"its images keep local features of shape {got.codes.shape[1:]}, "
                                  f"the new ones {codes.codes.shape[1:]}")
-            codes.codes[at], codes.cells[at], codes.count[at] = got.codes[stored], got.cells[stored], got.count[stored]
-            have[np.flatnonzero(old)] = stored
+            codes.codes[at], codes.cells[at], codes.count[at] = got.codes[kept], got.cells[kept], got.count[kept]
+            have[np.flatnonzero(old)] = kept
         return codes, have
 
     return cand, verify_candidates(local, cand, codes_of, verifier)

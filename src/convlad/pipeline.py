@@ -16,6 +16,7 @@ from . import progress as P
 from .backbones import DEFAULT_BACKBONE, get_backbone
 from .encoding import PCAWhitening, VLAD
 from .extract import Batch, FeatureExtractor, iter_batches
+from .local_codec import LocalCodec, check as check_codec
 from .runtime import Runtime, want_compile
 from .storage import atomic_savez, load_npz
 from .verify import LOCAL_K, LocalCodes, Verifier, chance_level, select
@@ -41,10 +42,11 @@ class Config:
     shrinkage: float = 0.0
     weights: str | None = None  # a weights file for the backbone (VGG16, GoogLeNet, custom)
     seed: int = 0
+    local_codec: str = "int8"  # how an index stores the local features (local_codec.py): int8, rqM, pqM
 
 
 # Config fields added after models were first saved, with the value those models imply
-_LATER_FIELDS = {"gem": 1.0}
+_LATER_FIELDS = {"gem": 1.0, "local_codec": "int8"}
 
 
 @dataclass
@@ -108,6 +110,7 @@ class ConvVLAD:
         if config is not None and kw:
             raise TypeError("give either a Config or keyword arguments, not both")
         self.config = config or Config(**kw)
+        check_codec(self.config.local_codec)
         self._backbone = None
         self._extractor = None
         # where and how the network runs (device, batch size, workers, compile, precision): passed
@@ -194,7 +197,9 @@ class ConvVLAD:
         ``memory_budget`` bytes, every image's descriptors for the VLADs that PCA learns from;
         beyond it a second pass recomputes them (same result, twice the extraction time). The same
         pass keeps the local features of up to ``chance_images`` photos, on which the spatial
-        verifier's chance level is measured (``chance_``).
+        verifier's chance level is measured (``chance_``), and a compact local codec
+        (``config.local_codec``) learns its codebook (``local_codec_``): the level is then measured
+        against the features as that codec stores them.
         """
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
@@ -252,10 +257,17 @@ class ConvVLAD:
             with P.step(f"PCA-whitening ({V.shape[1]} → {cfg.dim})", enabled=progress):
                 self.pca_ = PCAWhitening(cfg.dim, cfg.whiten_power, cfg.shrinkage).fit(V)
         self.chance_ = Verifier.chance
+        self.local_codec_ = LocalCodec(cfg.local_codec)
         if local:
             codes = LocalCodes.concat(local)
+            if self.local_codec_.compact:
+                with P.step(f"local codec {cfg.local_codec} (training on {len(codes)} photos' local features)",
+                            enabled=progress):
+                    self.local_codec_.fit(codes, seed=cfg.seed)
             with P.bar(len(codes), "chance level (random pairs)", "img", enabled=progress) as bar:
-                self.chance_ = chance_level(codes, seed=cfg.seed, progress=bar)
+                self.chance_ = chance_level(codes, seed=cfg.seed, progress=bar, stored=self.local_codec_.stored(codes))
+        elif self.local_codec_.compact:
+            raise ValueError(f"local codec {cfg.local_codec}: no training photo gave local features to learn it from")
         self.n_train_ = len(kept)
         return self
 
@@ -355,6 +367,8 @@ class ConvVLAD:
         for key, default in _LATER_FIELDS.items():  # models saved before a field existed keep their fingerprint
             if config[key] == default:
                 del config[key]
+        codec_name, codec_arrays = self.local_codec_.state()
+        arrays.update(codec_arrays)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config,
                 "vlad": encoders, "pooled_dims": self.pooled_dims_, "pca": pca, "n_train": self.n_train_,
                 "chance": self.chance_}
@@ -381,6 +395,7 @@ class ConvVLAD:
                 k: arrays[f"pca/{k}"] for k in ("mean", "components", "explained_variance")}})
         self.n_train_ = meta["n_train"]
         self.chance_ = int(meta.get("chance", Verifier.chance))  # fitted before it was measured: Lite0's
+        self.local_codec_ = LocalCodec.from_state(self.config.local_codec, arrays)
         return self
 
     def fingerprint(self) -> str:

@@ -53,6 +53,9 @@ class LocalCodes:
     cells: np.ndarray
     count: np.ndarray
     grid: tuple[int, int] | None = None  # the map's (h, w) the cells lie on, where known (not stored)
+    # (codec key, its segment arrays for these rows) where a compact codec encoded them already, on a
+    # cluster's workers: the single writer then stores them as they are (``LocalCodec.encoded``)
+    encoded: tuple[str, dict] | None = None
 
     def __len__(self) -> int:
         return len(self.count)
@@ -68,7 +71,8 @@ class LocalCodes:
 
     def __getitem__(self, i) -> "LocalCodes":
         idx = np.atleast_1d(np.asarray(i))
-        return LocalCodes(self.codes[idx], self.cells[idx], self.count[idx], self.grid)
+        enc = None if self.encoded is None else (self.encoded[0], {k: a[idx] for k, a in self.encoded[1].items()})
+        return LocalCodes(self.codes[idx], self.cells[idx], self.count[idx], self.grid, enc)
 
     def features(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image ``i``'s descriptors (m, d) float32, unit length, and cells (m, 2) float32."""
@@ -93,12 +97,25 @@ class LocalCodes:
     @staticmethod
     def concat(parts: list["LocalCodes"]) -> "LocalCodes":
         grids = {p.grid for p in parts}
+        keys = {p.encoded[0] if p.encoded is not None else None for p in parts}
+        enc = None
+        if len(keys) == 1 and None not in keys:  # a cell map as wide as the widest part's (zero bits: no cell)
+            enc = (keys.pop(), {k: pad_join([p.encoded[1][k] for p in parts]) for k in parts[0].encoded[1]})
         return LocalCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "cells", "count")),
-                          grids.pop() if len(grids) == 1 else None)
+                          grids.pop() if len(grids) == 1 else None, enc)
 
     @staticmethod
     def empty(k: int, d: int) -> "LocalCodes":
         return LocalCodes(np.zeros((0, k, d), np.int8), np.zeros((0, k, 2), np.uint8), np.zeros(0, np.uint16))
+
+
+def pad_join(parts: list[np.ndarray], fill=0) -> np.ndarray:
+    """Per-row arrays joined, rows narrower than the widest padded with ``fill`` at the end."""
+    if parts[0].ndim < 2:
+        return np.concatenate(parts)
+    widest = np.max([p.shape[1:] for p in parts], axis=0)
+    return np.concatenate([np.pad(p, [(0, 0)] + [(0, int(w - s)) for w, s in zip(widest, p.shape[1:])],
+                                  constant_values=fill) for p in parts])
 
 
 def _spanned(codes: "LocalCodes") -> np.ndarray:
@@ -414,7 +431,7 @@ class Verifier:
 
 
 def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float = 99, seed: int = 0,
-                 progress=None, verifier: Verifier | None = None) -> int:
+                 progress=None, verifier: Verifier | None = None, stored: LocalCodes | None = None) -> int:
     """Inliers that unrelated photos reach: the ``percentile`` over random pairs of the images of
     ``codes`` (training photos). Each image is paired only beyond its max(10, n/20) nearest by the
     mean of its local descriptors, so that a training set with small groups of related photos does
@@ -423,7 +440,9 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
     (docs/defaults.md); this way it is 8, as on mvbench-train's unrelated photos. Groups far larger
     than n/20 (Paris6k's landmarks) still raise it, which makes re-ranking more cautious, not wrong.
     ``verifier``: whose matching the level is for (its tentative matches and tolerance; default
-    ``Verifier()``'s); every pair with 3 tentative matches is fitted, whatever its gate."""
+    ``Verifier()``'s); every pair with 3 tentative matches is fitted, whatever its gate. ``stored``:
+    the same photos' features as an index keeps them (``LocalCodec.stored``), the side each photo is
+    matched against, so that the level is the one the index's own matching reaches."""
     n = len(codes)
     if n < 2:
         return Verifier.chance
@@ -439,11 +458,11 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
     for i in range(n):
         far = by_similarity[i, skip:]
         others = rng.choice(far, min(pairs_per_image, len(far)), replace=False)
-        counts.append(raw.inliers(codes.features(i), codes[others]))
+        counts.append(raw.inliers(codes.features(i), (codes if stored is None else stored)[others]))
         if progress is not None:
             progress.update(1)
     return max(MIN_CHANCE, int(np.ceil(np.percentile(np.concatenate(counts), percentile))))
 
 
 __all__ = ["Evidence", "LOCAL_K", "LocalCodes", "MIN_CHANCE", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers",
-           "select", "significance", "tentative_matches"]
+           "pad_join", "select", "significance", "tentative_matches"]

@@ -7,12 +7,14 @@ task per top-level subfolder). The driver is the index's single writer: each
 block of descriptors that Ray Data hands it becomes one segment, committed at once. A photo is
 committed once: the driver skips paths already in the index (a rerun after the driver was killed
 starts from the committed segments), and Ray Data's retries of a failed task or a restarted actor
-deliver each output block once.
+deliver each output block once. With a compact local codec (``local_codec.py``) the actors
+encode the local features too, so the writer only writes them.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 from .sync import Committer, plan_sync
 from ..verify import LocalCodes
 
+ENCODED = "encoded-"  # a block's columns of a compact codec's arrays, made on the workers
 
 class RayMissing(RuntimeError):
     pass
@@ -60,7 +63,12 @@ class Encoder:
         out = {"path": np.array(paths, dtype=object), "x": np.zeros((len(paths), self.model.dim), np.float32),
                "error": np.array([bad.get(p, "") for p in paths], dtype=object)}
         out["x"][enc.indices] = enc.X
-        for key, a in (enc.local.arrays().items() if enc.local is not None else ()):  # for re-ranking
+        arrays = {}
+        if enc.local is not None:  # for re-ranking: the exact features, and a compact codec's codes of them
+            arrays = dict(enc.local.arrays())  # (made here, on the cluster, not by the single writer)
+            if self.model.local_codec_.compact:
+                arrays.update({ENCODED + k: a for k, a in self.model.local_codec_.encode(enc.local).items()})
+        for key, a in arrays.items():
             out[key] = np.zeros((len(paths), *a.shape[1:]), a.dtype)
             out[key][enc.indices] = a
         return out
@@ -127,6 +135,9 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
                     summary["skipped"] += 1
             if keep:
                 local = LocalCodes.from_arrays({k: block[k][keep] for k in block if k.startswith("local-")})
+                codes = {k[len(ENCODED):]: block[k][keep] for k in block if k.startswith(ENCODED)}
+                if local is not None and codes:
+                    local = replace(local, encoded=(store.local_codec.key, codes))
                 committer.add([rel[i] for i in keep], block["x"][keep], local)
                 have.update(rel[i] for i in keep)
             bar.update(len(rel))

@@ -6,7 +6,9 @@ The one module that names the files inside an index folder:
     INDEX/LOCK            flock of the single writer, naming it
     INDEX/model.npz       the model that made the descriptors (so searching needs nothing else)
     INDEX/seg-*/          X.npy (n, d) float32 · ids.npy · stamps.npy · offsets.npy + paths.bin ·
-                          x-NAME.npy per-row extras (x-local-codes, x-local-cells, x-local-count;
+                          x-NAME.npy per-row extras (x-local-codes, x-local-cells, x-local-count,
+                          or with a compact local codec x-local-quantised, x-local-cellmap,
+                          x-local-grid, x-local-count: local_codec.py;
                           x-partners: the ids each photo verified with when it was added, -1 padded;
                           x-candidates, x-candidate-inliers: the nearest it was verified against then,
                           -1 padded, and their inliers, -1 where not verified: the groups' evidence)
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..storage import FileFormatError, check_header, create_file, fsync_dir, write_durable
+from ..verify import pad_join
 
 MANIFEST = "MANIFEST"
 LOCK = "LOCK"
@@ -204,7 +207,9 @@ def merged_extras(segs: list, rows: list[np.ndarray], order: np.ndarray) -> dict
     for key, a in like.items():
         parts = [np.asarray(seg.extra[key][r]) if key in seg.extra else np.full((len(r), *a.shape[1:]), FILL.get(key, 0),
                                                                                   a.dtype) for seg, r in zip(segs, rows)]
-        out[key] = np.concatenate(parts)[order]
+        # a compact layout's cell map may be narrower in one segment than in another: padded with
+        # FILL (zero bits, no cell), as is any per-row array whose rows differ in width
+        out[key] = pad_join(parts, FILL.get(key, 0))[order]
     return out
 
 

@@ -34,6 +34,7 @@ from . import ivf as IVF
 from .ann import ANN_THRESHOLD, ExactIndex
 from .merge import COMPACT_TARGET, needs_compaction, plan_merges
 from ..storage import FileFormatError
+from ..local_codec import LocalCodec, is_compact
 from ..verify import LOCAL_K, LocalCodes
 from ..pairs import AUGMENT, PairOverlay, check_augment, edges_of, mine_additions, pairs_of, partners_from, unique_pairs
 
@@ -593,11 +594,12 @@ class IndexStore:
         found = np.flatnonzero(pos >= 0)
         seg, row = self._locate(pos[found])
         for s in np.unique(seg):
-            codes = LocalCodes.from_arrays(self._segs[s].extra)
-            if codes is None:
+            extra = self._segs[s].extra
+            # a compact layout decodes with the model's codec; an older index's int8 codes read as they are
+            got = (self.local_codec if is_compact(extra) else LocalCodec()).decode(extra, row[seg == s])
+            if got is None:
                 continue
             sel = found[seg == s]
-            got = codes[row[seg == s]]
             if out is None:
                 out = LocalCodes(*(np.zeros((len(pos), *a.shape[1:]), a.dtype) for a in
                                    (got.codes, got.cells, got.count)))
@@ -607,6 +609,12 @@ class IndexStore:
             out = LocalCodes(np.zeros((len(pos), 1, 1), np.int8), np.zeros((len(pos), 1, 2), np.uint8),
                              np.zeros(len(pos), np.uint16))
         return out, have
+
+    @property
+    def local_codec(self) -> LocalCodec:
+        """How this store keeps the local features of photos it adds: its model's codec (int8 for a
+        store without a model)."""
+        return self.model.local_codec_ if self.m.get("model") else LocalCodec()
 
     @property
     def local_k(self) -> int:
@@ -654,10 +662,10 @@ class IndexStore:
         stamps = np.zeros((len(X), 2), np.int64) if stamps is None else np.asarray(stamps, np.int64)
         m = self.m
         ids = np.arange(m["next_id"], m["next_id"] + len(X), dtype=np.int64)
-        extra = local.arrays() if local is not None else None
+        extra = self.local_codec.encode(local) if local is not None else None
         if local is not None and self.augments:
             if mined is None:
-                cand, inl = self._mine(X, local, ids)
+                cand, inl = self._mine(X, local, ids, self.local_codec.decode(extra))
             else:
                 cand, inl = np.asarray(mined[0], np.int64), np.asarray(mined[1], np.int64)
             if cand.shape != inl.shape or len(cand) != len(X):
@@ -720,9 +728,9 @@ class IndexStore:
         """Whether images added from now on are mined for verified pairs (``augment="verified"``)."""
         return self.m.get("augment", "none") == "verified" and bool(self.m.get("model")) and self.local_k > 0
 
-    def _mine(self, X: np.ndarray, local: LocalCodes, ids: np.ndarray) -> np.ndarray:
+    def _mine(self, X: np.ndarray, local: LocalCodes, ids: np.ndarray, stored: LocalCodes) -> np.ndarray:
         try:
-            return mine_additions(self, X, local, ids, self.model.verifier())
+            return mine_additions(self, X, local, ids, self.model.verifier(), stored)
         except ValueError as e:  # local features of another layout
             raise FileFormatError(f"{self.path}: {e}") from None
 
@@ -829,7 +837,13 @@ class IndexStore:
         if self.shards > 1:
             segs, photos = self._shard_loads()
             shards = [{"shard": sh, "segments": int(a), "images": int(b)} for sh, (a, b) in enumerate(zip(segs, photos))]
+        local = None
+        rows = sum(len(s) for s in self._segs)
+        if self.local_k and rows:  # what the segments hold a photo, whatever layout wrote them
+            held = sum(a.nbytes for s in self._segs for k, a in s.extra.items() if k.startswith("local-"))
+            local = {"features": self.local_k, "codec": self.local_codec.name, "bytes_per_image": round(held / rows)}
         return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self), "shards": shards,
+                "local": local,
                 "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
                 "dim": self.dim, "augment": self.m.get("augment", "none"),
                 "pairs": 0 if self._aug is None else len(self._aug),

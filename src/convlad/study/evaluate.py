@@ -91,7 +91,7 @@ def extra_query_items(bench: RetrievalBenchmark) -> list:
 def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarray | None = None,
                          qe: int = 0, alpha: float = 3.0, rerank: int = 0, local: LocalCodes | None = None,
                          local_q: LocalCodes | None = None, verifier: Verifier | None = None,
-                         pairs: np.ndarray | None = None) -> EvalResult:
+                         pairs: np.ndarray | None = None, stored: LocalCodes | None = None) -> EvalResult:
     """Metrics of descriptors ``X`` (one row per database image, aligned with ``bench.paths``),
     ranked by ``search.rank``, the search every door of convlad uses.
 
@@ -103,11 +103,13 @@ def evaluate_descriptors(bench: RetrievalBenchmark, X: np.ndarray, X_q: np.ndarr
     of its ranking before expansion and verification, then put first: junk consumes no rank.
     ``pairs``: verified pairs of database rows to augment over (``whitening.from_collection``),
     searched as an index that augments searches them; every query searches with its own descriptor.
+    ``stored``: the database's local features as an index keeps them (``LocalCodec.stored``), what
+    each query's own (``local``'s row) is verified against; default ``local``.
     """
     if rerank > 0 and local is None:
         raise ValueError("re-ranking needs the database's local codes (model.transform(..., local=k))")
     Q = query_descriptors(bench, X, X_q)
-    index = MemoryIndex(X, local if rerank else None, verifier, pairs)
+    index = MemoryIndex(X, (local if stored is None else stored) if rerank else None, verifier, pairs)
     feats = None
     if rerank:
         feats, j = [], 0
@@ -251,18 +253,19 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
     local = LOCAL_K if rerank or whiten != "pca" or augment != "none" else 0
     enc, enc_q, t_enc, enc_cached = encode_benchmark(model, bench, local, progress, cache)
     Xq = enc_q.X if enc_q else None
+    stored = model.local_codec_.stored(enc.local) if enc.local is not None else None  # as an index keeps them
 
     def measure(X, Xq, pairs=None):
         return evaluate_descriptors(bench, X, Xq, qe=qe, rerank=rerank, local=enc.local if rerank else None,
                                     local_q=enc_q.local if enc_q and rerank else None, verifier=model.verifier(),
-                                    pairs=pairs)
+                                    pairs=pairs, stored=stored if rerank else None)
 
     whitening, pca_result, X, pairs, edges = "PCA", None, enc.X, None, None
     if whiten != "pca" or augment != "none":
         from ..pairs import mine
         from ..whitening import from_collection
 
-        edges = mine(X, enc.local, model.verifier(), progress, edges=True)  # the groups' evidence too
+        edges = mine(X, enc.local, model.verifier(), progress, edges=True, stored=stored)  # the groups' evidence too
         try:
             col = from_collection(X, Xq, enc.local, model.verifier(), whiten, augment, progress,
                                   pairs=edges[0][edges[1] >= model.verifier().sure])
@@ -283,7 +286,7 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,
                            model.chance_, model.local_key,
-                           enc.local.bytes_per_image if enc.local is not None and rerank else None,
+                           model.local_codec_.bytes_of(enc.local) if enc.local is not None and rerank else None,
                            time.time() - t, t_enc, t_rank, warnings, whitening, pca_result,
                            (fit_cached, enc_cached), grouping)
 

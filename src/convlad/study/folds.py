@@ -172,9 +172,10 @@ class SearchGrid:
     counts), then each scoring re-ordered by ``Verifier.order_by``."""
 
     def __init__(self, bench, X, X_q=None, local: LocalCodes | None = None, local_q: LocalCodes | None = None,
-                 verifier: Verifier | None = None, progress: bool = False, pairs=None):
+                 verifier: Verifier | None = None, progress: bool = False, pairs=None, stored: LocalCodes | None = None):
         self.bench, self.verifier, self.progress = bench, verifier or Verifier(), progress
         self.local, self.local_q = local, local_q
+        self.stored = local if stored is None else stored  # the candidates' side, as an index keeps it
         self.junk = [sorted(j) for j in bench.junk]
         self.index = index = MemoryIndex(X, None, pairs=pairs)
         Q = query_descriptors(bench, X, X_q)  # as evaluate_descriptors
@@ -200,7 +201,7 @@ class SearchGrid:
             gate = v.gate if have is None else min(have[1], v.gate)
             depth = max(depth, have[0] if have else 0)
             fit = replace(v, min_tentative=gate, score="inliers")
-            codes = _truncate(self.local, features)
+            codes = _truncate(self.stored, features)
             ev = []
             with P.bar(len(self.ids), f"verifying (features={features}, min_similarity={v.min_similarity:g}, "
                        f"threshold={v.threshold:g})", "query", enabled=self.progress) as bar:
@@ -306,7 +307,7 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
         fit_model(model, train_paths, progress, cache)
         enc, enc_q, _, _ = encode_benchmark(model, bench, LOCAL_K, progress, cache)
         names.append(f"{candidate_name(desc)}: {model.describe()}, chance level {model.chance_}")
-        pairs = None
+        pairs, stored = None, model.local_codec_.stored(enc.local)
         for wh in combinations(grid, COLLECTION_KEYS):
             X, pairs_, Xq = enc.X, None, enc_q.X if enc_q else None
             augment = wh.get("augment", AUGMENT)  # where not a candidate: the eval's and the index's default
@@ -314,13 +315,13 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
                 from ..pairs import mine
                 from ..whitening import from_collection
 
-                pairs = mine(X, enc.local, model.verifier(), progress) if pairs is None else pairs
+                pairs = mine(X, enc.local, model.verifier(), progress, stored=stored) if pairs is None else pairs
                 col = from_collection(X, Xq, enc.local, model.verifier(), wh.get("whiten", "pca"),
                                       augment, pairs=pairs)
                 names.append(f"{candidate_name({**desc, **wh})}: {'; '.join(col.notes)}")
                 X, pairs_, Xq = col.X, col.pairs, col.X_extra
             g = SearchGrid(bench, X, Xq, enc.local, enc_q.local if enc_q else None, model.verifier(),
-                           progress=progress, pairs=pairs_)
+                           progress=progress, pairs=pairs_, stored=stored)
             g.prepare(reranked)
             prefix = candidate_name({**desc, **wh}) + " | " if desc or wh else ""
             aps_g[prefix + "rerank=0"] = g.aps({"rerank": 0})
