@@ -34,8 +34,8 @@ from . import ivf as IVF
 from .ann import ANN_THRESHOLD, ExactIndex
 from .merge import COMPACT_TARGET, needs_compaction, plan_merges
 from ..storage import FileFormatError
-from ..local_codec import LocalCodec, is_compact
-from ..verify import LOCAL_K, LocalCodes
+from ..local_codec import COMPACT_KEYS, LocalCodec, is_compact
+from ..verify import LOCAL_K, LocalCodes, pad_join
 from ..pairs import AUGMENT, PairOverlay, check_augment, edges_of, mine_additions, pairs_of, partners_from, unique_pairs
 
 MODEL = S.MODEL
@@ -593,13 +593,19 @@ class IndexStore:
         out, have = None, np.zeros(len(pos), bool)
         found = np.flatnonzero(pos >= 0)
         seg, row = self._locate(pos[found])
+        parts, compact = [], []
         for s in np.unique(seg):
             extra = self._segs[s].extra
-            # a compact layout decodes with the model's codec; an older index's int8 codes read as they are
-            got = (self.local_codec if is_compact(extra) else LocalCodec()).decode(extra, row[seg == s])
+            if is_compact(extra):  # gathered, then decoded at once: a shortlist spans many segments
+                compact.append((found[seg == s], {k: extra[k][row[seg == s]] for k in COMPACT_KEYS}))
+            else:  # an int8 layout (every index made before compact codecs) reads as it is
+                parts.append((found[seg == s], LocalCodec().decode(extra, row[seg == s])))
+        if compact:
+            parts.append((np.concatenate([sel for sel, _ in compact]),
+                          self.local_codec.decode({k: pad_join([a[k] for _, a in compact]) for k in COMPACT_KEYS})))
+        for sel, got in parts:
             if got is None:
                 continue
-            sel = found[seg == s]
             if out is None:
                 out = LocalCodes(*(np.zeros((len(pos), *a.shape[1:]), a.dtype) for a in
                                    (got.codes, got.cells, got.count)))
