@@ -33,7 +33,7 @@ TRAIN_FEATURES = 100_000  # features a codebook learns from, at most
 def check(name: str) -> str:
     """``name`` if it names a codec, else a ValueError that lists them."""
     if name != DEFAULT and not _NAME.match(name or ""):
-        raise ValueError(f"local codec {name!r}: expected int8, rqM or pqM (M bytes a feature, 1-99), for example pq10")
+        raise ValueError(f"local codec {name!r}: expected int8, rqM or pqM (M bytes a feature, 1-99), for example rq12")
     return name
 
 
