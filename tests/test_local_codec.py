@@ -87,7 +87,7 @@ def test_a_compact_index_stores_a_few_kb_a_photo_and_reads_back_what_the_codec_g
 def test_a_compact_index_finds_the_pairs_the_int8_one_finds(two, compact):
     old, new = _pairs(two / "int8.index"), _pairs(compact)
     assert len(old) > 50
-    # pq10 kept 209 of the 267 pairs and found 2 others (misplaced cells or codes find none at all):
+    # pq10 kept 164 of the 208 pairs and found no other (misplaced cells or codes find none at all):
     # a pair's inliers fall a little with decoded features, and some drop under the sure level
     assert len(old & new) >= 0.7 * len(old), (len(old), len(new), len(old & new))
     assert len(new - old) <= 0.1 * len(old)
