@@ -13,7 +13,8 @@ local features, and everything goes through their segment arrays and back:
 Candidates above the budget are run for the curve but are not eligible.
 
     python experiments/probe_local_budget.py [--views /tmp/synviews] [--backbone efficientnet-lite2]
-        [--budget 4096] [--out docs/results/probe-local-budget.json]
+        [--codecs pq10,rq12] [--budget 4096] [--out docs/results/probe-local-budget.json]
+    python experiments/probe_local_budget.py --judge RUN.json [--views /tmp/synviews]   # the rules on a saved run
 """
 from __future__ import annotations
 
