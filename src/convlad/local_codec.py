@@ -184,6 +184,9 @@ class LocalCodec:
         return codec
 
 
+INT8 = LocalCodec()  # the layout of every index made before compact codecs, and of int8 models (stateless)
+
+
 def _valid(local: LocalCodes) -> np.ndarray:
     k = local.codes.shape[1]
     return _unit(local.codes[np.arange(k)[None, :] < local.count.astype(np.int64)[:, None]])
@@ -216,4 +219,4 @@ def _decode(index, codes: np.ndarray) -> np.ndarray:
         faiss.omp_set_num_threads(n)
 
 
-__all__ = ["COMPACT_KEYS", "DEFAULT", "LocalCodec", "check", "is_compact"]
+__all__ = ["COMPACT_KEYS", "DEFAULT", "INT8", "LocalCodec", "check", "is_compact"]

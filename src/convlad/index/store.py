@@ -34,7 +34,7 @@ from . import ivf as IVF
 from .ann import ANN_THRESHOLD, ExactIndex
 from .merge import COMPACT_TARGET, needs_compaction, plan_merges
 from ..storage import FileFormatError
-from ..local_codec import COMPACT_KEYS, LocalCodec, is_compact
+from ..local_codec import COMPACT_KEYS, INT8, LocalCodec, is_compact
 from ..verify import LOCAL_K, LocalCodes, pad_join
 from ..pairs import AUGMENT, PairOverlay, check_augment, edges_of, mine_additions, pairs_of, partners_from, unique_pairs
 
@@ -599,7 +599,7 @@ class IndexStore:
             if is_compact(extra):  # gathered, then decoded at once: a shortlist spans many segments
                 compact.append((found[seg == s], {k: extra[k][row[seg == s]] for k in COMPACT_KEYS}))
             else:  # an int8 layout (every index made before compact codecs) reads as it is
-                parts.append((found[seg == s], LocalCodec().decode(extra, row[seg == s])))
+                parts.append((found[seg == s], INT8.decode(extra, row[seg == s])))
         if compact:
             parts.append((np.concatenate([sel for sel, _ in compact]),
                           self.local_codec.decode({k: pad_join([a[k] for _, a in compact]) for k in COMPACT_KEYS})))
@@ -620,7 +620,7 @@ class IndexStore:
     def local_codec(self) -> LocalCodec:
         """How this store keeps the local features of photos it adds: its model's codec (int8 for a
         store without a model)."""
-        return self.model.local_codec_ if self.m.get("model") else LocalCodec()
+        return self.model.local_codec_ if self.m.get("model") else INT8
 
     @property
     def local_k(self) -> int:
