@@ -47,7 +47,8 @@ def _truth(st) -> dict[int, str]:
 def test_a_chain_of_weak_links_does_not_merge_two_groups():
     """Two groups of three photos held by sure pairs (24 inliers, chance 8): one weak pair between
     them (15 inliers, cosine 0.8) does not merge them, nor does a chain through a third group or
-    through photos alone; two weak pairs between the same two groups do (support 2); a weak pair
+    through photos alone; two weak pairs between the same two groups do (support 2), unless they go
+    through one photo of either (test_a_weak_photo_does_not_chain_two_real_groups); a weak pair
     joins a photo alone to one group; a pair under the weak level or the cosine floor joins nothing."""
     sure, chance = 24, 8
     groups3 = [(0, 1), (1, 2), (3, 4), (4, 5), (6, 7), (7, 8)]
@@ -62,6 +63,9 @@ def test_a_chain_of_weak_links_does_not_merge_two_groups():
     assert comps == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and got == set(groups3)
     comps, _ = joined([(2, 3), (0, 4)], [15, 15], [0.8, 0.8])  # two weak pairs between two groups
     assert comps == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]
+    # ... through different photos of each: three through one photo are one piece of evidence
+    comps, got = joined([(2, 3), (2, 4), (2, 5)], [15, 15, 15], [0.8] * 3)
+    assert comps == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and got == set(groups3)
     assert joined([(2, 3)], [15], [0.8], Rule(support=1))[0][0] == [0, 1, 2, 3, 4, 5]
     comps, got = joined([(8, 9)], [15], [0.8])  # a photo alone joins through one weak pair
     assert [6, 7, 8, 9] in comps and (8, 9) in got
@@ -77,6 +81,49 @@ def test_a_chain_of_weak_links_does_not_merge_two_groups():
     assert Rule().level(8) == 14 and Rule().level(3) == Rule().level(7) == 12.25
     with pytest.raises(ValueError, match="support"):
         Rule(support=0)
+
+
+def test_a_weak_photo_does_not_chain_two_real_groups(tmp_path, train_images):
+    """Real photos of two domes, an index of mvbench-dev's Sacre-Coeur (12 photos), the US Capitol (2)
+    and London's Tower Bridge (4) with the default model: one view of the Capitol verifies weakly
+    with many of Sacre-Coeur's photos. With the weak level lowered to 1.25 times the chance level,
+    eight such pairs (10-14 inliers, cosine 0.64-0.80 when measured) would join the two groups,
+    and their plain components do; the rule counts them as one piece of evidence, since they all
+    go through one photo, and keeps the Capitol apart. The default rule keeps every benchmark group
+    to itself, and Sacre-Coeur whole."""
+    from convlad.pipeline import Config, ConvVLAD
+    from convlad.study.evalcache import EvalCache
+
+    model = ConvVLAD(Config())  # the default model: the suite's eval cache holds test_eval's fit
+    EvalCache().fit(model, train_images, progress=False)
+    model.save(tmp_path / "model.npz")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((MVBENCH_DEV / "images").glob("*.jpg")):
+        if p.name.rsplit("_", 1)[0] in ("sacre_coeur", "us_capitol", "london_tower_bridge"):
+            (photos / p.name).symlink_to(p)
+    cli("index", tmp_path / "model.npz", photos, "--out", tmp_path / "domes.index")
+    st = IndexStore.open(tmp_path / "domes.index")
+    place = {i: p.rsplit("/", 1)[-1].rsplit("_", 1)[0] for i, p, _ in st.items()}
+    v = st.model.verifier()
+    low = Rule(weak=1.25)
+    E, w = st.edges()
+    sim = np.einsum("ij,ij->i", st.vectors(E[:, 0]), st.vectors(E[:, 1]))
+    weak = (w >= low.level(v.chance)) & (w < v.sure) & (sim >= low.similarity)
+    across = np.array([{place[a], place[b]} == {"sacre_coeur", "us_capitol"} for a, b in E.tolist()])
+    capitol = {a if place[a] == "us_capitol" else b for a, b in E[weak & across].tolist()}
+    assert (weak & across).sum() >= 2 and len(capitol) == 1, (E[weak & across], w[weak & across])
+
+    def places(pairs):
+        return sorted(sorted({place[i] for i in c}) for c in components(np.unique(pairs), pairs))
+
+    assert any({"sacre_coeur", "us_capitol"} <= set(c) for c in places(E[weak | (w >= v.sure)]))
+    by_low = groups(st, rule=low, evidence=False)
+    capitol_group = [g for g in by_low if any(place[m["id"]] == "us_capitol" for m in g["members"])]
+    assert len(capitol_group) == 1 and {place[m["id"]] for m in capitol_group[0]["members"]} == {"us_capitol"}
+    by_default = groups(st, evidence=False)
+    assert all(len({place[m["id"]] for m in g["members"]}) == 1 for g in by_default)
+    assert any(g["size"] == 12 and place[g["id"]] == "sacre_coeur" for g in by_default), by_default
 
 
 def test_groups_agree_with_the_benchmark_and_every_door_gives_the_same(dev_index):

@@ -4,14 +4,15 @@ Every photo an index adds is verified against its 20 nearest, and each pair's in
 (``IndexStore.edges``). Two photos are linked (``links``, under a ``Rule``) where their pair reaches
 the sure level (``Verifier.sure``, three times the chance level), or where weaker pairs (from 1.75
 times the chance level, at a global cosine of 0.6 or more) join the same two groups of sure pairs
-twice, or join a photo alone to one group. The groups are the connected components of the links:
-on mvbench-dev, out of fold, their pairs are right 100% of the time and find 89% of the true pairs
-(docs/defaults.md, "Groups"). No weak pair, nor a chain of them through photos alone or other
-groups, merges two groups of two or more photos that two weak pairs do not join directly. Each group has a representative, the photo with the most links in it (the
-smallest id among ties), and each other member the evidence that put it there: the photo it joins
-through (``via``, one hop nearer the representative, linked with it), their inliers as mined (the
-more of the two directions where each was among the other's nearest), and the similarity of their
-global descriptors (cosine). A member is a duplicate (``duplicate_of``) of its most similar partner,
+through two different photos of each, or join a photo alone to one group. The groups are the
+connected components of the links: on mvbench-dev, out of fold, their pairs are right 100% of the
+time and find 89% of the true pairs (docs/defaults.md, "Groups"). No weak pair, nor a chain of them
+through photos alone or other groups, merges two groups of two or more photos that two weak pairs,
+through different photos of each, do not join directly. Each group has a representative, the photo
+with the most links in it (the smallest id among ties), and each other member the evidence that
+put it there: the photo it joins through (``via``, one hop nearer the representative, linked with
+it), their inliers as mined (the more of the two directions where each was among the other's
+nearest), and the similarity of their global descriptors (cosine). A member is a duplicate (``duplicate_of``) of its most similar partner,
 of the two the one added later, where their verification maps one photo onto the other with the same framing: at
 least ``DUPLICATE_SHARE`` of the local features the two keep (the fewer) as inliers (and the sure
 level), and an affine map whose two scales are within ``DUPLICATE_LOG_SCALE`` of 1 (in log) and
@@ -40,7 +41,8 @@ from .search import verifier_of
 # Which mined pairs join groups (``links``), chosen by group-wise K-fold on mvbench-dev
 # (``convlad eval --groups``; docs/defaults.md, "Groups"): besides the sure pairs, a weak pair (from
 # ``WEAK`` times the chance level of inliers, with global descriptors at ``SIMILARITY`` cosine or
-# more) joins two groups when ``SUPPORT`` of them do, or a photo alone to one group.
+# more) joins two groups when ``SUPPORT`` of them do through as many different photos of each, or a
+# photo alone to one group.
 # Unrelated photos that reach 12-19 inliers do so on repeated textures, at cosine 0.1-0.45; true
 # pairs of a building seen from elsewhere reach them at 0.5-0.9.
 WEAK = 1.75
@@ -57,9 +59,10 @@ WEAK_MIN_CHANCE = 7
 class Rule:
     """Which mined pairs join groups (``links``): those at the sure level, and weak ones with
     ``weak`` times the chance level of inliers or more and a global cosine of ``similarity`` or
-    more, where ``support`` of them (or as many as the smaller group has photos) join the same two
-    groups of sure pairs. ``weak`` at ``verify.SURE`` (3) or more: sure pairs only. The chance level
-    counts as ``WEAK_MIN_CHANCE`` at least (``level``)."""
+    more, where ``support`` of them (or as many as the smaller group has photos), through as many
+    different photos on each side, join the same two groups of sure pairs. ``weak`` at
+    ``verify.SURE`` (3) or more: sure pairs only. The chance level counts as ``WEAK_MIN_CHANCE`` at
+    least (``level``)."""
 
     weak: float = WEAK
     similarity: float = SIMILARITY
@@ -81,7 +84,8 @@ def links(pairs, inliers, similarity, sure: int, chance: int, rule: Rule = Rule(
     verifier's levels: (k, 2) int64, in the order of ``pairs``.
 
     The groups of the sure pairs alone are joined by weak pairs: two groups of two or more photos
-    where ``rule.support`` weak pairs join them directly; a photo alone to the group it has the
+    where ``rule.support`` weak pairs join them directly, through as many different photos of each
+    (pairs that all go through one photo count once); a photo alone to the group it has the
     most weak pairs with (the most inliers on ties). No chain of weak pairs, through photos alone
     or other groups, puts two groups of two or more photos together otherwise."""
     P = np.asarray(pairs, np.int64).reshape(-1, 2)
@@ -102,12 +106,22 @@ def _linked(P: np.ndarray, w: np.ndarray, c: np.ndarray, sure: int, chance: int,
     a, b = lab[at[rows, 0]], lab[at[rows, 1]]
     across = a != b
     rows, a, b = rows[across], a[across], b[across]
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    flip = a > b  # each pair's ends as (its end in the lower group, its end in the higher)
+    lo, hi = np.where(flip, b, a), np.where(flip, a, b)
+    end_lo, end_hi = np.where(flip, at[rows, 1], at[rows, 0]), np.where(flip, at[rows, 0], at[rows, 1])
     by_key: dict[tuple[int, int], list[int]] = {}
-    for r, x, y in zip(rows.tolist(), lo.tolist(), hi.tolist()):
+    ends: dict[tuple[int, int], tuple[set, set]] = {}
+    for r, x, y, p, q in zip(rows.tolist(), lo.tolist(), hi.tolist(), end_lo.tolist(), end_hi.tolist()):
         by_key.setdefault((x, y), []).append(r)
-    # strongest first: more weak pairs between the two, then more inliers
-    order = sorted(by_key, key=lambda k: (-len(by_key[k]), -int(w[by_key[k]].max()), k))
+        e = ends.setdefault((x, y), (set(), set()))
+        e[0].add(p)
+        e[1].add(q)
+    # the support of two groups: their weak pairs through different photos on both sides. Pairs
+    # that all go through one photo are one piece of evidence: on real photos, one view of the US
+    # Capitol's dome verified weakly with 8 of Sacre-Coeur's 12 photos (tests/test_groups.py)
+    support = {k: min(len(e[0]), len(e[1])) for k, e in ends.items()}
+    # strongest first: more support, more weak pairs between the two, then more inliers
+    order = sorted(by_key, key=lambda k: (-support[k], -len(by_key[k]), -int(w[by_key[k]].max()), k))
     parent: dict[int, int] = {}
     big: dict[int, bool] = {}  # whether a set holds a group of two or more photos
 
@@ -121,8 +135,7 @@ def _linked(P: np.ndarray, w: np.ndarray, c: np.ndarray, sure: int, chance: int,
 
     keep = strong.copy()
     for x, y in order:
-        n = len(by_key[(x, y)])
-        if n < min(rule.support, size[x], size[y]):
+        if support[(x, y)] < min(rule.support, size[x], size[y]):
             continue
         rx, ry = find(x), find(y)
         if rx == ry:
