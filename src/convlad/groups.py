@@ -12,11 +12,12 @@ through different photos of each, do not join directly. Each group has a represe
 with the most links in it (the smallest id among ties), and each other member the evidence that
 put it there: the photo it joins through (``via``, one hop nearer the representative, linked with
 it), their inliers as mined (the more of the two directions where each was among the other's
-nearest), and the similarity of their global descriptors (cosine). A member is a duplicate (``duplicate_of``) of its most similar partner,
-of the two the one added later, where their verification maps one photo onto the other with the same framing: at
-least ``DUPLICATE_SHARE`` of the local features the two keep (the fewer) as inliers (and the sure
-level), and an affine map whose two scales are within ``DUPLICATE_LOG_SCALE`` of 1 (in log) and
-whose shift is under ``DUPLICATE_SHIFT`` cells. That is the same photo re-encoded, resized or with
+nearest), and the similarity of their global descriptors (cosine). A member is a duplicate
+(``duplicate_of``) of its most similar partner, of the two the one added later, where their
+verification maps one photo onto the other with the same framing: at least ``DUPLICATE_SHARE`` of
+the local features the two keep (the fewer) as inliers (and the sure level), and an affine map
+whose two scales are within ``DUPLICATE_LOG_SCALE`` of 1 (in log) and whose shift is under
+``DUPLICATE_SHIFT`` cells. That is the same photo re-encoded, resized or with
 other metadata.
 The verification layer's map must be fine enough to see a step of the camera: at least
 ``DUPLICATE_MIN_GRID`` cells a side (the default layout's is 28); on a coarser one (a deep layer at
