@@ -10,12 +10,15 @@ scored on the fifth; 3 deals), against the product's own evidence in the same ru
   cells doubled) against the other's stored scale-2 features, the more inliers of the two kept. A
   view 2× nearer is then matched at its own scale: on the training photos the chance level of the
   larger of the two counts stays that of one (the 99th percentile, printed);
+- **rotations** (``--rotations``): each photo also verified turned by 90, 180 and 270 degrees
+  against the other's stored features, the most inliers kept, with the chance level measured for
+  that most (on the training photos);
 - **a pair score**: a logistic regression, fitted on the training folds' mined pairs, from the
   inliers, the cosine, the tentative matches, and the affine map's anisotropy and scale; its
   probability stands for the cosine in the rule (a weak pair from the chance level of inliers),
   with the level and support chosen on the training folds too.
 
-    python experiments/probe_group_evidence.py [--backbone efficientnet-lite0] [--out F.json]
+    python experiments/probe_group_evidence.py [--backbone efficientnet-lite0] [--rotations] [--out F.json]
 """
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="efficientnet-lite0")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "probe-group-evidence.json"))
+    ap.add_argument("--rotations", action="store_true", help="also verify each photo turned by 90, 180 and 270 degrees")
     a = ap.parse_args()
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
     from probe_rerank import layer_codes
@@ -163,6 +167,39 @@ def main():
     xs = rule_candidates(E, wx, enc.X, v.sure, v.chance)
     with_cross = judged("cross-scale evidence", lambda tr: xs)
 
+    # rotations: each photo also verified turned by 90, 180 and 270 degrees (the stored side as it is)
+    if a.rotations:
+        import tempfile
+
+        from PIL import Image, ImageOps
+
+        def turned(paths, r, folder):
+            out = []
+            for k, p in enumerate(paths):
+                out.append(str(Path(folder) / f"{r}-{k:04d}.jpg"))
+                with Image.open(p) as im:
+                    ImageOps.exif_transpose(im).convert("RGB").rotate(r, expand=True).save(out[-1], quality=95)
+            return layer_codes(ex, out, tuple(model.local_key), LOCAL_K)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dev_r = {r: turned(bench.paths, r, tmp) for r in (90, 180, 270)}
+            train_r = {r: turned(train, r, tmp) for r in (90, 180, 270)}
+        rng = np.random.default_rng(0)
+        turned_max = []
+        for i in range(len(train)):  # the same deal of unrelated pairs as above
+            o = rng.choice(order[i, skip:], 6, replace=False)
+            turned_max.append(np.maximum.reduce([raw.inliers(t2.features(i), t2[o])]
+                                                + [raw.inliers(c.features(i), t2[o]) for c in train_r.values()]))
+        chance_r = max(3, int(np.ceil(np.percentile(np.concatenate(turned_max), 99))))
+        doc["chance_p99"]["the most of four rotations"] = float(np.percentile(np.concatenate(turned_max), 99))
+        print(f"chance with rotations: {chance_r}")
+        wr = np.maximum(w, [max(v.inliers(c.features(x), stored[[y]])[0] for c in dev_r.values() for x, y in ((i, j), (j, i)))
+                            for i, j in E.tolist()])
+        rs = rule_candidates(E, wr, enc.X, 3 * chance_r, chance_r)
+        gains = {"rotations (0/90/180/270)": judged("rotations (0/90/180/270)", lambda tr: rs)}
+    else:
+        gains = {}
+
     # a logistic pair score, fitted on the training folds' pairs
     F = pair_features(v, stored, E)
     Z = np.c_[np.log1p(w), sim, np.log1p(F[:, 0]), F[:, 1], F[:, 2]]
@@ -177,7 +214,8 @@ def main():
                 for t in np.arange(0.3, 0.96, 0.05) for k in (1, 2)}
 
     logistic = judged("logistic pair score", scored)
-    for name, labs in (("cross-scale evidence", with_cross), ("logistic pair score", logistic)):
+    gains.update({"cross-scale evidence": with_cross, "logistic pair score": logistic})
+    for name, labs in gains.items():
         lo, hi = bootstrap(truth, labs, base)
         gain = grouping_scores(labs, truth)["pairwise_f1"] - grouping_scores(base, truth)["pairwise_f1"]
         doc["families"][name]["gain_seed0"] = {"f1": gain, "interval": [lo, hi]}
