@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from convlad.groups import SIMILARITY, Rule, components, graph, groups, links
 from convlad.index.store import IndexStore
+from convlad.study.grouping import Chosen, bootstrap, held_out_scores
 from convlad.study.metrics import grouping_scores
 
 from .conftest import MVBENCH_DEV
@@ -36,6 +37,28 @@ def test_grouping_scores_count_pairs_and_items():
     assert s["bcubed_precision"] == pytest.approx((1 + 1 + 1 / 3 + 2 / 3 + 2 / 3 + 1) / 6)
     assert s["bcubed_recall"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3 + 1 + 1 + 1) / 6)
     assert grouping_scores(truth, truth)["pairwise_f1"] == 1.0 == grouping_scores(truth, truth)["bcubed_f1"]
+
+
+def test_out_of_fold_scores_count_wrong_pairs_across_folds():
+    """Each fold's choice judges its own photos over the whole collection: a pair across two folds
+    (never a true pair, as folds keep groups whole) counts half by each fold's choice."""
+    truth = ["a", "a", "b", "b", "x", "y"]
+    folds = np.array([0, 0, 1, 1, 0, 1])
+    by_fold0 = [1, 1, 2, 2, 1, 3]  # joins the a's, the b's, and x to the a's (all in fold 0)
+    by_fold1 = [1, 1, 1, 1, 2, 3]  # joins the a's to the b's: four pairs across the folds
+    found = Chosen("hand", None, ["r0", "r1"], {}, [(folds == 0, np.array(by_fold0, dtype=object)),
+                                                     (folds == 1, np.array(by_fold1, dtype=object))])
+    s = held_out_scores(found, truth)
+    # right: (0,1) by fold 0, (2,3) by fold 1; wrong: (0,4), (1,4) wholly by fold 0, and a×b half by fold 1
+    assert s["pairwise_precision"] == pytest.approx(2 / (2 + 2 + 4 * 0.5)) and s["pairwise_recall"] == 1.0
+    assert s["bcubed_precision"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 2 + 1 / 2 + 1 / 3 + 1) / 6)
+    # scoring each fold's photos apart misses the merge across folds: 2 wrong pairs of 4
+    apart = [f"{f}:{lab}" for f, lab in zip(folds, np.where(folds == 0, by_fold0, by_fold1))]
+    assert grouping_scores(apart, truth)["pairwise_precision"] == pytest.approx(0.5)
+    # one grouping of every photo is scored as grouping_scores scores it, in the interval too
+    assert held_out_scores(by_fold1, truth) == pytest.approx(grouping_scores(by_fold1, truth))
+    lo, hi = bootstrap(truth, found)
+    assert 0 <= lo <= hi <= 1 and bootstrap(truth, found, found) == (0.0, 0.0)
 
 
 def _truth(st) -> dict[int, str]:

@@ -5,8 +5,8 @@ Every photo an index adds is verified against its 20 nearest, and each pair's in
 the sure level (``Verifier.sure``, three times the chance level), or where weaker pairs (from 1.75
 times the chance level, at a global cosine of 0.6 or more) join the same two groups of sure pairs
 through two different photos of each, or join a photo alone to one group. The groups are the
-connected components of the links: on mvbench-dev, out of fold, their pairs are right 100% of the
-time and find 89% of the true pairs (docs/defaults.md, "Groups"). No weak pair, nor a chain of them
+connected components of the links: on mvbench-dev their pairs are right 99.5% of the time and
+find 89% of the true pairs (docs/defaults.md, "Groups"). No weak pair, nor a chain of them
 through photos alone or other groups, merges two groups of two or more photos that two weak pairs,
 through different photos of each, do not join directly. Each group has a representative, the photo
 with the most links in it (the smallest id among ties), and each other member the evidence that
