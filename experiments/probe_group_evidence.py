@@ -2,9 +2,10 @@
 
 The groups' rule (``groups.Rule``) joins photos on the inliers an index mined and the cosine of their
 global descriptors. On mvbench-dev what it misses are pairs at 5-13 inliers, where unrelated photos
-also land (docs/defaults.md, "Groups"). Two more kinds of evidence, each scored by the protocol of
-``convlad eval --groups`` (``study.grouping``: the rule's grid chosen on four folds of whole groups,
-scored on the fifth; 3 deals), against the product's own evidence in the same run:
+also land (docs/defaults.md, "Groups"). More kinds of evidence, each scored by the protocol of
+``convlad eval --groups`` (``study.grouping.cross_validate``: the rule's grid chosen on four folds of
+whole groups, each held fold judged over the whole collection; 3 deals), against the product's own
+evidence in the same run:
 
 - **cross-scale**: each photo of a mined pair also verified at scale 1 (block6's 14×14 map, its
   cells doubled) against the other's stored scale-2 features, the more inliers of the two kept. A
@@ -16,9 +17,18 @@ scored on the fifth; 3 deals), against the product's own evidence in the same ru
 - **a pair score**: a logistic regression, fitted on the training folds' mined pairs, from the
   inliers, the cosine, the tentative matches, and the affine map's anisotropy and scale; its
   probability stands for the cosine in the rule (a weak pair from the chance level of inliers),
-  with the level and support chosen on the training folds too.
+  with the level and support chosen on the training folds too;
+- **a second layer** (``--second-layer``, e.g. Lite0's block8, the first of its 112-D stage, on the
+  same 28×28 map at scale 2): its own 300 strongest features verified on their own, with its own
+  chance level measured on the training photos; judged alone, and as the larger of the two counts
+  (the second's in units of the first's chance level), everywhere or only where the global cosine is
+  0.5 or more.
 
-    python experiments/probe_group_evidence.py [--backbone efficientnet-lite0] [--rotations] [--out F.json]
+    python experiments/probe_group_evidence.py [--backbone efficientnet-lite0] [--rotations]
+        [--second-layer block8] [--bench DIR --train DIR] [--out F.json]
+
+(the synthetic views: ``--bench /tmp/synviews --train ../shared/data/mvbench-dev``, as
+``convlad.study.synviews`` says).
 """
 from __future__ import annotations
 
@@ -74,8 +84,11 @@ def fit_logistic(Z, y, l2=1.0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--bench", default=str(SHARED / "mvbench-dev"), help="a benchmark in the mvbench layout")
+    ap.add_argument("--train", default=str(SHARED / "mvbench-train"), help="the photos the model is fitted on")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "probe-group-evidence.json"))
     ap.add_argument("--rotations", action="store_true", help="also verify each photo turned by 90, 180 and 270 degrees")
+    ap.add_argument("--second-layer", help="also verify with this layer's features (same scale), e.g. block8")
     a = ap.parse_args()
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")
     from probe_rerank import layer_codes
@@ -88,12 +101,12 @@ def main():
     from convlad.study.evalcache import EvalCache
     from convlad.study.evaluate import encode_benchmark, grouping_of
     from convlad.study.folds import group_folds
-    from convlad.study.grouping import bootstrap, rule_candidates
+    from convlad.study.grouping import Chosen, bootstrap, choose, held_out_scores, rule_candidates, rule_name
     from convlad.study.metrics import grouping_scores
-    from convlad.verify import LOCAL_K, Verifier
+    from convlad.verify import LOCAL_K, Verifier, chance_level
 
-    bench = load_groups(SHARED / "mvbench-dev")
-    train, _ = training_paths(SHARED / "mvbench-train")
+    bench = load_groups(Path(a.bench))
+    train, _ = training_paths(Path(a.train))
     cache = EvalCache()
     model = ConvVLAD(Config(backbone=a.backbone))
     cache.fit(model, train)
@@ -104,30 +117,31 @@ def main():
     sim = similarities(enc.X, E)
     same = truth[E[:, 0]] == truth[E[:, 1]]
     keep = ("pairwise_precision", "pairwise_recall", "pairwise_f1", "bcubed_f1")
-    doc = {"backbone": a.backbone, "chance": v.chance, "sure": v.sure, "pairs": len(E), "families": {}}
+    doc = {"benchmark": Path(a.bench).name, "backbone": a.backbone, "chance": v.chance, "sure": v.sure, "pairs": len(E), "families": {}}
 
-    def judged(name, cands_of_fold):
-        """Each deal's out-of-fold scores; ``cands_of_fold(train_mask)`` → name → labels."""
+    def judged(name, cands):
+        """Each deal's out-of-fold scores, as ``cross_validate`` scores them; ``cands``: name →
+        labels, or a function of the training folds' photos (bool) giving them. The first deal's
+        result (a ``Chosen``)."""
         rows, first = [], None
         for seed in range(3):
             folds = group_folds(list(truth), 5, seed)
-            out = np.empty(len(truth), dtype=object)
+            chosen, parts = [], []
             for f in np.unique(folds):
-                tr = folds != f
-                cands = cands_of_fold(tr)
-                best = max(cands, key=lambda c: (grouping_scores(cands[c][tr], truth[tr])["pairwise_f1"],
-                                                 grouping_scores(cands[c][tr], truth[tr])["pairwise_precision"]))
-                out[~tr] = [f"{f}:{x}" for x in cands[best][~tr]]
-            s = grouping_scores(out, truth)
-            rows.append({k: s[k] for k in keep})
-            first = out if first is None else first
+                got = cands(folds != f) if callable(cands) else cands
+                chosen.append(choose(got, truth, folds != f))
+                parts.append((folds == f, np.asarray(got[chosen[-1]], dtype=object)))
+            c = Chosen(name, None, chosen, {}, parts)
+            c.scores = held_out_scores(c, truth)
+            rows.append({k: c.scores[k] for k in keep})
+            first = c if first is None else first
         doc["families"][name] = {"out_of_fold": rows}
         print(f"{name:<34}" + "  ".join(f"F1 {r['pairwise_f1']:.3f} (P {r['pairwise_precision']:.3f}, "
                                          f"B3 {r['bcubed_f1']:.3f})" for r in rows), flush=True)
         return first
 
     product = rule_candidates(E, w, enc.X, v.sure, v.chance)
-    base = judged("the product's evidence", lambda tr: product)
+    base = judged("the product's evidence", product)
 
     # cross-scale: block6 at scale 1, cells doubled onto the scale-2 grid
     ex = FeatureExtractor(model.backbone, [model.local_key[0]])
@@ -165,7 +179,7 @@ def main():
                                             "true before": int(((w >= t) & same).sum()),
                                             "false before": int(((w >= t) & ~same).sum())} for t in (14, v.sure)}
     xs = rule_candidates(E, wx, enc.X, v.sure, v.chance)
-    with_cross = judged("cross-scale evidence", lambda tr: xs)
+    with_cross = judged("cross-scale evidence", xs)
 
     # rotations: each photo also verified turned by 90, 180 and 270 degrees (the stored side as it is)
     if a.rotations:
@@ -196,9 +210,35 @@ def main():
         wr = np.maximum(w, [max(v.inliers(c.features(x), stored[[y]])[0] for c in dev_r.values() for x, y in ((i, j), (j, i)))
                             for i, j in E.tolist()])
         rs = rule_candidates(E, wr, enc.X, 3 * chance_r, chance_r)
-        gains = {"rotations (0/90/180/270)": judged("rotations (0/90/180/270)", lambda tr: rs)}
+        gains = {"rotations (0/90/180/270)": judged("rotations (0/90/180/270)", rs)}
     else:
         gains = {}
+
+    # a second layer, verified on its own at the same scale, with its own chance level
+    if a.second_layer:
+        key2 = (a.second_layer, model.local_key[1])
+        ex2 = FeatureExtractor(model.backbone, [a.second_layer])
+        ex2.precision = "fp32"
+        d2, tr2 = layer_codes(ex2, bench.paths, key2, LOCAL_K), layer_codes(ex2, train, key2, LOCAL_K)
+        v2 = Verifier(chance=chance_level(tr2))
+        w2 = np.array([max(v2.inliers(d2.features(i), d2[[j]])[0], v2.inliers(d2.features(j), d2[[i]])[0])
+                       for i, j in E.tolist()])
+        scaled = np.maximum(w, np.floor(w2 * v.chance / v2.chance).astype(np.int64))
+        doc["second_layer"] = {"layer": a.second_layer, "chance": v2.chance, "sure": v2.sure, "bytes_per_photo":
+                               int(d2.bytes_per_image), "sure_pairs": {
+                                   "first": {"true": int(((w >= v.sure) & same).sum()), "false": int(((w >= v.sure) & ~same).sum())},
+                                   "second": {"true": int(((w2 >= v2.sure) & same).sum()), "false": int(((w2 >= v2.sure) & ~same).sum())}}}
+        print(f"second layer {a.second_layer}: chance {v2.chance}; sure pairs {doc['second_layer']['sure_pairs']}")
+        for name, cands in ((f"{a.second_layer} alone", rule_candidates(E, w2, enc.X, v2.sure, v2.chance)),
+                            (f"the more of {model.local_key[0]} and {a.second_layer}",
+                             rule_candidates(E, scaled, enc.X, v.sure, v.chance)),
+                            ("the more of the two, at cosine 0.5 or more",
+                             rule_candidates(E, np.where(sim >= 0.5, scaled, w), enc.X, v.sure, v.chance))):
+            gains[name] = judged(name, cands)
+            d = grouping_scores(cands[rule_name(Rule().weak, Rule().similarity, Rule().support)], truth)
+            doc["families"][name]["default_rule_full_set"] = {k: d[k] for k in keep}
+            print(f"  the default rule on the full set: P {d['pairwise_precision']:.3f} R {d['pairwise_recall']:.3f} "
+                  f"F1 {d['pairwise_f1']:.3f} B3 {d['bcubed_f1']:.3f}")
 
     # a logistic pair score, fitted on the training folds' pairs
     F = pair_features(v, stored, E)
@@ -217,7 +257,7 @@ def main():
     gains.update({"cross-scale evidence": with_cross, "logistic pair score": logistic})
     for name, labs in gains.items():
         lo, hi = bootstrap(truth, labs, base)
-        gain = grouping_scores(labs, truth)["pairwise_f1"] - grouping_scores(base, truth)["pairwise_f1"]
+        gain = labs.scores["pairwise_f1"] - base.scores["pairwise_f1"]
         doc["families"][name]["gain_seed0"] = {"f1": gain, "interval": [lo, hi]}
         print(f"{name} over the product's evidence (seed 0): F1 {gain:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     Path(a.out).write_text(json.dumps(doc, indent=1))

@@ -1,6 +1,7 @@
 """Which photos show the same thing: the groups of an index's live photos, from the pairs it verified.
 
-Every photo an index adds is verified against its 20 nearest, and each pair's inliers are kept
+Every photo an index adds is verified against its 20 nearest (from its features at both of the
+model's scales: ``Verifier.inliers_from``), and each pair's inliers are kept
 (``IndexStore.edges``). Two photos are linked (``links``, under a ``Rule``) where their pair reaches
 the sure level (``Verifier.sure``, three times the chance level), or where weaker pairs (from 1.75
 times the chance level, at a global cosine of 0.6 or more) join the same two groups of sure pairs

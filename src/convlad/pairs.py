@@ -1,8 +1,10 @@
 """The verified-pair graph: pairs of photos mined by spatial verification, without labels, and what
 is built on them.
 
-Each photo's nearest neighbours by the global descriptor are verified, and a pair counts when its
-inliers reach ``Verifier.sure`` (three times the chance level): among mvbench-train's photos, which
+Each photo's nearest neighbours by the global descriptor are verified, from its features at the
+largest scale and, where the model has a smaller one, from those too (``Verifier.inliers_from``: a
+view nearer the subject matches a wider one there), and a pair counts when its inliers reach
+``Verifier.sure`` (three times the chance level): among mvbench-train's photos, which
 share no place, a photo and one of its 20 nearest reached 16-23 inliers (2-2.9 times Lite0's 8) nine
 times in 8 000 pairs (round things: a clock, a wheel, a speaker; a watermark), and none reached 24.
 
@@ -75,7 +77,7 @@ def verify_candidates(local: LocalCodes, candidates: np.ndarray, codes_of, verif
             codes, have = codes_of(row[at])
             at = at[have]
             if len(at):
-                out[i, at] = verifier.inliers(local.features(i), codes[np.flatnonzero(have)])
+                out[i, at] = verifier.inliers_from(local, i, codes[np.flatnonzero(have)])
         if progress is not None:
             progress.update(1)
     return out

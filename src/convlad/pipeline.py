@@ -171,6 +171,34 @@ class ConvVLAD:
         _ = self.backbone
         return (self.config.layers or self.config.pooled)[0], float(max(self.config.scales))
 
+    @property
+    def coarse_key(self) -> tuple[tuple[str, float], int] | None:
+        """((layer, scale), step): the verification layer at the smallest scale, whose features a
+        photo being mined is verified from as well (``LocalCodes.coarse``), its cells ``step`` times
+        apart on the largest scale's grid; None with one scale, or where the largest is not a
+        whole multiple of the smallest."""
+        layer, top = self.local_key
+        low = float(min(self.config.scales))
+        step = top / low
+        if low == top or step != int(step):
+            return None
+        return (layer, low), int(step)
+
+    def _coarse(self, batch: Batch, rows, k: int) -> LocalCodes | None:
+        ck = self.coarse_key
+        if ck is None:
+            return None
+        (key, step), grid = ck, batch.grids[ck[0]]
+        if max(grid) * step > 256:
+            return None
+        return select(batch.features[key][rows], batch.norms[key][rows], grid, k, step)
+
+    @property
+    def _norm_keys(self) -> list[tuple[str, float]]:
+        """The keys whose local features are selected: the verification layer's, at both scales."""
+        ck = self.coarse_key
+        return [self.local_key] + ([ck[0]] if ck is not None else [])
+
     def _batches(self, paths, desc: str | None, progress: bool, norms=(), batch_size: int | None = None):
         ex = self.extractor
         ex.precision = self.precision
@@ -213,7 +241,7 @@ class ConvVLAD:
         pooled = {key: [] for key in self.pooled_keys}  # mean-pooled vectors, per batch
         kept, used, keep_all, n_batches = [], 0, True, 0
         self.errors_ = []
-        for batch in self._batches(paths, "features (train)", progress, norms=[local_key]):
+        for batch in self._batches(paths, "features (train)", progress, norms=self._norm_keys):
             self.errors_ += [e for _, e in batch.errors]
             if not batch.indices:
                 continue
@@ -221,8 +249,10 @@ class ConvVLAD:
             n_batches += 1
             mine = [r for r, i in enumerate(batch.indices) if i in calib]
             if mine:
-                local.append(select(batch.features[local_key][mine], batch.norms[local_key][mine],
-                                    batch.grids[local_key], LOCAL_K))
+                codes = select(batch.features[local_key][mine], batch.norms[local_key][mine],
+                               batch.grids[local_key], LOCAL_K)
+                codes.coarse = self._coarse(batch, mine, LOCAL_K)
+                local.append(codes)
             for key in self.pooled_keys:
                 pooled[key].append(_pool(batch.features[key], cfg.gem).cpu())
             for key in self.keys:
@@ -296,16 +326,18 @@ class ConvVLAD:
         if local:
             key = self.local_key
             codes = select(batch.features[key], batch.norms[key], batch.grids[key], local)
+            codes.coarse = self._coarse(batch, slice(None), local)
         return v.float().cpu().numpy(), codes
 
     def iter_transform(self, items, progress=True, desc="descriptors", local: int = 0, pca: bool = True,
                        batch_size: int | None = None) -> Iterator[Encoded]:
         """One ``Encoded`` per batch. ``items``: image paths, ``(path, box)`` crops, or images
         already decoded and resized (``images.load_warped`` at each of the model's scale sizes);
-        ``local`` = k > 0: each image's k strongest local features of ``local_key`` too."""
+        ``local`` = k > 0: each image's k strongest local features of ``local_key`` too (and of
+        ``coarse_key``, as their ``LocalCodes.coarse``, which mining verifies from as well)."""
         if not hasattr(self, "vlads_"):
             raise RuntimeError("model is not fitted: call fit() or ConvVLAD.load()")
-        norms = [self.local_key] if local else ()
+        norms = self._norm_keys if local else ()
         for batch in self._batches(items, desc, progress, norms=norms, batch_size=batch_size):
             X, codes = self._batch_output(batch, local, pca)
             if X is None:

@@ -28,6 +28,7 @@ from ..storage import FileFormatError, atomic_savez, load_npz
 from ..verify import LocalCodes
 
 ENCODED = "convlad-encoded"
+COARSE = "coarse-"  # an encoding's local features at the smallest scale (``LocalCodes.coarse``)
 
 
 def default_root() -> Path:
@@ -43,7 +44,7 @@ def code_version() -> str:
     import torch
 
     h = hashlib.sha256(f"{torch.__version__}|{np.__version__}|{faiss.__version__}".encode())
-    pkg = Path(__file__).parent
+    pkg = Path(__file__).resolve().parents[1]  # the whole package: its study and what the study measures
     for f in sorted(pkg.rglob("*.py")):
         h.update(str(f.relative_to(pkg)).encode())
         h.update(f.read_bytes())
@@ -114,6 +115,8 @@ class EvalCache:
             codes = LocalCodes.from_arrays(arrays)
             if codes is not None and meta["grid"] is not None:
                 codes.grid = tuple(meta["grid"])
+            if codes is not None:
+                codes.coarse = LocalCodes.from_arrays({k[len(COARSE):]: a for k, a in arrays.items() if k.startswith(COARSE)})
             return Encoded(list(range(len(items))), arrays["X"], [], codes), float(meta["seconds"]), True
         except (FileFormatError, KeyError):
             pass
@@ -122,6 +125,8 @@ class EvalCache:
         seconds = time.time() - t
         if not enc.errors:
             arrays = {"X": enc.X, **(enc.local.arrays() if enc.local is not None else {})}
+            if enc.local is not None and enc.local.coarse is not None:
+                arrays.update({COARSE + k: a for k, a in enc.local.coarse.arrays().items()})
             grid = list(enc.local.grid) if enc.local is not None and enc.local.grid else None
             self._keep(f, lambda: atomic_savez(f, {"format": ENCODED, "version": 1, "grid": grid, "seconds": seconds},
                                                arrays))
