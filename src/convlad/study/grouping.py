@@ -160,20 +160,18 @@ def _parts(found, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.ones(n, bool), np.asarray(found, dtype=object))]
 
 
-def _tables(t: np.ndarray, found) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per part of ``found`` (``_parts``): (B, the photos in each (found group, true group) pair of
-    the part's grouping of all photos; the true groups whose photos the part holds, 0/1; each
-    photo's found group)."""
+def _tables(t: np.ndarray, found):
+    """Per part of ``found`` (``_parts``), one at a time: (B, the photos in each (found group, true
+    group) pair of the part's grouping of all photos; the true groups whose photos the part holds,
+    0/1; each photo's found group)."""
     G = int(t.max()) + 1
-    out = []
     for held, labels in _parts(found, len(t)):
         _, f = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
         B = np.zeros((f.max() + 1, G))
         np.add.at(B, (f, t), 1)
         u = np.zeros(G)
         u[np.unique(t[held])] = 1.0
-        out.append((B, u, f))
-    return out
+        yield B, u, f
 
 
 def _pair_counts(t: np.ndarray, found, W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
