@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from convlad.study.evalcache import EvalCache
+from convlad.study.evalcache import PACKAGE, EvalCache, code_version
 from convlad.pipeline import ConvVLAD
 
 
@@ -59,3 +59,17 @@ def test_a_cache_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, trai
     with pytest.warns(UserWarning, match="eval cache: .* not written"):
         assert EvalCache(tmp_path / "cache").fit(model, train_images[:24], progress=False) is False
     assert model.dim == 16  # fitted all the same
+
+
+def test_an_edit_anywhere_in_convlad_is_another_cache(tmp_path):
+    """The key hashes the whole package, not only the study that reads it: a cache keyed on
+    ``study/`` alone served encodings from before a change to mining."""
+    copy = tmp_path / "convlad"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert (copy / "study" / "evalcache.py").is_file() and (copy / "verify.py").is_file()  # all of it
+    before = code_version(copy)
+    assert before == code_version(copy)
+    with open(copy / "verify.py", "a") as f:
+        f.write("\n# an edit outside the study\n")
+    code_version.cache_clear()  # a run hashes once; the next run is a new process
+    assert code_version(copy) != before

@@ -37,15 +37,18 @@ def default_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "convlad" / "eval"
 
 
-@functools.lru_cache(1)
-def code_version() -> str:
-    """convlad's source and the numeric libraries' versions: any change is another cache."""
+PACKAGE = Path(__file__).resolve().parents[1]  # the whole of convlad: the study and what it measures
+
+
+@functools.lru_cache(4)
+def code_version(pkg: Path = PACKAGE) -> str:
+    """The source under ``pkg`` (convlad's) and the numeric libraries' versions: any change is
+    another cache."""
     import faiss
     import torch
 
     h = hashlib.sha256(f"{torch.__version__}|{np.__version__}|{faiss.__version__}".encode())
-    pkg = Path(__file__).resolve().parents[1]  # the whole package: its study and what the study measures
-    for f in sorted(pkg.rglob("*.py")):
+    for f in sorted(Path(pkg).rglob("*.py")):
         h.update(str(f.relative_to(pkg)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
