@@ -42,6 +42,7 @@ MIN_CHANCE = 3
 # whitening's docstring). An index mines its verified pairs at this level (``pairs.mine_pairs``),
 # and the search trusts a link through one (``Verifier.order_by``'s ``linked``)
 SURE = 3
+COARSE = "coarse-"  # the names of the smaller scale's arrays beside the others (``LocalCodes.arrays``)
 
 
 @dataclass
@@ -87,16 +88,23 @@ class LocalCodes:
         """All descriptors (n, k, d) float32, unit length; unused slots stay zero."""
         return _unit(self.codes)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Named per-image arrays, as a store segment keeps them."""
-        return {"local-codes": self.codes, "local-cells": self.cells, "local-count": self.count}
+    def arrays(self, coarse: bool = False) -> dict[str, np.ndarray]:
+        """Named per-image arrays, as a store segment keeps them; ``coarse``: with the smaller
+        scale's too (named after ``COARSE``), for an encoding that travels whole (a cluster's blocks,
+        the eval cache), which ``from_arrays`` reads back."""
+        out = {"local-codes": self.codes, "local-cells": self.cells, "local-count": self.count}
+        if coarse and self.coarse is not None:
+            out.update({COARSE + k: a for k, a in self.coarse.arrays().items()})
+        return out
 
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray]) -> "LocalCodes | None":
         try:
-            return LocalCodes(arrays["local-codes"], arrays["local-cells"], arrays["local-count"])
+            codes = LocalCodes(arrays["local-codes"], arrays["local-cells"], arrays["local-count"])
         except KeyError:
             return None
+        codes.coarse = LocalCodes.from_arrays({k[len(COARSE):]: a for k, a in arrays.items() if k.startswith(COARSE)})
+        return codes
 
     @staticmethod
     def concat(parts: list["LocalCodes"]) -> "LocalCodes":

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .sync import Committer, plan_sync
-from ..verify import LocalCodes
+from ..verify import COARSE, LocalCodes
 
-COARSE = "coarse-"  # ... and of the local features at the smallest scale, which mining verifies from too
 ENCODED = "encoded-"  # a block's columns of a compact codec's arrays, made on the workers
 
 class RayMissing(RuntimeError):
@@ -66,9 +65,8 @@ class Encoder:
         out["x"][enc.indices] = enc.X
         arrays = {}
         if enc.local is not None:  # for re-ranking: the exact features, and a compact codec's codes of them
-            arrays = dict(enc.local.arrays())  # (made here, on the cluster, not by the single writer)
-            if enc.local.coarse is not None:  # the smaller scale's, which the writer mines them with
-                arrays.update({COARSE + k: a for k, a in enc.local.coarse.arrays().items()})
+            # (made here, on the cluster, not by the single writer; the smaller scale's, which it mines with)
+            arrays = dict(enc.local.arrays(coarse=True))
             if self.model.local_codec_.compact:
                 arrays.update({ENCODED + k: a for k, a in self.model.local_codec_.encode(enc.local).items()})
         for key, a in arrays.items():
@@ -137,13 +135,10 @@ def sync_with_ray(store, address: str | None = None, batch_size: int = 16, actor
                     report(f"skipped {root / p}: {e}")
                     summary["skipped"] += 1
             if keep:
-                local = LocalCodes.from_arrays({k: block[k][keep] for k in block if k.startswith("local-")})
+                local = LocalCodes.from_arrays({k: block[k][keep] for k in block if k.startswith(("local-", COARSE))})
                 codes = {k[len(ENCODED):]: block[k][keep] for k in block if k.startswith(ENCODED)}
                 if local is not None and codes:
                     local = replace(local, encoded=(store.local_codec.key, codes))
-                coarse = LocalCodes.from_arrays({k[len(COARSE):]: block[k][keep] for k in block if k.startswith(COARSE)})
-                if local is not None and coarse is not None:
-                    local = replace(local, coarse=coarse)
                 committer.add([rel[i] for i in keep], block["x"][keep], local)
                 have.update(rel[i] for i in keep)
             bar.update(len(rel))

@@ -27,6 +27,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,9 @@ class Service:
         results = await self._pool(self._ranked, x[None], local, settings, None)
         self.latency.append(time.perf_counter() - t)
         self.n_search += 1
-        return {"query": self.queries.remember(tmp, local), "results": results,
+        # its match view draws the features it searched with: the smaller scale's, for mining, stay behind
+        kept = replace(local, coarse=None) if local is not None else None
+        return {"query": self.queries.remember(tmp, kept), "results": results,
                 "group": await self._pool(self.group_of, [r["id"] for r in results if r.get("same")])}
 
     async def similar(self, i: int, settings: S.Settings) -> dict:

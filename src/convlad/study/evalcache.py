@@ -28,7 +28,6 @@ from ..storage import FileFormatError, atomic_savez, load_npz
 from ..verify import LocalCodes
 
 ENCODED = "convlad-encoded"
-COARSE = "coarse-"  # an encoding's local features at the smallest scale (``LocalCodes.coarse``)
 
 
 def default_root() -> Path:
@@ -118,8 +117,6 @@ class EvalCache:
             codes = LocalCodes.from_arrays(arrays)
             if codes is not None and meta["grid"] is not None:
                 codes.grid = tuple(meta["grid"])
-            if codes is not None:
-                codes.coarse = LocalCodes.from_arrays({k[len(COARSE):]: a for k, a in arrays.items() if k.startswith(COARSE)})
             return Encoded(list(range(len(items))), arrays["X"], [], codes), float(meta["seconds"]), True
         except (FileFormatError, KeyError):
             pass
@@ -127,9 +124,7 @@ class EvalCache:
         enc = model.transform(items, progress=progress, local=local)
         seconds = time.time() - t
         if not enc.errors:
-            arrays = {"X": enc.X, **(enc.local.arrays() if enc.local is not None else {})}
-            if enc.local is not None and enc.local.coarse is not None:
-                arrays.update({COARSE + k: a for k, a in enc.local.coarse.arrays().items()})
+            arrays = {"X": enc.X, **(enc.local.arrays(coarse=True) if enc.local is not None else {})}
             grid = list(enc.local.grid) if enc.local is not None and enc.local.grid else None
             self._keep(f, lambda: atomic_savez(f, {"format": ENCODED, "version": 1, "grid": grid, "seconds": seconds},
                                                arrays))
