@@ -68,8 +68,10 @@ def test_default_pipeline_reaches_target_map(tmp_path):
 def test_groups_are_chosen_out_of_fold_beside_their_baselines(tmp_path):
     """`convlad eval --groups`: the groups' rule chosen by group-wise K-fold on mvbench-dev beside the
     global-cosine components and the perceptual hash, each chosen the same way. Out of fold the
-    verified links are more precise and find more than the global cosine (measured, each held fold
-    judged over the whole collection: P 0.933, F1 0.916 against 0.853 and 0.826; pHash F1 0.194).
+    verified links keep the precision issue 35 asks for (0.98) and find more than the global cosine
+    (measured, each held fold judged over the whole collection: P 0.992, F1 0.943 against 0.853 and
+    0.826; pHash F1 0.194). A rule that lets one weak pair merge two groups is no candidate: with
+    it the folds chose it where the two domes it merges were both held out (P 0.933).
     Reuses the default eval's fit and encoding."""
     need(MVBENCH_TRAIN)
     bad = tmp_path / "peer.json"
@@ -88,7 +90,7 @@ def test_groups_are_chosen_out_of_fold_beside_their_baselines(tmp_path):
     doc = json.loads(out.read_text())
     fam = doc["families"]
     ours, cosine = (fam[k]["out_of_fold"][0]["scores"] for k in ("verified links", "global cosine"))
-    assert ours["pairwise_precision"] >= 0.9 and ours["pairwise_f1"] >= 0.88, ours
+    assert ours["pairwise_precision"] >= 0.98 and ours["pairwise_f1"] >= 0.92, ours
     assert ours["pairwise_precision"] > cosine["pairwise_precision"], (ours, cosine)
     assert ours["pairwise_f1"] >= cosine["pairwise_f1"] + 0.03 and ours["bcubed_f1"] > cosine["bcubed_f1"]
     assert fam["perceptual hash"]["out_of_fold"][0]["scores"]["pairwise_f1"] < ours["pairwise_f1"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from PIL import Image, ImageOps
 
 from convlad.groups import SIMILARITY, Rule, components, graph, groups, links
 from convlad.index.store import IndexStore
-from convlad.study.grouping import Chosen, bootstrap, held_out_scores
+from convlad.study.grouping import GRID, Chosen, bootstrap, held_out_scores
 from convlad.study.metrics import grouping_scores
 
 from .conftest import MVBENCH_DEV
@@ -90,6 +91,9 @@ def test_a_chain_of_weak_links_does_not_merge_two_groups():
     comps, got = joined([(2, 3), (2, 4), (2, 5)], [15, 15, 15], [0.8] * 3)
     assert comps == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and got == set(groups3)
     assert joined([(2, 3)], [15], [0.8], Rule(support=1))[0][0] == [0, 1, 2, 3, 4, 5]
+    # ... which no rule that `eval --groups` chooses among allows, however weak or strong the pair
+    for weak, sim, support in itertools.product(*GRID.values()):
+        assert joined([(2, 3)], [23], [0.95], Rule(weak, sim, support))[0][0] == [0, 1, 2], (weak, sim, support)
     comps, got = joined([(8, 9)], [15], [0.8])  # a photo alone joins through one weak pair
     assert [6, 7, 8, 9] in comps and (8, 9) in got
     # ... to one group only: the one it has more weak pairs with, not a bridge between two
