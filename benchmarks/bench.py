@@ -859,7 +859,7 @@ def measure_rerank(quick: bool) -> dict:
     t_encode = time.perf_counter() - t
     X, L = enc.X, enc.local
     t = time.perf_counter()
-    lw, pairs = learn_whitening(X, L, model.verifier(), progress=False)
+    lw, pairs = learn_whitening(X, L, model.pair_verifier(), progress=False)
     t_whiten = time.perf_counter() - t
     index = MemoryIndex(X, L, model.verifier(), pairs)
     queries = list(range(0, bench.n_queries, 4 if quick else 1))

@@ -111,7 +111,7 @@ def main():
     model = ConvVLAD(Config(backbone=a.backbone))
     cache.fit(model, train)
     enc, _, _, _ = encode_benchmark(model, bench, LOCAL_K, True, cache)
-    v = model.verifier()
+    v = model.pair_verifier()
     truth = np.asarray(grouping_of(bench), dtype=object)
     E, w = mine(enc.X, enc.local, v, True, edges=True, stored=model.local_codec_.stored(enc.local))
     sim = similarities(enc.X, E)

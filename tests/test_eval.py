@@ -57,7 +57,7 @@ def test_default_pipeline_reaches_target_map(tmp_path):
     assert "layers=block6 pooled=block15 scales=1,2 k=100 dim=128" in p.stdout
     assert "re-ranking: top 100" in p.stdout and "24602 bytes of local features per image" in p.stdout
     # the groups of the database under the default rule over the same mined pairs (`convlad groups`):
-    # nearly every pair right (0.995, F1 0.942 and B-cubed F1 0.956 when measured)
+    # nearly every pair right (0.997, F1 0.958 and B-cubed F1 0.965 when measured)
     g = re.search(r"^groups .*: pairwise precision (0\.\d{3}), recall (0\.\d{3}), F1 (0\.\d{3}); B-cubed F1 "
                   r"(0\.\d{3})$", p.stdout, re.M)
     assert g and float(g.group(1)) >= 0.98 and float(g.group(3)) >= 0.92 and float(g.group(4)) >= 0.94, p.stdout
@@ -69,7 +69,7 @@ def test_groups_are_chosen_out_of_fold_beside_their_baselines(tmp_path):
     """`convlad eval --groups`: the groups' rule chosen by group-wise K-fold on mvbench-dev beside the
     global-cosine components and the perceptual hash, each chosen the same way. Out of fold the
     verified links keep the precision issue 35 asks for (0.98) and find more than the global cosine
-    (measured, each held fold judged over the whole collection: P 0.992, F1 0.943 against 0.853 and
+    (measured, each held fold judged over the whole collection: P 0.991, F1 0.956 against 0.853 and
     0.826; pHash F1 0.194). A rule that lets one weak pair merge two groups is no candidate: with
     it the folds chose it where the two domes it merges were both held out (P 0.933).
     Reuses the default eval's fit and encoding."""
@@ -90,7 +90,7 @@ def test_groups_are_chosen_out_of_fold_beside_their_baselines(tmp_path):
     doc = json.loads(out.read_text())
     fam = doc["families"]
     ours, cosine = (fam[k]["out_of_fold"][0]["scores"] for k in ("verified links", "global cosine"))
-    assert ours["pairwise_precision"] >= 0.98 and ours["pairwise_f1"] >= 0.92, ours
+    assert ours["pairwise_precision"] >= 0.98 and ours["pairwise_f1"] >= 0.94, ours
     assert ours["pairwise_precision"] > cosine["pairwise_precision"], (ours, cosine)
     assert ours["pairwise_f1"] >= cosine["pairwise_f1"] + 0.03 and ours["bcubed_f1"] > cosine["bcubed_f1"]
     assert fam["perceptual hash"]["out_of_fold"][0]["scores"]["pairwise_f1"] < ours["pairwise_f1"]
@@ -98,7 +98,7 @@ def test_groups_are_chosen_out_of_fold_beside_their_baselines(tmp_path):
     assert lo < ours["pairwise_f1"] < hi and len(fam["verified links"]["out_of_fold"]) == 3
     # the default rule stays precise on the full set, and the rule the folds choose most often among
     # the precise ones does no better there than noise (measured: the same at a cosine floor of 0.5,
-    # 9 of 15 times, F1 0.943 against 0.942): a default moves only for a gain that holds
+    # 14 of 15 times, F1 0.959 against 0.958): a default moves only for a gain that holds
     full = fam["verified links"]["full_set"]
     chosen = [c for r in fam["verified links"]["out_of_fold"] for c in r["chosen"]]
     precise = [c for c in chosen if full[c]["pairwise_precision"] >= 0.98]

@@ -132,7 +132,7 @@ def test_a_weak_photo_does_not_chain_two_real_groups(tmp_path, train_images):
     cli("index", tmp_path / "model.npz", photos, "--out", tmp_path / "domes.index")
     st = IndexStore.open(tmp_path / "domes.index")
     place = {i: p.rsplit("/", 1)[-1].rsplit("_", 1)[0] for i, p, _ in st.items()}
-    v = st.model.verifier()
+    v = st.model.pair_verifier()
     low = Rule(weak=1.25)
     E, w = st.edges()
     sim = np.einsum("ij,ij->i", st.vectors(E[:, 0]), st.vectors(E[:, 1]))
@@ -180,7 +180,7 @@ def test_a_nearer_view_added_later_joins_from_its_smaller_scale(tmp_path, train_
         new, errors = w.add([str(c) for c in crops])
         assert not errors
     st = IndexStore.open(tmp_path / "near.index")
-    v = st.model.verifier()
+    v = st.model.pair_verifier()
     of = {i: Path(p).name.split("-near")[0].removesuffix(".jpg") for i, p, _ in st.items()}
     E, w = st.edges()
     mined = {of[a]: n for (a, b), n in zip(E.tolist(), w.tolist()) if of[a] == of[b]}

@@ -61,7 +61,7 @@ def encoded(photos_and_views, train_images):
 def test_the_mined_pairs_are_views_of_one_photo_and_find_most_of_them(photos_and_views, encoded):
     _, _, of = photos_and_views
     model, enc = encoded
-    pairs = mine_pairs(enc.X, enc.local, model.verifier())
+    pairs = mine_pairs(enc.X, enc.local, model.pair_verifier())
     assert pairs.shape[1] == 2 and (pairs[:, 0] < pairs[:, 1]).all()
     assert len(np.unique(pairs, axis=0)) == len(pairs)
     truth = {(i, v) for v, i in of.items()}
@@ -69,7 +69,7 @@ def test_the_mined_pairs_are_views_of_one_photo_and_find_most_of_them(photos_and
     assert not wrong, f"pairs of unrelated photos mined: {wrong}"
     assert len(pairs) >= len(truth) // 2, f"only {len(pairs)} of the {len(truth)} views found"
     # a laxer threshold finds at least as many: the threshold is what keeps chance pairs out
-    assert len(mine_pairs(enc.X, enc.local, model.verifier(), min_inliers=model.chance_)) >= len(pairs)
+    assert len(mine_pairs(enc.X, enc.local, model.pair_verifier(), min_inliers=model.pair_chance_)) >= len(pairs)
 
 
 def test_the_learned_whitening_whitens_the_differences_of_matching_pairs():
@@ -143,7 +143,7 @@ def test_augmentation_adds_only_verified_partners_and_queries_keep_their_own(pho
     _, _, of = photos_and_views
     model, enc = encoded
     X = enc.X
-    pairs = mine_pairs(X, enc.local, model.verifier())
+    pairs = mine_pairs(X, enc.local, model.pair_verifier())
     Y = augment(X, pairs)
     assert Y.dtype == np.float32 and np.allclose(np.linalg.norm(Y, axis=1), 1, atol=1e-5)
     paired = np.zeros(len(X), bool)
@@ -155,12 +155,12 @@ def test_augmentation_adds_only_verified_partners_and_queries_keep_their_own(pho
     for v, i in of.items():
         if paired[v]:
             assert X[v] @ Y[i] >= X[v] @ X[i] - 1e-6
-    col = from_collection(X, None, enc.local, model.verifier(), augmented="verified")
+    col = from_collection(X, None, enc.local, model.pair_verifier(), augmented="verified")
     assert col.X is X and np.array_equal(col.pairs, pairs) and col.mined == len(pairs)
-    plain = from_collection(X, None, enc.local, model.verifier())
+    plain = from_collection(X, None, enc.local, model.pair_verifier())
     assert plain.X is X and plain.notes == [] and plain.pairs is None and plain.mined == 0  # nothing asked, nothing mined
     with pytest.raises(ValueError):
-        from_collection(X, None, enc.local, model.verifier(), augmented="labels")
+        from_collection(X, None, enc.local, model.pair_verifier(), augmented="labels")
 
 
 def _pairs_of_store(st) -> set:
@@ -175,7 +175,7 @@ def test_an_index_that_augments_ranks_as_eval_does(photos_and_views, encoded, tm
 
     _, paths, _ = photos_and_views
     model, enc = encoded
-    X, v = enc.X, model.verifier()
+    X, v = enc.X, model.pair_verifier()
     pairs = mine_pairs(X, enc.local, v)
     assert len(pairs) >= 10
     Y = augment(X, pairs)
@@ -185,7 +185,7 @@ def test_an_index_that_augments_ranks_as_eval_does(photos_and_views, encoded, tm
         assert st.info()["augment"] == "verified" and st.info()["pairs"] == len(pairs)
         assert np.array_equal(st.vectors(np.arange(len(X))), X)  # a photo as a query: its own descriptor
         feats = features(enc.local, len(X))
-        mem = MemoryIndex(X, enc.local, v, pairs)
+        mem = MemoryIndex(X, enc.local, model.verifier(), pairs)
         for s in (Settings(k=len(X), rerank=0), Settings(k=20, rerank=100)):
             got, want = rank(st, X, feats, s, exclude=[[i] for i in range(len(X))]), \
                 rank(mem, X, feats, s, exclude=[[i] for i in range(len(X))])
@@ -208,7 +208,7 @@ def test_an_index_keeps_its_pairs_through_appends_deletes_compaction_and_ivfpq(p
 
     _, paths, of = photos_and_views
     model, enc = encoded
-    X, v = enc.X, model.verifier()
+    X, v = enc.X, model.pair_verifier()
     first = np.array(sorted(set(range(len(X))) - set(of)))  # the photos and the distractors, then the views
     second = np.array(sorted(of))
     order = np.concatenate([first, second])

@@ -18,7 +18,8 @@ import typer
 
 from . import cli_study
 from .backbones import BACKBONES, WeightsError, get_backbone
-from .cli_common import (BackboneOpt, BatchOpt, CodecOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, PooledOpt, PowerOpt,
+from .cli_common import (BackboneOpt, BatchOpt, CodecOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, LocalWhiteningOpt,
+                         PooledOpt, PowerOpt,
                          PrecisionOpt, QeOpt, ScalesOpt, SearchRerankOpt, UserError, WaitOpt, WeightsOpt, _check_dim,
                          _compile, _config, _model, _precision, _runtime, _settings, _warn)
 from .images import ImageError, list_images
@@ -55,8 +56,8 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.npz)."),
     backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
     scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
-    power: float = PowerOpt, local_codec: str = CodecOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
-    compile: str = CompileOpt, precision: str = PrecisionOpt,
+    power: float = PowerOpt, local_codec: str = CodecOpt, local_whitening: bool = LocalWhiteningOpt,
+    batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt, precision: str = PrecisionOpt,
 ):
     """Learn the vocabularies and the PCA-whitening from a folder of photos."""
     skipped: list[str] = []
@@ -65,8 +66,8 @@ def train(
         _warn(f"skipped {msg}")
     if not paths:
         raise UserError(f"{images}: no image files found")
-    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec), batch_size,
-                   device, compile, precision)
+    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec,
+                           local_whitening=local_whitening), batch_size, device, compile, precision)
     t = time.time()
     model.fit(paths)
     for err in model.errors_:

@@ -37,7 +37,7 @@ def _layers(text: Optional[str]) -> Optional[list[str]]:
     return [] if text.strip().lower() == "none" else [s for s in text.split(",") if s]
 
 
-def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0, codec="int8"):
+def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0, codec="int8", local_whitening=True):
     from .local_codec import check
     from .pipeline import Config
 
@@ -46,7 +46,8 @@ def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0, co
     except ValueError as e:
         raise UserError(f"--local-codec: {e}") from None
     cfg = Config(backbone=backbone, layers=_layers(layer), pooled=_layers(pooled), scales=_scales(scales),
-                 k=k, dim=dim or None, weights=weights, power=None if power == 1 else power, gem=gem, local_codec=codec)
+                 k=k, dim=dim or None, weights=weights, power=None if power == 1 else power, gem=gem, local_codec=codec,
+                 local_whitening=local_whitening)
     if cfg.layers == [] and cfg.pooled == []:
         raise UserError("--layer none and --pooled none leave nothing to encode")
     return cfg
@@ -105,6 +106,9 @@ SearchRerankOpt = typer.Option(None, "--rerank", show_default=False, help="Re-ra
 CodecOpt = typer.Option("int8", "--local-codec", help="How an index stores each photo's local features: int8 "
                         "(24.6 kB a photo) or a compact code learned with the model, rqM or pqM (M bytes a feature; "
                         "rq12: 3.7 kB, for 100 M photos; what it costs: docs/defaults.md).")
+LocalWhiteningOpt = typer.Option(True, "--local-whitening/--no-local-whitening",
+                                 help="Learn a whitening of the local features the verifier matches, from synthetic "
+                                      "views of the training photos.")
 QeOpt = typer.Option(0, "--qe", help="α-query expansion with the top N results (0: off).")
 BatchOpt = typer.Option(16, "--batch-size", help="Images decoded and encoded per batch (on CPU the network runs "
                         "them in chunks of 4 at scale 1, 1 at scale 2).")

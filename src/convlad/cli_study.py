@@ -11,6 +11,7 @@ import typer
 
 from .backbones import get_backbone
 from .cli_common import (BackboneOpt, BatchOpt, CodecOpt, CompileOpt, DeviceOpt, DimOpt, FullQueryOpt, KindOpt, KOpt, LayerOpt,
+                         LocalWhiteningOpt,
                          PooledOpt, PowerOpt, PrecisionOpt, QeOpt, RerankOpt, ScalesOpt, TrainOpt, UserError, WeightsOpt,
                          _check_dim, _compile, _config, _load_bench, _model, _print_metrics, _scales, _warn)
 from .images import ImageError, list_images
@@ -25,7 +26,7 @@ def eval_(
     backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
     scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
     power: float = PowerOpt, qe: int = QeOpt,
-    rerank: int = RerankOpt, local_codec: str = CodecOpt,
+    rerank: int = RerankOpt, local_codec: str = CodecOpt, local_whitening: bool = LocalWhiteningOpt,
     aps_out: Optional[Path] = typer.Option(None, "--aps", help="Also write every query's AP to this JSON file, for `convlad compare`."),
     full_query: bool = FullQueryOpt, batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt,
     compile: str = CompileOpt, precision: str = PrecisionOpt,
@@ -89,15 +90,16 @@ def eval_(
     store = None if no_cache else EvalCache(cache)
     if groups:
         return _eval_groups(bench, train_paths, store, folds or 5, peer, groups_out,
-                            _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec),
+                            _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec, local_whitening=local_whitening),
                                    batch_size, device, compile, precision))
     if folds:
         return _eval_folds(bench, train_paths, train_label, grid, folds, fold_seed, folds_out, rerank, store,
                            lambda o: _model(_config(backbone, o.get("layer", layer), o.get("pooled", pooled), scales,
-                                                    k, dim, weights, o.get("power", power), o.get("gem", 1.0), local_codec),
+                                                    k, dim, weights, o.get("power", power), o.get("gem", 1.0), local_codec,
+                                                    local_whitening),
                                             batch_size, device,
                                             compile, precision))
-    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec), batch_size,
+    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec, local_whitening=local_whitening), batch_size,
                    device, compile, precision)
     t = time.time()
     fit_cached = fit_model(model, train_paths, cache=store)

@@ -143,6 +143,14 @@ def _spanned(codes: "LocalCodes") -> np.ndarray:
     return np.maximum(w * h, 1.0)
 
 
+def whiten(X: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """Features (..., d) mapped by ``P`` (d, d; ``Verifier.metric``) and re-normalised; zero rows
+    (unused slots) stay zero."""
+    Y = np.asarray(X, np.float32) @ P.T
+    Y /= np.maximum(np.linalg.norm(Y, axis=-1, keepdims=True), 1e-12)
+    return Y
+
+
 def _unit(codes: np.ndarray) -> np.ndarray:
     d = codes.astype(np.float32)
     d /= np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-6)
@@ -284,6 +292,9 @@ class Verifier:
     level: float = 0.0  # significance (−log10 NFA) beyond which a pair counts
     min_tentative: int | None = None  # fit only above this many tentative matches (None: 2 × chance)
     link: bool = True  # a photo the index's pairs link to a sure match scores as verified at ``sure`` (order_by)
+    # (d, d): both sides' features are mapped by it before they are matched (local_whitening.py,
+    # learned with the model); None: matched as they are
+    metric: np.ndarray | None = None
 
     def inliers(self, query: tuple[np.ndarray, np.ndarray], candidates: LocalCodes) -> np.ndarray:
         """Inliers between ``query`` (descriptors, cells) and each image of ``candidates``; 0 where
@@ -324,6 +335,8 @@ class Verifier:
         candidate feature each query feature is nearest to; ok (n, m) bool; best (n, m) similarity)."""
         dq, _ = query
         C = candidates.descriptors()
+        if self.metric is not None:
+            dq, C = whiten(dq, self.metric), whiten(C, self.metric)
         n, k, d = C.shape
         # one GEMM for the whole shortlist, laid out (query feature, pair, candidate feature).
         # numpy's stacked matmul makes one BLAS call per pair, each a parallel region of its own:
@@ -494,4 +507,4 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
 
 
 __all__ = ["Evidence", "LOCAL_K", "LocalCodes", "MIN_CHANCE", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers",
-           "pad_join", "select", "significance", "tentative_matches"]
+           "pad_join", "select", "significance", "tentative_matches", "whiten"]

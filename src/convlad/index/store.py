@@ -428,7 +428,7 @@ class IndexStore:
             # the verified pairs at the sure level, with the inliers of all candidates where kept (a
             # segment merged from older ones keeps -1 candidates for their rows, and their pairs)
             P = self._segment_pairs(seg)
-            sure = self.model.verifier().sure if self.model is not None else 1
+            sure = self.model.pair_verifier().sure if self.model is not None else 1
             a, b, w = P[:, 0], P[:, 1], np.full(len(P), sure, np.int32)
             C = seg.extra.get(S.CANDIDATES)
             if C is not None:
@@ -676,7 +676,7 @@ class IndexStore:
                 cand, inl = np.asarray(mined[0], np.int64), np.asarray(mined[1], np.int64)
             if cand.shape != inl.shape or len(cand) != len(X):
                 raise ValueError(f"mined: candidates {cand.shape} and inliers {inl.shape} for {len(X)} photos")
-            extra = dict(extra, **{S.PARTNERS: partners_from(cand, inl, self.model.verifier().sure),
+            extra = dict(extra, **{S.PARTNERS: partners_from(cand, inl, self.model.pair_verifier().sure),
                                    S.CANDIDATES: cand, S.CANDIDATE_INLIERS: inl.astype(np.int16)})
         # a sharded store spreads one addition over its shards, the emptiest first, in one commit
         parts = np.array_split(np.arange(len(X)), min(self.shards, len(X)))
@@ -736,7 +736,7 @@ class IndexStore:
 
     def _mine(self, X: np.ndarray, local: LocalCodes, ids: np.ndarray, stored: LocalCodes) -> np.ndarray:
         try:
-            return mine_additions(self, X, local, ids, self.model.verifier(), stored)
+            return mine_additions(self, X, local, ids, self.model.pair_verifier(), stored)
         except ValueError as e:  # local features of another layout
             raise FileFormatError(f"{self.path}: {e}") from None
 

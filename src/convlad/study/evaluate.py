@@ -265,10 +265,10 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
         from ..pairs import mine
         from ..whitening import from_collection
 
-        edges = mine(X, enc.local, model.verifier(), progress, edges=True, stored=stored)  # the groups' evidence too
+        pv = model.pair_verifier()
+        edges = mine(X, enc.local, pv, progress, edges=True, stored=stored)  # the groups' evidence too
         try:
-            col = from_collection(X, Xq, enc.local, model.verifier(), whiten, augment, progress,
-                                  pairs=edges[0][edges[1] >= model.verifier().sure])
+            col = from_collection(X, Xq, enc.local, pv, whiten, augment, progress, pairs=edges[0][edges[1] >= pv.sure])
         except ValueError as e:
             warnings.append(f"collection steps off: {e}")
         else:
@@ -281,7 +281,7 @@ def evaluate_model(model, bench: RetrievalBenchmark, train_paths: Sequence[str],
     if pairs is not None and (truth := grouping_of(bench)) is not None:
         from ..groups import grouping as groups_of
 
-        v = model.verifier()
+        v = model.pair_verifier()
         grouping = grouping_scores(groups_of(enc.X, *edges, v.sure, v.chance), truth)
     t_rank = (time.time() - t_rank) / max(1, bench.n_queries) * 1000
     return ModelEvaluation(res, bench.describe(), model.describe(), train_label, model.n_train_, qe, rerank,

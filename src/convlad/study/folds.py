@@ -315,8 +315,8 @@ def cross_validate_model(make_model, bench, train_paths, grid: dict[str, list], 
                 from ..pairs import mine
                 from ..whitening import from_collection
 
-                pairs = mine(X, enc.local, model.verifier(), progress, stored=stored) if pairs is None else pairs
-                col = from_collection(X, Xq, enc.local, model.verifier(), wh.get("whiten", "pca"),
+                pairs = mine(X, enc.local, model.pair_verifier(), progress, stored=stored) if pairs is None else pairs
+                col = from_collection(X, Xq, enc.local, model.pair_verifier(), wh.get("whiten", "pca"),
                                       augment, pairs=pairs)
                 names.append(f"{candidate_name({**desc, **wh})}: {'; '.join(col.notes)}")
                 X, pairs_, Xq = col.X, col.pairs, col.X_extra

@@ -244,7 +244,7 @@ def evaluate_groups(model, bench, cache=None, k: int = 5, seeds: int = 3, peers=
     if len(set(truth)) < k:
         raise ValueError(f"{bench.name}: {k} folds need at least {k} groups")
     enc, _, _, _ = encode_benchmark(model, bench, LOCAL_K, progress, cache)
-    v = model.verifier()
+    v = model.pair_verifier()
     E, w = mine(enc.X, enc.local, v, progress, edges=True, stored=model.local_codec_.stored(enc.local))
     return study(enc.X, E, w, v.sure, v.chance, truth, bench.paths, k, seeds, peers, report)
 

@@ -6,7 +6,7 @@ training photos are distractors. The layout is mvbench's (`groups`), so `convlad
     python -m convlad.study.synviews /tmp/synviews --photos ../shared/data/mvbench-train/images
     convlad eval /tmp/synviews --train ../shared/data/mvbench-dev --aps syn.json
 
-``view`` is the warp, for tests and experiments that make views of their own.
+``view`` (``convlad.views.view``) is the warp, for tests and experiments that make views of their own.
 
 Learn the vocabulary elsewhere (here on mvbench-dev): the benchmark's photos are mvbench-train's.
 Synthetic views are easier than real ones in lighting and harder in cropping; the set is a check
@@ -21,23 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..views import view
+
 TRAIN = Path("../shared/data/mvbench-train/images")  # from the repository's root
-
-
-def view(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    h, w = img.shape[:2]
-    sw, sh = rng.uniform(0.35, 0.8, 2)
-    cx, cy = rng.uniform(sw / 2, 1 - sw / 2) * w, rng.uniform(sh / 2, 1 - sh / 2) * h
-    half = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float32) * [sw * w / 2, sh * h / 2]
-    a = np.deg2rad(rng.uniform(-25, 25))
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], np.float32)
-    src = half @ rot.T + [cx, cy] + rng.normal(0, 0.04, (4, 2)) * [sw * w, sh * h]
-    ow, oh = (640, 480) if w >= h else (480, 640)
-    dst = np.float32([[0, 0], [ow, 0], [ow, oh], [0, oh]])
-    out = cv2.warpPerspective(img, cv2.getPerspectiveTransform(src.astype(np.float32), dst), (ow, oh),
-                              flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
-    gamma = rng.uniform(0.6, 1.6)
-    return np.clip(255 * (out / 255.0) ** gamma, 0, 255).astype(np.uint8)
 
 
 def make(out: Path, photos: Path = TRAIN, groups: int = 200, seed: int = 0) -> tuple[dict, list]:
