@@ -13,8 +13,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "convlad"
 # docs/library.md's rooms, top to bottom: a module may import from its own room and the rooms above
 ROOMS = [
     ("basics", ["progress", "storage", "runtime"]),
-    ("pixels", ["images", "backbones", "functional", "extract", "cache"]),
-    ("the descriptor", ["encoding", "verify", "local_codec", "pairs", "whitening", "pipeline", "reference"]),
+    ("pixels", ["images", "views", "backbones", "functional", "extract", "cache"]),
+    ("the descriptor", ["encoding", "verify", "local_codec", "local_whitening", "pairs", "whitening", "pipeline",
+                        "reference"]),
     ("index", ["index"]),
     ("the search", ["search", "explain", "groups"]),
     ("serving", ["serving"]),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from convlad.local_whitening import LocalWhitening
-from convlad.verify import Verifier
+from convlad.verify import LocalCodes, Verifier
 
 from .conftest import MVBENCH_DEV, need
 
@@ -49,9 +49,14 @@ def test_it_is_learned_with_the_model_and_kept_with_it(models, dev_images):
     assert old.fingerprint() == plain.fingerprint()
 
 
-def test_too_few_matches_are_refused_in_one_line():
+def test_too_few_matches_and_features_of_another_depth_are_refused_in_one_line(models):
     with pytest.raises(ValueError, match="12 matched features, at least 160 needed"):
         LocalWhitening().fit(np.ones((12, 80)), np.ones((50, 80)))
+    rng = np.random.default_rng(0)
+    other = LocalCodes(rng.integers(-127, 128, (2, 30, 16)).astype(np.int8), rng.integers(0, 28, (2, 30, 2)).astype(np.uint8),
+                       np.full(2, 30, np.uint16))
+    with pytest.raises(ValueError, match="local features of depth 16: the model's local whitening is for 80"):
+        models[0].pair_verifier().inliers(other.features(0), other[[1]])
 
 
 def test_whitened_matching_verifies_more_true_pairs_of_photos_it_never_saw(models):

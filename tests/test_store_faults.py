@@ -200,11 +200,13 @@ def test_reader_searches_while_writer_adds_removes_and_compacts(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(train_images, tmp_path_factory):
-    """A fitted model of dimension 16 (the driver's), for a store that augments."""
+    """A fitted model of dimension 16 (the driver's), for a store that augments. The driver's local
+    features are 16-D of its own making, not the model's: no local whitening to match them through."""
     from convlad.pipeline import ConvVLAD
 
     path = tmp_path_factory.mktemp("model") / "model.npz"
-    ConvVLAD(layers=["block6"], pooled=[], scales=[1], k=8, dim=16).fit(train_images[:24], progress=False).save(path)
+    ConvVLAD(layers=["block6"], pooled=[], scales=[1], k=8, dim=16, local_whitening=False).fit(
+        train_images[:24], progress=False).save(path)
     return path
 
 

@@ -146,6 +146,8 @@ def _spanned(codes: "LocalCodes") -> np.ndarray:
 def whiten(X: np.ndarray, P: np.ndarray) -> np.ndarray:
     """Features (..., d) mapped by ``P`` (d, d; ``Verifier.metric``) and re-normalised; zero rows
     (unused slots) stay zero."""
+    if X.shape[-1] != P.shape[1]:
+        raise ValueError(f"local features of depth {X.shape[-1]}: the model's local whitening is for {P.shape[1]}")
     Y = np.asarray(X, np.float32) @ P.T
     Y /= np.maximum(np.linalg.norm(Y, axis=-1, keepdims=True), 1e-12)
     return Y
