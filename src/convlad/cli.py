@@ -75,7 +75,9 @@ def train(
     _check_dim(model)
     model.save(out)
     typer.echo(f"trained {model.describe()} on {model.n_train_} images in {time.time() - t:.0f}s → {out} "
-               f"(chance level of spatial verification: {model.chance_} inliers)")
+               f"(chance level of spatial verification: {model.chance_} inliers"
+               + (f"; of pairs, matched through the local whitening: {model.pair_chance_})"
+                  if model.local_whitening_ is not None else ")"))
 
 
 @app.command()
