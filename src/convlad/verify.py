@@ -28,7 +28,7 @@ no evidence).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -295,8 +295,8 @@ class Verifier:
     min_tentative: int | None = None  # fit only above this many tentative matches (None: 2 × chance)
     link: bool = True  # a photo the index's pairs link to a sure match scores as verified at ``sure`` (order_by)
     # (d, d): both sides' features are mapped by it before they are matched (local_whitening.py,
-    # learned with the model); None: matched as they are
-    metric: np.ndarray | None = None
+    # learned with the model); None: matched as they are. Kept out of the repr: 6 400 numbers
+    metric: np.ndarray | None = field(default=None, repr=False)
 
     def inliers(self, query: tuple[np.ndarray, np.ndarray], candidates: LocalCodes) -> np.ndarray:
         """Inliers between ``query`` (descriptors, cells) and each image of ``candidates``; 0 where
