@@ -90,8 +90,8 @@ def eval_(
     store = None if no_cache else EvalCache(cache)
     if groups:
         return _eval_groups(bench, train_paths, store, folds or 5, peer, groups_out,
-                            _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec, local_whitening=local_whitening),
-                                   batch_size, device, compile, precision))
+                            _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec,
+                                           local_whitening=local_whitening), batch_size, device, compile, precision))
     if folds:
         return _eval_folds(bench, train_paths, train_label, grid, folds, fold_seed, folds_out, rerank, store,
                            lambda o: _model(_config(backbone, o.get("layer", layer), o.get("pooled", pooled), scales,
@@ -99,8 +99,8 @@ def eval_(
                                                     local_whitening),
                                             batch_size, device,
                                             compile, precision))
-    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec, local_whitening=local_whitening), batch_size,
-                   device, compile, precision)
+    model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec,
+                           local_whitening=local_whitening), batch_size, device, compile, precision)
     t = time.time()
     fit_cached = fit_model(model, train_paths, cache=store)
     _check_dim(model)

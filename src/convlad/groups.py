@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
-from .search import pair_verifier_of, verifier_of
+from .search import verifier_of
 
 # Which mined pairs join groups (``links``), chosen by group-wise K-fold on mvbench-dev
 # (``convlad eval --groups``; docs/defaults.md, "Groups"): besides the sure pairs, a weak pair (from
@@ -203,7 +203,7 @@ def graph(index, rule: Rule = Rule(), inliers: bool = False):
     their descriptors read for the weak ones only: (m, 2) ids, sorted; ``inliers``: and their
     inliers as mined, (m,)."""
     E, w = index.edges()
-    v = pair_verifier_of(index)
+    v = index.model.pair_verifier()  # the one that mined the inliers it keeps
     weak = (w < v.sure) & (w >= rule.level(v.chance))
     sim = np.zeros(len(E))
     if weak.any():

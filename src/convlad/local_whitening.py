@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .verify import LocalCodes, Verifier, whiten
+from .verify import LocalCodes, Verifier
 
 EPS = 0.1  # Σ + EPS·mean(eigenvalue)·I: the directions that hardly vary are not blown up
 
@@ -32,16 +32,16 @@ def inlier_differences(verifier: Verifier, photos: LocalCodes, views: LocalCodes
     ``i`` of ``photos`` and of ``views``), the inliers of the pairs with ``min_inliers`` or more."""
     out = []
     for i in range(len(photos)):
-        q = views.features(i)
-        m = verifier.match(q, photos[[i]])
+        q, photo = views.features(i), photos[[i]]
+        m = verifier.match(q, photo)
         if m.n_inliers >= min_inliers:
-            out.append(q[0][m.query_rows[m.inliers]] - photos[[i]].descriptors()[0][m.candidate_rows[m.inliers]])
+            out.append(q[0][m.query_rows[m.inliers]] - photo.descriptors()[0][m.candidate_rows[m.inliers]])
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, photos.codes.shape[2]), np.float32)
 
 
 class LocalWhitening:
     """``fit(differences, features)``: ``P_`` (d, d) float32, the map to apply to a feature before
-    it is re-normalised; ``transform`` applies it."""
+    it is re-normalised (``Verifier.metric``, which applies it: ``verify.whiten``)."""
 
     def __init__(self, eps: float = EPS):
         self.eps = eps
@@ -59,10 +59,6 @@ class LocalWhitening:
         _, V = np.linalg.eigh(Y.T @ Y / len(Y))
         self.P_ = np.ascontiguousarray((V[:, ::-1].T @ W).astype(np.float32))
         return self
-
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """Features (..., d) mapped and re-normalised, as the verifier matches them."""
-        return whiten(X, self.P_)
 
 
 __all__ = ["EPS", "LocalWhitening", "inlier_differences"]

@@ -19,7 +19,7 @@ An index mines each photo it adds (``mine_additions``, with the same steps as ``
 each segment's partners beside it, with every candidate's inliers (``edges_of``: the evidence the
 groups are built on, ``groups.links``), and holds the live pairs of a generation in a ``PairOverlay``.
 
-    >>> pairs = mine_pairs(X, local, model.pair_verifier())            # (m, 2) photo pairs, i < j
+    >>> pairs = mine_pairs(X, local, model.pair_verifier())       # (m, 2) photo pairs, i < j
     >>> Y = augment(X, pairs)                                     # (n, d) float32, rows L2-normalised
 """
 from __future__ import annotations

@@ -89,13 +89,6 @@ def verifier_of(index) -> Verifier:
     return v if isinstance(v, Verifier) else index.model.verifier()
 
 
-def pair_verifier_of(index) -> Verifier:
-    """The verifier that decided an index's pairs (``ConvVLAD.pair_verifier``): its levels judge
-    the inliers the index keeps (``IndexStore.edges``)."""
-    v = getattr(index, "pair_verifier", None)
-    return v if isinstance(v, Verifier) else index.model.pair_verifier()
-
-
 def rank(index, Q: np.ndarray, local: Sequence | None = None, settings: Settings = DEFAULTS,
          exclude: Sequence[Sequence[int]] | None = None, verifier: Verifier | None = None) -> list[list[Hit]]:
     """Rank ``index`` for each query descriptor of ``Q`` (nq, d). ``local``: each query's local

@@ -11,7 +11,7 @@ then not learned (``MIN_PAIRS``). Learned from the collection being searched it 
 ``eval --whiten collection`` says so, and docs/defaults.md reports both settings. ``from_collection``
 applies it, the database's augmentation over the same pairs (``pairs.augment``), or both, mining once.
 
-    >>> pairs = mine_pairs(X, local, model.pair_verifier())            # (m, 2) photo pairs, i < j
+    >>> pairs = mine_pairs(X, local, model.pair_verifier())       # (m, 2) photo pairs, i < j
     >>> lw = LearnedWhitening().fit(X, pairs)                     # shrinkage: Ledoit-Wolf
     >>> Z = lw.transform(X)                                       # (n, d) float32, rows L2-normalised
 """

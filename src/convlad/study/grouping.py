@@ -5,7 +5,8 @@ way, each scored out of fold with a 95% bootstrap interval over the benchmark's 
 Candidates, each a grouping of the database photos (a label per photo):
 - **verified links**: ``groups.links`` over the mined pairs (the 20 nearest of each photo, verified),
   for each rule of ``GRID`` (weak inliers as a multiple of the chance level, a cosine floor, the
-  support it takes to join two groups: 2 or 3, never one weak pair alone); ``weak`` at 3 (``verify.SURE``) is the sure pairs alone;
+  support it takes to join two groups: 2 or 3, never one weak pair alone); ``weak`` at 3
+  (``verify.SURE``) is the sure pairs alone;
 - **global cosine**: components of the pairs among each photo's 20 nearest at a cosine threshold
   (the fastdup recipe on convlad's own descriptor);
 - **perceptual hash**: components of the pairs within a Hamming distance of ``imagehash``'s pHash
