@@ -1,0 +1,81 @@
+"""The local whitening's gain for the groups, out of fold: the same benchmark grouped by two models
+fitted alike but for ``Config.local_whitening``, each pair verifier's mined pairs under the rules
+``eval --groups`` chooses among (``study.grouping.GRID``, chosen on four folds, scored on the
+fifth), and the paired bootstrap of the F1 gain over the benchmark's groups, for each of 3 deals.
+Optionally the rule's fewer whitened dimensions (``--keep``): the map's first rows only, its
+chance level measured again.
+
+    python experiments/probe_local_whitening.py                     # mvbench-dev, Lite0
+    python experiments/probe_local_whitening.py --backbone efficientnet-lite2
+    python experiments/probe_local_whitening.py --bench /tmp/synviews --train ../shared/data/mvbench-dev
+    python experiments/probe_local_whitening.py --keep 64,48,32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench", default=str(SHARED / "mvbench-dev"))
+    ap.add_argument("--train", default=str(SHARED / "mvbench-train"))
+    ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--keep", default="", help="also keep only this many whitened dimensions (comma-separated)")
+    ap.add_argument("--out", default=None, help="a JSON file for the figures")
+    a = ap.parse_args()
+    os.environ.setdefault("CONVLAD_PRECISION", "fp32")  # the figures in docs/defaults.md are fp32's
+    from convlad.pairs import mine
+    from convlad.pipeline import Config, ConvVLAD
+    from convlad.study.datasets import load_groups, training_paths
+    from convlad.study.evalcache import EvalCache
+    from convlad.study.evaluate import encode_benchmark, fit_model, grouping_of
+    from convlad.study.folds import group_folds
+    from convlad.study.grouping import bootstrap, cross_validate, rule_candidates
+    from convlad.verify import LOCAL_K, chance_level
+
+    bench, train = load_groups(Path(a.bench)), training_paths(Path(a.train))[0]
+    truth = np.asarray(grouping_of(bench), dtype=object)
+    cache = EvalCache()
+
+    def judged(model, enc):
+        v = model.pair_verifier()
+        E, w = mine(enc.X, enc.local, v, False, edges=True, stored=model.local_codec_.stored(enc.local))
+        cands = rule_candidates(E, w, enc.X, v.sure, v.chance)
+        return v.chance, [cross_validate(cands, truth, group_folds(list(truth), 5, s)) for s in range(3)]
+
+    runs, report = {}, {}
+    for lw in (False, True):
+        model = ConvVLAD(Config(backbone=a.backbone, local_whitening=lw))
+        fit_model(model, train, progress=False, cache=cache)
+        enc, _, _, _ = encode_benchmark(model, bench, LOCAL_K, True, cache)
+        runs["with" if lw else "without"] = judged(model, enc)
+    keeps = [int(k) for k in a.keep.split(",") if k]
+    if keeps:
+        P, tl = model.local_whitening_, model.transform(train[::2], progress=False, local=LOCAL_K).local
+        for keep in keeps:
+            model.local_whitening_ = np.ascontiguousarray(P[:keep])
+            model.pair_chance_ = chance_level(tl, stored=model.local_codec_.stored(tl), verifier=model.pair_verifier())
+            runs[f"with, {keep} dimensions"] = judged(model, enc)
+    base = runs["without"][1]
+    for name, (chance, r) in runs.items():
+        gains = [(x.scores["pairwise_f1"] - b.scores["pairwise_f1"], *bootstrap(truth, x, b)) for x, b in zip(r, base)]
+        report[name] = {"chance": chance, "out_of_fold": [x.scores for x in r], "gain_f1": gains}
+        print(f"{name:<24} chance {chance}  " + "  ".join(
+            f"F1 {x.scores['pairwise_f1']:.3f} P {x.scores['pairwise_precision']:.3f} B3 {x.scores['bcubed_f1']:.3f}"
+            for x in r))
+        if name != "without":
+            print(" " * 25 + "gain " + ", ".join(f"{g:+.3f} [{lo:+.3f}, {hi:+.3f}]" for g, lo, hi in gains))
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
