@@ -3,12 +3,15 @@ fitted alike but for ``Config.local_whitening``, each pair verifier's mined pair
 ``eval --groups`` chooses among (``study.grouping.GRID``, chosen on four folds, scored on the
 fifth), and the paired bootstrap of the F1 gain over the benchmark's groups, for each of 3 deals.
 Optionally the rule's fewer whitened dimensions (``--keep``): the map's first rows only, its
-chance level measured again.
+chance level measured again; or other matching for the pair verifier (``--matching``: its
+tentative matches' cosine floor, its inlier tolerance), or more local features a photo
+(``--features``), each at its chance level measured again.
 
     python experiments/probe_local_whitening.py                     # mvbench-dev, Lite0
     python experiments/probe_local_whitening.py --backbone efficientnet-lite2
     python experiments/probe_local_whitening.py --bench /tmp/synviews --train ../shared/data/mvbench-dev
     python experiments/probe_local_whitening.py --keep 64,48,32
+    python experiments/probe_local_whitening.py --matching "min_similarity=0.5;threshold=2" --features 500,784
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ def main():
     ap.add_argument("--train", default=str(SHARED / "mvbench-train"))
     ap.add_argument("--backbone", default="efficientnet-lite0")
     ap.add_argument("--keep", default="", help="also keep only this many whitened dimensions (comma-separated)")
+    ap.add_argument("--matching", default="",
+                    help="pair verifier settings to try with the whitening, e.g. 'min_similarity=0.5;threshold=2'")
+    ap.add_argument("--features", default="", help="also this many local features a photo (comma-separated)")
     ap.add_argument("--out", default=None, help="a JSON file for the figures")
     a = ap.parse_args()
     os.environ.setdefault("CONVLAD_PRECISION", "fp32")  # the figures in docs/defaults.md are fp32's
@@ -45,8 +51,8 @@ def main():
     truth = np.asarray(grouping_of(bench), dtype=object)
     cache = EvalCache()
 
-    def judged(model, enc):
-        v = model.pair_verifier()
+    def judged(model, enc, **kw):
+        v = model.pair_verifier(**kw)
         E, w = mine(enc.X, enc.local, v, False, edges=True, stored=model.local_codec_.stored(enc.local))
         cands = rule_candidates(E, w, enc.X, v.sure, v.chance)
         return v.chance, [cross_validate(cands, truth, group_folds(list(truth), 5, s)) for s in range(3)]
@@ -57,9 +63,19 @@ def main():
         fit_model(model, train, progress=False, cache=cache)
         enc, _, _, _ = encode_benchmark(model, bench, LOCAL_K, True, cache)
         runs["with" if lw else "without"] = judged(model, enc)
+    tl = model.transform(train[::2], progress=False, local=LOCAL_K).local
+    for setting in filter(None, a.matching.split(";")):
+        kw = {k: float(v) for k, v in (x.split("=") for x in setting.split(","))}
+        c = chance_level(tl, stored=model.local_codec_.stored(tl), verifier=model.pair_verifier(**kw))
+        runs[f"with, {setting}"] = judged(model, enc, chance=c, **kw)
+    for k in (int(x) for x in a.features.split(",") if x):
+        more, _, _, _ = encode_benchmark(model, bench, k, True, cache)
+        tk = model.transform(train[::2], progress=False, local=k).local
+        c = chance_level(tk, stored=model.local_codec_.stored(tk), verifier=model.pair_verifier())
+        runs[f"with, {k} features"] = judged(model, more, chance=c)
     keeps = [int(k) for k in a.keep.split(",") if k]
     if keeps:
-        P, tl = model.local_whitening_, model.transform(train[::2], progress=False, local=LOCAL_K).local
+        P = model.local_whitening_
         for keep in keeps:
             model.local_whitening_ = np.ascontiguousarray(P[:keep])
             model.pair_chance_ = chance_level(tl, stored=model.local_codec_.stored(tl), verifier=model.pair_verifier())

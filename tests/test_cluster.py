@@ -140,12 +140,12 @@ def test_a_rerun_after_the_driver_is_killed_resumes_from_the_committed_segments(
 
 def test_a_compact_codec_s_codes_made_on_the_workers_are_those_the_writer_makes(cluster, tmp_path, train_images):
     """With a compact local codec the Ray actors encode the local features, and the single writer
-    stores their codes: the same, photo by photo, as a local `convlad index` stores."""
+    stores their codes: the same, photo by photo, as a local `convlad index` stores, at both scales."""
     from convlad.pipeline import ConvVLAD
 
     address, env = cluster
     model = tmp_path / "compact.npz"
-    ConvVLAD(layers=["block6"], pooled=[], scales=[1], k=8, dim=None, local_codec="pq10").fit(
+    ConvVLAD(layers=["block6"], pooled=[], scales=[1, 2], k=8, dim=None, local_codec="pq10").fit(
         train_images[::16], progress=False).save(model)
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -160,7 +160,13 @@ def test_a_compact_codec_s_codes_made_on_the_workers_are_those_the_writer_makes(
     by_path = [{q: i for i, q, _ in s.items()} for s in stores]
     assert sorted(by_path[0]) == sorted(by_path[1]) and len(by_path[0]) >= 10
     names = sorted(by_path[0])
-    (a, _), (b, _) = (s.local_codes([m[q] for q in names]) for s, m in zip(stores, by_path))
+    (a, _), (b, _) = (s.local_codes([m[q] for q in names], coarse=True) for s, m in zip(stores, by_path))
     assert stores[1].info()["local"]["codec"] == "pq10" and int(a.count.min()) > 100
+    assert stores[1].info()["local"]["coarse"] == 100 and int(a.coarse.count.min()) == 100
+    # ... which are the codec's own: the smaller scale's strongest 100, in its code, read back as it gives them
+    want = stores[0].model.local_codec_.stored(stores[0].model.transform([str(photos / q) for q in names],
+                                                                          progress=False, local=300).local)
     for f in ("codes", "cells", "count"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+        np.testing.assert_array_equal(getattr(a.coarse, f), getattr(b.coarse, f))
+        np.testing.assert_array_equal(getattr(a.coarse, f), getattr(want.coarse, f))

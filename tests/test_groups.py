@@ -10,6 +10,7 @@ import itertools
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -153,12 +154,16 @@ def test_a_weak_photo_does_not_chain_two_real_groups(tmp_path, train_images):
     assert any(g["size"] == 12 and place[g["id"]] == "sacre_coeur" for g in by_default), by_default
 
 
-def test_a_nearer_view_added_later_joins_from_its_smaller_scale(tmp_path, train_images):
-    """Four real photos indexed with the default model (scales 1 and 2), then a crop of the middle
-    40% of each side of every one added: a view 2.5 times nearer. At the crop's own scale its
-    features see the subject larger than the photo's do, and most crops verify under the sure
-    level (measured: 7-13 inliers against 24); at its smaller scale they see it at the photo's
-    size (32-53). Mining verifies a photo being added from both, so every crop joins its photo."""
+@pytest.mark.parametrize("first", ["photos", "crops"])
+def test_a_nearer_and_a_wider_view_join_whichever_was_indexed_first(tmp_path, train_images, first):
+    """Four real photos and a crop of the middle 40% of each side of every one (a view 2.5 times
+    nearer), one kind indexed with the default model (scales 1 and 2), the other added after. At
+    the crop's own scale its features see the subject larger than the photo's do, and most pairs
+    verify under the sure level (measured: 7-13 inliers against 24); the crop's smaller scale sees
+    it at the photo's size (32-53). Mining verifies a photo being added from both its scales
+    against the indexed photos' larger one and from its larger against their smaller one, which
+    the index keeps (``Config.coarse_local``): every crop joins its photo, whichever came first.
+    Without the indexed crops' smaller scale, the photos added after them would not join."""
     from convlad.pipeline import Config, ConvVLAD
     from convlad.study.evalcache import EvalCache
 
@@ -166,29 +171,36 @@ def test_a_nearer_view_added_later_joins_from_its_smaller_scale(tmp_path, train_
     EvalCache().fit(model, train_images, progress=False)
     model.save(tmp_path / "model.npz")
     names = ("box_in_scene_00", "evd_index_00", "holidays_1000_01", "sacre_coeur_08")
-    photos, crops = tmp_path / "photos", []
-    photos.mkdir()
+    photos, crops = tmp_path / "photos", tmp_path / "crops"
+    photos.mkdir(), crops.mkdir()
     for name in names:
         (photos / f"{name}.jpg").symlink_to(MVBENCH_DEV / "images" / f"{name}.jpg")
         with Image.open(MVBENCH_DEV / "images" / f"{name}.jpg") as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
             W, H = im.size
-            crops.append(tmp_path / f"{name}-near.jpg")
-            im.crop((int(W * 0.3), int(H * 0.3), int(W * 0.7), int(H * 0.7))).save(crops[-1], quality=92)
-    cli("index", tmp_path / "model.npz", photos, "--out", tmp_path / "near.index")
+            im.crop((int(W * 0.3), int(H * 0.3), int(W * 0.7), int(H * 0.7))).save(crops / f"{name}-near.jpg",
+                                                                                   quality=92)
+    given, later = (photos, crops) if first == "photos" else (crops, photos)
+    cli("index", tmp_path / "model.npz", given, "--out", tmp_path / "near.index")
     with IndexStore.open(tmp_path / "near.index", write=True) as w:
-        new, errors = w.add([str(c) for c in crops])
+        new, errors = w.add([str(p) for p in sorted(later.iterdir())])
         assert not errors
     st = IndexStore.open(tmp_path / "near.index")
+    assert st.info()["local"]["coarse"] == model.config.coarse_local > 0
     v = st.model.pair_verifier()
     of = {i: Path(p).name.split("-near")[0].removesuffix(".jpg") for i, p, _ in st.items()}
     E, w = st.edges()
     mined = {of[a]: n for (a, b), n in zip(E.tolist(), w.tolist()) if of[a] == of[b]}
     assert all(mined.get(name, 0) >= v.sure for name in names), (E, w)
-    enc = st.model.transform([str(c) for c in crops], progress=False, local=st.local_k)
-    codes, _ = st.local_codes([next(i for i in of if of[i] == name and i not in new) for name in names])
-    own_scale = [int(v.inliers(enc.local.features(k), codes[[k]])[0]) for k in range(len(names))]
+    old = [next(i for i in of if of[i] == name and i not in new) for name in names]
+    fresh = [next(i for i in new if of[i] == name) for name in names]
+    (was, _), (added, _) = st.local_codes(old, coarse=True), st.local_codes(fresh)
+    own_scale = [int(v.inliers(added.features(k), was[[k]])[0]) for k in range(len(names))]
     assert sum(n < v.sure for n in own_scale) >= 3, own_scale
+    if first == "crops":  # the wider photos join through the crops' smaller scale, kept in the index
+        enc = st.model.transform([str(later / f"{name}.jpg") for name in names], progress=False, local=st.local_k)
+        without = [int(v.inliers_from(enc.local, k, replace(was[[k]], coarse=None))[0]) for k in range(len(names))]
+        assert sum(n < v.sure for n in without) >= 3, without
     found = sorted(sorted(of[m["id"]] for m in g["members"]) for g in groups(st, evidence=False))
     assert found == [[name, name] for name in names], found
 

@@ -57,7 +57,7 @@ def test_a_compact_index_stores_a_few_kb_a_photo_and_reads_back_what_the_codec_g
     q = np.load(compact / seg / "x-local-quantised.npy")
     per_photo = sum(np.load(p).nbytes for p in (compact / seg).glob("x-local-*.npy")) / len(q)
     int8 = IndexStore.open(two / "int8.index")
-    assert q.shape[1:] == (120, 10) and store.info()["local"] == {"features": 120, "codec": CODEC,
+    assert q.shape[1:] == (120, 10) and store.info()["local"] == {"features": 120, "coarse": 0, "codec": CODEC,
                                                                  "bytes_per_image": round(per_photo)}
     assert per_photo == 120 * 10 + 25 + 4 + 2 and int8.info()["local"]["bytes_per_image"] == 120 * 82 + 2
 

@@ -18,7 +18,7 @@ import typer
 
 from . import cli_study
 from .backbones import BACKBONES, WeightsError, get_backbone
-from .cli_common import (BackboneOpt, BatchOpt, CodecOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, LocalWhiteningOpt,
+from .cli_common import (BackboneOpt, BatchOpt, CoarseLocalOpt, CodecOpt, CompileOpt, DeviceOpt, DimOpt, KOpt, LayerOpt, LocalWhiteningOpt,
                          PooledOpt, PowerOpt,
                          PrecisionOpt, QeOpt, ScalesOpt, SearchRerankOpt, UserError, WaitOpt, WeightsOpt, _check_dim,
                          _compile, _config, _model, _precision, _runtime, _settings, _warn)
@@ -57,6 +57,7 @@ def train(
     backbone: str = BackboneOpt, layer: Optional[str] = LayerOpt, pooled: Optional[str] = PooledOpt,
     scales: str = ScalesOpt, k: int = KOpt, dim: int = DimOpt, weights: Optional[str] = WeightsOpt,
     power: float = PowerOpt, local_codec: str = CodecOpt, local_whitening: bool = LocalWhiteningOpt,
+    coarse_local: Optional[int] = CoarseLocalOpt,
     batch_size: int = BatchOpt, device: Optional[str] = DeviceOpt, compile: str = CompileOpt, precision: str = PrecisionOpt,
 ):
     """Learn the vocabularies and the PCA-whitening from a folder of photos."""
@@ -67,7 +68,8 @@ def train(
     if not paths:
         raise UserError(f"{images}: no image files found")
     model = _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec,
-                           local_whitening=local_whitening), batch_size, device, compile, precision)
+                           local_whitening=local_whitening, coarse_local=coarse_local), batch_size, device, compile,
+                   precision)
     t = time.time()
     model.fit(paths)
     for err in model.errors_:
@@ -76,8 +78,8 @@ def train(
     model.save(out)
     typer.echo(f"trained {model.describe()} on {model.n_train_} images in {time.time() - t:.0f}s → {out} "
                f"(chance level of spatial verification: {model.chance_} inliers"
-               + (f"; of pairs, matched through the local whitening: {model.pair_chance_})"
-                  if model.local_whitening_ is not None else ")"))
+               + (f"; of pairs, as mining matches them: {model.pair_chance_})"
+                  if model.pair_chance_ != model.chance_ or model.local_whitening_ is not None else ")"))
 
 
 @app.command()
@@ -262,7 +264,8 @@ def info(
         elif key == "local":
             if value is None:
                 continue
-            key, value = "local features", (f"{value['features']} a photo, {value['codec']}, "
+            coarse = f" (and {value['coarse']} of the smaller scale)" if value.get("coarse") else ""
+            key, value = "local features", (f"{value['features']} a photo{coarse}, {value['codec']}, "
                                             f"{value['bytes_per_image']} bytes a photo")
         elif key == "shards":
             if value is None:

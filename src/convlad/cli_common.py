@@ -37,9 +37,11 @@ def _layers(text: Optional[str]) -> Optional[list[str]]:
     return [] if text.strip().lower() == "none" else [s for s in text.split(",") if s]
 
 
-def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0, codec="int8", local_whitening=True):
+def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0, codec="int8", local_whitening=True,
+            coarse_local: int | None = None):
     from .local_codec import check
     from .pipeline import Config
+    from .verify import COARSE_LOCAL
 
     try:
         check(codec)
@@ -47,7 +49,7 @@ def _config(backbone, layer, pooled, scales, k, dim, weights, power, gem=1.0, co
         raise UserError(f"--local-codec: {e}") from None
     cfg = Config(backbone=backbone, layers=_layers(layer), pooled=_layers(pooled), scales=_scales(scales),
                  k=k, dim=dim or None, weights=weights, power=None if power == 1 else power, gem=gem, local_codec=codec,
-                 local_whitening=local_whitening)
+                 local_whitening=local_whitening, coarse_local=COARSE_LOCAL if coarse_local is None else coarse_local)
     if cfg.layers == [] and cfg.pooled == []:
         raise UserError("--layer none and --pooled none leave nothing to encode")
     return cfg
@@ -104,11 +106,16 @@ RerankOpt = typer.Option(RERANK, "--rerank", help="Re-rank the top N by spatial 
 SearchRerankOpt = typer.Option(None, "--rerank", show_default=False, help="Re-rank the top N by spatial verification "
                                f"of the local features kept in the index (0: off). Default: {RERANK} where the index keeps them, else 0.")
 CodecOpt = typer.Option("int8", "--local-codec", help="How an index stores each photo's local features: int8 "
-                        "(24.6 kB a photo) or a compact code learned with the model, rqM or pqM (M bytes a feature; "
-                        "rq12: 3.7 kB, for 100 M photos; what it costs: docs/defaults.md).")
+                        "(32.8 kB a photo with Lite0, the smaller scale's 100 included) or a compact code learned "
+                        "with the model, rqM or pqM (M bytes a feature; rq12: 5.0 kB, for 100 M photos; what it "
+                        "costs: docs/defaults.md).")
 LocalWhiteningOpt = typer.Option(True, "--local-whitening/--no-local-whitening",
                                  help="Learn a whitening of the local features the verifier matches, from synthetic "
                                       "views of the training photos.")
+CoarseLocalOpt = typer.Option(None, "--coarse-local", min=0, show_default=False,
+                              help="The smaller scale's features an index keeps a photo beside the 300 of the larger "
+                                   "(default 100: 8.2 kB with Lite0), so that a wider view added after a nearer one "
+                                   "joins it; 0 keeps none.")
 QeOpt = typer.Option(0, "--qe", help="α-query expansion with the top N results (0: off).")
 BatchOpt = typer.Option(16, "--batch-size", help="Images decoded and encoded per batch (on CPU the network runs "
                         "them in chunks of 4 at scale 1, 1 at scale 2).")

@@ -13,6 +13,10 @@ its exact features; only the stored side is decoded. What each costs is in docs/
 Segment arrays (``encode``/``decode``): ``int8``: ``local-codes``, ``local-cells``, ``local-count``
 (``LocalCodes.arrays``); compact: ``local-quantised`` (n, k, M) uint8, ``local-cellmap`` (n, B)
 uint8, ``local-grid`` (n, 2) uint16 (the rows and columns the cell map spans), ``local-count``.
+The strongest ``coarse`` features of the model's smaller scale (``LocalCodes.coarse``, its cells on
+the larger map's grid), where it keeps them, go beside them in the same layout, each name prefixed
+``coarse-`` (``verify.COARSE``): the side a photo added later verifies its own features against
+(``Verifier.inliers_from``), so that a wider view joins a nearer one whichever came first.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .verify import LocalCodes
+from .verify import COARSE, LocalCodes
 
 DEFAULT = "int8"
 COMPACT_KEYS = ("local-quantised", "local-cellmap", "local-grid", "local-count")
@@ -46,8 +50,9 @@ class LocalCodec:
     compact codec). ``stored(local)`` is what an index reads back: the features the other side of
     every verification sees."""
 
-    def __init__(self, name: str = DEFAULT):
+    def __init__(self, name: str = DEFAULT, coarse: int = 0):
         self.name = check(name)
+        self.coarse = int(coarse)  # the smaller scale's features kept a photo (0: none)
         m = _NAME.match(name)
         self.kind, self.m = (m.group(1), int(m.group(2))) if m else (DEFAULT, 0)
         self.index_ = None
@@ -100,21 +105,38 @@ class LocalCodec:
         return k * self.m + -(-cells // 8) + 4 + 2
 
     def bytes_of(self, local: LocalCodes) -> int:
-        """Bytes a photo of ``local``'s (their map: its ``grid``, else the cells they span)."""
+        """Bytes a photo of ``local``'s (their map: its ``grid``, else the cells they span), with the
+        smaller scale's features this codec keeps (``kept``)."""
         if not len(local):
             return 0
         h, w = local.grid or (int(local.cells[..., 1].max()) + 1, int(local.cells[..., 0].max()) + 1)
-        return self.bytes_per_image(local.codes.shape[1], local.codes.shape[2], h * w)
+        small = self.kept(local).coarse
+        return self.bytes_per_image(local.codes.shape[1], local.codes.shape[2], h * w) + (
+            0 if small is None else self.bytes_per_image(small.codes.shape[1], small.codes.shape[2], h * w))
 
     # -- segment arrays --------------------------------------------------------------------------
+    def kept(self, local: LocalCodes) -> LocalCodes:
+        """``local`` with only the smaller scale's features this codec keeps (its strongest
+        ``coarse``, or none)."""
+        small = local.coarse.strongest(self.coarse) if self.coarse and local.coarse is not None else None
+        return replace(local, coarse=small)
+
     def encode(self, local: LocalCodes) -> dict[str, np.ndarray]:
-        """The segment arrays of ``local`` (those it carries already, where this codec made them)."""
+        """The segment arrays of ``local`` (those it carries already, where this codec made them),
+        with its smaller scale's that this codec keeps (``kept``), named after ``COARSE``."""
+        if local.encoded is not None and local.encoded[0] == self.key:
+            return dict(local.encoded[1])
+        out = self._encode(local)
+        small = self.kept(local).coarse
+        if small is not None:
+            out.update({COARSE + k: a for k, a in self._encode(small).items()})
+        return out
+
+    def _encode(self, local: LocalCodes) -> dict[str, np.ndarray]:
         if not self.compact:
             return local.arrays()
         if self.index_ is None:
             raise RuntimeError(f"local codec {self.name} is not fitted")
-        if local.encoded is not None and local.encoded[0] == self.key:
-            return dict(local.encoded[1])
         n, k, _ = local.codes.shape
         count = local.count.astype(np.int64)
         valid = np.arange(k)[None, :] < count[:, None]
@@ -137,11 +159,19 @@ class LocalCodec:
         return {"local-quantised": q, "local-cellmap": np.packbits(bits, axis=1),
                 "local-grid": np.stack([h, w], 1).astype(np.uint16), "local-count": local.count.astype(np.uint16)}
 
-    def decode(self, arrays: dict[str, np.ndarray], rows=None) -> LocalCodes | None:
+    def decode(self, arrays: dict[str, np.ndarray], rows=None, coarse: bool = True) -> LocalCodes | None:
         """The ``LocalCodes`` of a segment's ``rows`` (all by default): int8 codes, as ``select``
-        makes them, whatever the layout; None where the arrays hold no local features."""
+        makes them, whatever the layout; None where the arrays hold no local features. ``coarse``:
+        with the smaller scale's where the arrays hold them (``LocalCodes.coarse``)."""
+        got = self._decode(arrays, rows)
+        if got is not None:
+            small = {k[len(COARSE):]: a for k, a in arrays.items() if k.startswith(COARSE)} if coarse else {}
+            got.coarse = self._decode(small, rows) if small else None
+        return got
+
+    def _decode(self, arrays: dict[str, np.ndarray], rows=None) -> LocalCodes | None:
         if not is_compact(arrays):
-            codes = LocalCodes.from_arrays(arrays)
+            codes = LocalCodes.from_arrays({k: a for k, a in arrays.items() if not k.startswith(COARSE)})
             return codes if codes is None or rows is None else codes[rows]
         if self.index_ is None:
             raise ValueError("its local features are quantised, and the model has no local codec to decode them")
@@ -163,8 +193,9 @@ class LocalCodec:
         return LocalCodes(codes, cells, count.astype(np.uint16))
 
     def stored(self, local: LocalCodes) -> LocalCodes:
-        """``local`` as an index stores and reads it back: what the far side of a match sees."""
-        return local if not self.compact else self.decode(self.encode(local))
+        """``local`` as an index stores and reads it back: what the far side of a match sees, its
+        smaller scale's features those this codec keeps (``kept``)."""
+        return self.kept(local) if not self.compact else self.decode(self.encode(local))
 
     # -- persistence -----------------------------------------------------------------------------
     def state(self) -> tuple[str, dict[str, np.ndarray]]:
@@ -175,8 +206,8 @@ class LocalCodec:
         return self.name, {"local-codec/index": faiss.serialize_index(self.index_)}
 
     @classmethod
-    def from_state(cls, name: str, arrays: dict[str, np.ndarray]) -> "LocalCodec":
-        codec = cls(name)
+    def from_state(cls, name: str, arrays: dict[str, np.ndarray], coarse: int = 0) -> "LocalCodec":
+        codec = cls(name, coarse)
         if codec.compact:
             import faiss
 

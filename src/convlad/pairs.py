@@ -3,7 +3,9 @@ is built on them.
 
 Each photo's nearest neighbours by the global descriptor are verified, from its features at the
 largest scale and, where the model has a smaller one, from those too (``Verifier.inliers_from``: a
-view nearer the subject matches a wider one there), and a pair counts when its inliers reach
+view nearer the subject matches a wider one there; a photo an index is given later also from its
+largest against the smaller scale's features the index keeps of the photos before it, so that the
+wider view may come second), and a pair counts when its inliers reach
 ``Verifier.sure`` (three times the chance level): among mvbench-train's photos, which
 share no place, a photo and one of its 20 nearest reached 16-23 inliers (2-2.9 times Lite0's 8) nine
 times in 8 000 pairs (round things: a clock, a wheel, a speaker; a watermark), and none reached 24.
@@ -23,6 +25,8 @@ groups are built on, ``groups.links``), and holds the live pairs of a generation
     >>> Y = augment(X, pairs)                                     # (n, d) float32, rows L2-normalised
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -149,7 +153,9 @@ def mine_edges(X: np.ndarray, local: LocalCodes, verifier: Verifier, neighbours:
         raise ValueError(f"mine_pairs: {n} descriptors but {len(local)} photos' local features")
     _, nn = nearest(X, neighbours)
     every = np.ones(n, bool)
-    far = local if stored is None else stored
+    # photos mined together verify each from its own side: their smaller scale's against the other's
+    # larger, each way, as an index's verify a photo against those given before it (``mine_additions``)
+    far = replace(local if stored is None else stored, coarse=None)
     inl = verify_candidates(local, nn, lambda js: (far[js], every[js]), verifier, progress)
     return edges_of(np.arange(n), nn, inl)
 
@@ -191,18 +197,26 @@ def mine_additions(index, X: np.ndarray, local: LocalCodes, ids: np.ndarray,
         cand = np.take_along_axis(cand, np.argsort(-sims, axis=1, kind="stable")[:, :NEIGHBOURS], 1)
     first = int(ids[0])
 
-    far = local if stored is None else stored
+    far = replace(local if stored is None else stored, coarse=None)  # the others being added: as ``mine_edges``
 
     def codes_of(js):
         old = js < first
         codes, have = far[np.maximum(js - first, 0)], ~old
         if old.any():
-            got, kept = index.local_codes(js[old])
+            got, kept = index.local_codes(js[old], coarse=True)
             at = np.flatnonzero(old)[kept]
             if len(at) and got.codes.shape[1:] != codes.codes.shape[1:]:
                 raise ValueError(f"its images keep local features of shape {got.codes.shape[1:]}, "
                                  f"the new ones {codes.codes.shape[1:]}")
             codes.codes[at], codes.cells[at], codes.count[at] = got.codes[kept], got.cells[kept], got.count[kept]
+            if got.coarse is not None:  # the smaller scale an index keeps (``Config.coarse_local``): a photo
+                # wider than one given before it verifies against it, as that one would have against this
+                small = got.coarse
+                codes.coarse = LocalCodes(np.zeros((len(js), *small.codes.shape[1:]), np.int8),
+                                          np.zeros((len(js), *small.cells.shape[1:]), np.uint8),
+                                          np.zeros(len(js), small.count.dtype))
+                codes.coarse.codes[at], codes.coarse.cells[at], codes.coarse.count[at] = (
+                    small.codes[kept], small.cells[kept], small.count[kept])
             have[np.flatnonzero(old)] = kept
         return codes, have
 

@@ -19,7 +19,7 @@ from .extract import Batch, FeatureExtractor, iter_batches
 from .local_codec import LocalCodec, check as check_codec
 from .runtime import Runtime, want_compile
 from .storage import atomic_savez, load_npz
-from .verify import LOCAL_K, LocalCodes, Verifier, chance_level, select
+from .verify import COARSE_LOCAL, LOCAL_K, LocalCodes, Verifier, chance_level, select
 
 WHITENING_IMAGES = 200  # training photos (of the chance level's) that a synthetic view is made of
 
@@ -46,10 +46,14 @@ class Config:
     seed: int = 0
     local_codec: str = "int8"  # how an index stores the local features (local_codec.py): int8, rqM, pqM
     local_whitening: bool = True  # learn a whitening of the local features the verifier matches (local_whitening.py)
+    # the smaller scale's strongest features an index keeps a photo, beside the larger scale's: those
+    # that a photo added later verifies against, so that it joins a nearer view given before it
+    # (Verifier.inliers_from; docs/defaults.md, "Cross-scale mining"). 0: none kept
+    coarse_local: int = COARSE_LOCAL
 
 
 # Config fields added after models were first saved, with the value those models imply
-_LATER_FIELDS = {"gem": 1.0, "local_codec": "int8", "local_whitening": False}
+_LATER_FIELDS = {"gem": 1.0, "local_codec": "int8", "local_whitening": False, "coarse_local": 0}
 
 
 @dataclass
@@ -114,6 +118,8 @@ class ConvVLAD:
             raise TypeError("give either a Config or keyword arguments, not both")
         self.config = config or Config(**kw)
         check_codec(self.config.local_codec)
+        if not isinstance(self.config.coarse_local, int) or self.config.coarse_local < 0:
+            raise ValueError(f"coarse_local {self.config.coarse_local!r}: a number of features, 0 or more")
         self._backbone = None
         self._extractor = None
         # where and how the network runs (device, batch size, workers, compile, precision): passed
@@ -291,7 +297,7 @@ class ConvVLAD:
             with P.step(f"PCA-whitening ({V.shape[1]} → {cfg.dim})", enabled=progress):
                 self.pca_ = PCAWhitening(cfg.dim, cfg.whiten_power, cfg.shrinkage).fit(V)
         self.chance_ = self.pair_chance_ = Verifier.chance
-        self.local_codec_ = LocalCodec(cfg.local_codec)
+        self.local_codec_ = LocalCodec(cfg.local_codec, cfg.coarse_local)
         self.local_whitening_ = None
         if local:
             codes = LocalCodes.concat(local)
@@ -301,14 +307,15 @@ class ConvVLAD:
                     self.local_codec_.fit(codes, seed=cfg.seed)
             stored = self.local_codec_.stored(codes)
             with P.bar(len(codes), "chance level (random pairs)", "img", enabled=progress) as bar:
-                self.chance_ = chance_level(codes, seed=cfg.seed, progress=bar, stored=stored)
+                # the search's: a shortlist is verified against its photos' larger scale alone
+                self.chance_ = chance_level(codes, seed=cfg.seed, progress=bar, stored=replace(stored, coarse=None))
             if cfg.local_whitening:
                 self.local_whitening_ = self._fit_local_whitening(local_paths[:WHITENING_IMAGES],
                                                                   codes[np.arange(min(len(codes), WHITENING_IMAGES))],
                                                                   progress)
             self.pair_chance_ = self.chance_
-            if self.local_whitening_ is not None:  # the level of the features as pairs are matched
-                with P.bar(len(codes), "chance level, whitened", "img", enabled=progress) as bar:
+            if self.local_whitening_ is not None or stored.coarse is not None:  # as pairs are matched
+                with P.bar(len(codes), "chance level (pairs)", "img", enabled=progress) as bar:
                     self.pair_chance_ = chance_level(codes, seed=cfg.seed, progress=bar, stored=stored,
                                                      verifier=self.pair_verifier())
         elif self.local_codec_.compact:
@@ -475,7 +482,7 @@ class ConvVLAD:
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config,
                 "vlad": encoders, "pooled_dims": self.pooled_dims_, "pca": pca, "n_train": self.n_train_,
                 "chance": self.chance_}
-        if getattr(self, "local_whitening_", None) is not None:
+        if getattr(self, "local_whitening_", None) is not None or self.config.coarse_local:
             meta["pair_chance"] = self.pair_chance_
         return meta, arrays
 
@@ -500,7 +507,7 @@ class ConvVLAD:
                 k: arrays[f"pca/{k}"] for k in ("mean", "components", "explained_variance")}})
         self.n_train_ = meta["n_train"]
         self.chance_ = int(meta.get("chance", Verifier.chance))  # fitted before it was measured: Lite0's
-        self.local_codec_ = LocalCodec.from_state(self.config.local_codec, arrays)
+        self.local_codec_ = LocalCodec.from_state(self.config.local_codec, arrays, self.config.coarse_local)
         self.local_whitening_ = arrays.get("local-whitening")  # fitted before it existed, or on too few photos: None
         if self.local_whitening_ is not None:
             self.local_whitening_ = np.asarray(self.local_whitening_, np.float32)

@@ -33,6 +33,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 LOCAL_K = 300
+# the smaller scale's features an index keeps a photo by default (``Config.coarse_local``): 8.2 kB for
+# Lite0 (100 of its 14×14 map's 196), a third more local bytes
+COARSE_LOCAL = 100
 # An affine map fits any 3 matches exactly: 3 inliers are no evidence, whatever a sample of unrelated
 # pairs measured (a small model fitted on a few dozen photos measured 0, and then every candidate
 # "verified": at 3 times 0, a mining of 6 groups found 291 pairs across them and 90 within)
@@ -83,6 +86,12 @@ class LocalCodes:
         """Image ``i``'s descriptors (m, d) float32, unit length, and cells (m, 2) float32."""
         n = int(self.count[i])
         return _unit(self.codes[i, :n]), self.cells[i, :n].astype(np.float32) + 0.5
+
+    def strongest(self, k: int) -> "LocalCodes":
+        """Each photo's first ``k`` features (``select`` keeps them strongest first), without the
+        smaller scale's."""
+        return LocalCodes(self.codes[:, :k], self.cells[:, :k], np.minimum(self.count, k).astype(self.count.dtype),
+                          self.grid)
 
     def descriptors(self) -> np.ndarray:
         """All descriptors (n, k, d) float32, unit length; unused slots stay zero."""
@@ -304,14 +313,20 @@ class Verifier:
         return self.evidence(query, candidates).inliers
 
     def inliers_from(self, local: LocalCodes, i: int, candidates: LocalCodes) -> np.ndarray:
-        """Inliers of photo ``i`` of ``local`` with each of ``candidates``: the more of its own
-        features' and, where ``local`` carries them (``LocalCodes.coarse``), its smaller scale's. A
-        photo up to that ratio nearer the subject than a candidate sees it at the candidate's size
-        there: on the synthetic views (crops of 35-80% of a side) mining found 27% more true sure
-        pairs that way and no more false ones (docs/defaults.md, "Groups")."""
-        got = self.inliers(local.features(i), candidates)
+        """Inliers of photo ``i`` of ``local`` with each of ``candidates``: the most of its own
+        features' and, where ``local`` carries them (``LocalCodes.coarse``), its smaller scale's
+        against theirs, and its own against the candidates' smaller scale's, where they carry them
+        (an index keeps ``Config.coarse_local`` of them). A photo up to that ratio nearer the subject
+        than another sees it at the other's size there: on the synthetic views (crops of 35-80% of a
+        side) mining found 27% more true sure pairs that way and no more false ones, and the
+        candidates' side makes it so whichever photo an index was given first (docs/defaults.md,
+        "Cross-scale mining")."""
+        q = local.features(i)
+        got = self.inliers(q, candidates)
         if local.coarse is not None and local.coarse.count[i]:
             got = np.maximum(got, self.inliers(local.coarse.features(i), candidates))
+        if candidates.coarse is not None and candidates.coarse.count.any():
+            got = np.maximum(got, self.inliers(q, candidates.coarse))
         return got
 
     def evidence(self, query: tuple[np.ndarray, np.ndarray], candidates: LocalCodes) -> Evidence:
@@ -508,5 +523,5 @@ def chance_level(codes: LocalCodes, pairs_per_image: int = 6, percentile: float 
     return max(MIN_CHANCE, int(np.ceil(np.percentile(np.concatenate(counts), percentile))))
 
 
-__all__ = ["Evidence", "LOCAL_K", "LocalCodes", "MIN_CHANCE", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers",
+__all__ = ["COARSE_LOCAL", "Evidence", "LOCAL_K", "LocalCodes", "MIN_CHANCE", "PairMatch", "Verifier", "chance_level", "fit_affine", "fit_inliers",
            "pad_join", "select", "significance", "tentative_matches", "whiten"]

@@ -189,8 +189,8 @@ class ShardedIndex:
     def vectors(self, ids) -> np.ndarray:
         return self.store.vectors(ids)
 
-    def local_codes(self, ids):
-        return self.store.local_codes(ids)
+    def local_codes(self, ids, coarse: bool = False):
+        return self.store.local_codes(ids, coarse)
 
     def partners(self, ids) -> np.ndarray:
         return self.store.partners(ids)

@@ -35,7 +35,7 @@ from .ann import ANN_THRESHOLD, ExactIndex
 from .merge import COMPACT_TARGET, needs_compaction, plan_merges
 from ..storage import FileFormatError
 from ..local_codec import COMPACT_KEYS, INT8, LocalCodec, is_compact
-from ..verify import LOCAL_K, LocalCodes, pad_join
+from ..verify import COARSE, LOCAL_K, LocalCodes, pad_join
 from ..pairs import AUGMENT, PairOverlay, check_augment, edges_of, mine_additions, pairs_of, partners_from, unique_pairs
 
 MODEL = S.MODEL
@@ -587,33 +587,34 @@ class IndexStore:
         out[ok] = [self._segs[s].ids[r] for s, r in zip(seg, row)]
         return out
 
-    def local_codes(self, ids) -> tuple[LocalCodes, np.ndarray]:
-        """The stored local features of ``ids`` (zero where none) and a mask of the ids that have them."""
+    def local_codes(self, ids, coarse: bool = False) -> tuple[LocalCodes, np.ndarray]:
+        """The stored local features of ``ids`` (zero where none) and a mask of the ids that have them;
+        ``coarse``: with the smaller scale's (``LocalCodes.coarse``; zero rows for photos stored
+        without them, None where none of them has any), which mining verifies against."""
         pos = self._positions(ids)
-        out, have = None, np.zeros(len(pos), bool)
+        have = np.zeros(len(pos), bool)
         found = np.flatnonzero(pos >= 0)
         seg, row = self._locate(pos[found])
-        parts, compact = [], []
+        parts, compact = [], {}
         for s in np.unique(seg):
             extra = self._segs[s].extra
             if is_compact(extra):  # gathered, then decoded at once: a shortlist spans many segments
-                compact.append((found[seg == s], {k: extra[k][row[seg == s]] for k in COMPACT_KEYS}))
+                keys = COMPACT_KEYS + tuple(COARSE + k for k in COMPACT_KEYS if coarse and COARSE + k in extra)
+                compact.setdefault(keys, []).append((found[seg == s], {k: extra[k][row[seg == s]] for k in keys}))
             else:  # an int8 layout (every index made before compact codecs) reads as it is
-                parts.append((found[seg == s], INT8.decode(extra, row[seg == s])))
-        if compact:
-            parts.append((np.concatenate([sel for sel, _ in compact]),
-                          self.local_codec.decode({k: pad_join([a[k] for _, a in compact]) for k in COMPACT_KEYS})))
-        for sel, got in parts:
-            if got is None:
-                continue
-            if out is None:
-                out = LocalCodes(*(np.zeros((len(pos), *a.shape[1:]), a.dtype) for a in
-                                   (got.codes, got.cells, got.count)))
-            out.codes[sel], out.cells[sel], out.count[sel] = got.codes, got.cells, got.count
+                parts.append((found[seg == s], INT8.decode(extra, row[seg == s], coarse)))
+        for group in compact.values():
+            parts.append((np.concatenate([sel for sel, _ in group]),
+                          self.local_codec.decode({k: pad_join([a[k] for _, a in group]) for k in group[0][1]})))
+        parts = [(sel, got) for sel, got in parts if got is not None]
+        for sel, _ in parts:
             have[sel] = True
+        out = _gathered(len(pos), parts)
         if out is None:
             out = LocalCodes(np.zeros((len(pos), 1, 1), np.int8), np.zeros((len(pos), 1, 2), np.uint8),
                              np.zeros(len(pos), np.uint16))
+        elif coarse:
+            out.coarse = _gathered(len(pos), [(sel, got.coarse) for sel, got in parts if got.coarse is not None])
         return out, have
 
     @property
@@ -671,7 +672,7 @@ class IndexStore:
         extra = self.local_codec.encode(local) if local is not None else None
         if local is not None and self.augments:
             if mined is None:
-                cand, inl = self._mine(X, local, ids, self.local_codec.decode(extra))
+                cand, inl = self._mine(X, local, ids, self.local_codec.decode(extra, coarse=False))
             else:
                 cand, inl = np.asarray(mined[0], np.int64), np.asarray(mined[1], np.int64)
             if cand.shape != inl.shape or len(cand) != len(X):
@@ -846,8 +847,12 @@ class IndexStore:
         local = None
         rows = sum(len(s) for s in self._segs)
         if self.local_k and rows:  # what the segments hold a photo, whatever layout wrote them
-            held = sum(a.nbytes for s in self._segs for k, a in s.extra.items() if k.startswith("local-"))
-            local = {"features": self.local_k, "codec": self.local_codec.name, "bytes_per_image": round(held / rows)}
+            held = sum(a.nbytes for s in self._segs for k, a in s.extra.items()
+                       if k.startswith(("local-", COARSE + "local-")))
+            coarse = max((a.shape[1] for s in self._segs for k, a in s.extra.items()
+                          if k in (COARSE + "local-codes", COARSE + "local-quantised")), default=0)
+            local = {"features": self.local_k, "coarse": coarse, "codec": self.local_codec.name,
+                     "bytes_per_image": round(held / rows)}
         return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self), "shards": shards,
                 "local": local,
                 "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
@@ -855,6 +860,20 @@ class IndexStore:
                 "pairs": 0 if self._aug is None else len(self._aug),
                 "search": f"IVF-PQ {ivf['factory']} (trained on {ivf['trained_on']})" if ivf and self._uses_ivf()
                 else "exact", "bytes": size}
+
+
+def _gathered(n: int, parts: list[tuple[np.ndarray, LocalCodes]]) -> LocalCodes | None:
+    """n photos' ``LocalCodes`` from ``parts`` (rows, their codes), as wide as the widest part; zero
+    rows where no part has a photo, None without parts."""
+    if not parts:
+        return None
+    k = max(got.codes.shape[1] for _, got in parts)
+    d, c = parts[0][1].codes.shape[2], parts[0][1].count.dtype
+    out = LocalCodes(np.zeros((n, k, d), np.int8), np.zeros((n, k, 2), np.uint8), np.zeros(n, c))
+    for sel, got in parts:
+        w = got.codes.shape[1]
+        out.codes[sel, :w], out.cells[sel, :w], out.count[sel] = got.codes, got.cells, got.count
+    return out
 
 
 # -- single-file indexes of convlad 0.1 (``legacy.py`` reads them) -----------------------------------
