@@ -18,55 +18,31 @@ indexed verified from their larger scale only), then:
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+from probe_local_whitening import fitted, judged, load, parser
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bench", default=str(SHARED / "mvbench-dev"))
-    ap.add_argument("--train", default=str(SHARED / "mvbench-train"))
-    ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap = parser()
     ap.add_argument("--settings", default="0,100,196", help="coarse_local values; the first is the baseline")
     ap.add_argument("--commits", type=int, default=20)
-    ap.add_argument("--out", default=None, help="a JSON file for the figures")
     a = ap.parse_args()
-    os.environ.setdefault("CONVLAD_PRECISION", "fp32")  # the figures in docs/defaults.md are fp32's
+    bench, train, truth, cache = load(a)
     from convlad.groups import graph, grouping, labels
     from convlad.index.store import IndexStore
-    from convlad.pairs import mine
-    from convlad.pipeline import Config, ConvVLAD
-    from convlad.study.datasets import load_groups, training_paths
-    from convlad.study.evalcache import EvalCache
-    from convlad.study.evaluate import encode_benchmark, fit_model, grouping_of
-    from convlad.study.folds import group_folds
-    from convlad.study.grouping import bootstrap, cross_validate, held_out_scores, rule_candidates
-    from convlad.verify import LOCAL_K
+    from convlad.pipeline import Config
+    from convlad.study.grouping import bootstrap, held_out_scores
 
-    bench, train = load_groups(Path(a.bench)), training_paths(Path(a.train))[0]
-    truth = np.asarray(grouping_of(bench), dtype=object)
-    cache = EvalCache()
     report, base = {}, None
     for c in (int(x) for x in a.settings.split(",")):
-        model = ConvVLAD(Config(backbone=a.backbone, coarse_local=c))
-        fit_model(model, train, progress=False, cache=cache)
-        enc, _, _, _ = encode_benchmark(model, bench, LOCAL_K, False, cache)
-        v = model.pair_verifier()
-        t = time.time()
-        E, w = mine(enc.X, enc.local, v, False, edges=True, stored=model.local_codec_.stored(enc.local))
-        mining_s = (time.time() - t) / len(enc.X) * 1000
+        model, enc = fitted(Config(backbone=a.backbone, coarse_local=c), train, bench, cache)
+        v, E, w, folds = judged(model, enc, truth)
         together = held_out_scores(grouping(enc.X, E, w, v.sure, v.chance), truth)
-        folds = [cross_validate(rule_candidates(E, w, enc.X, v.sure, v.chance), truth, group_folds(list(truth), 5, s))
-                 for s in range(3)]
         orders, adding = [], []
         for seed in range(3):
             order = np.random.default_rng(seed).permutation(len(enc.X))
@@ -83,8 +59,8 @@ def main():
                 finally:
                     store.close()
             orders.append(held_out_scores(found, truth))
-        entry = {"chance": v.chance, "sure": v.sure, "mining_s_per_1000": mining_s, "adding_s_per_1000": adding,
-                 "bytes_per_photo": model.local_codec_.bytes_of(enc.local[[0]]),
+        entry = {"chance": v.chance, "sure": v.sure, "adding_s_per_1000": adding,
+                 "bytes_per_photo": sum(a.nbytes for a in model.local_codec_.encode(enc.local[[0]]).values()),
                  "together": together, "out_of_fold": [x.scores for x in folds], "arrival_order": orders}
         if base is not None:
             entry["gain_f1"] = [(x.scores["pairwise_f1"] - b.scores["pairwise_f1"], *bootstrap(truth, x, b))
@@ -92,7 +68,7 @@ def main():
         base = base or folds
         report[c] = entry
         print(f"coarse_local {c}: chance {v.chance}, {entry['bytes_per_photo']} bytes a photo, "
-              f"mining {mining_s:.1f} s per 1 000 together, adding them in commits (mined, stored) "
+              "adding them in commits (mined, stored) "
               + "/".join(f"{x:.1f}" for x in adding) + " s per 1 000", flush=True)
         print("  together, default rule:  " + _fmt(together))
         print("  out of fold (3 deals):   " + "  ".join(_fmt(x.scores) for x in folds))

@@ -26,60 +26,89 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+    """The benchmark, its training photos and the backbone, as the groups' probes take them."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", default=str(SHARED / "mvbench-dev"))
     ap.add_argument("--train", default=str(SHARED / "mvbench-train"))
     ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--out", default=None, help="a JSON file for the figures")
+    return ap
+
+
+def load(a):
+    """(benchmark, training paths, each photo's group, the eval cache) of parsed arguments ``a``."""
+    os.environ.setdefault("CONVLAD_PRECISION", "fp32")  # the figures in docs/defaults.md are fp32's
+    from convlad.study.datasets import load_groups, training_paths
+    from convlad.study.evalcache import EvalCache
+    from convlad.study.evaluate import grouping_of
+
+    bench = load_groups(Path(a.bench))
+    return bench, training_paths(Path(a.train))[0], np.asarray(grouping_of(bench), dtype=object), EvalCache()
+
+
+def fitted(config, train, bench, cache, k: int | None = None):
+    """(a model of ``config`` fitted on ``train``, the benchmark encoded with ``k`` local features a
+    photo), through the eval cache."""
+    from convlad.pipeline import ConvVLAD
+    from convlad.study.evaluate import encode_benchmark, fit_model
+    from convlad.verify import LOCAL_K
+
+    model = ConvVLAD(config)
+    fit_model(model, train, progress=False, cache=cache)
+    return model, encode_benchmark(model, bench, k or LOCAL_K, False, cache)[0]
+
+
+def judged(model, enc, truth, **kw):
+    """The benchmark's photos mined together by ``model.pair_verifier(**kw)`` and the rules ``eval
+    --groups`` chooses among, chosen out of fold: (verifier, pairs, inliers, [Chosen of 3 deals])."""
+    from convlad.pairs import mine
+    from convlad.study.folds import group_folds
+    from convlad.study.grouping import cross_validate, rule_candidates
+
+    v = model.pair_verifier(**kw)
+    E, w = mine(enc.X, enc.local, v, False, edges=True, stored=model.local_codec_.stored(enc.local))
+    cands = rule_candidates(E, w, enc.X, v.sure, v.chance)
+    return v, E, w, [cross_validate(cands, truth, group_folds(list(truth), 5, s)) for s in range(3)]
+
+
+def main():
+    ap = parser()
     ap.add_argument("--keep", default="", help="also keep only this many whitened dimensions (comma-separated)")
     ap.add_argument("--matching", default="",
                     help="pair verifier settings to try with the whitening, e.g. 'min_similarity=0.5;threshold=2'")
     ap.add_argument("--features", default="", help="also this many local features a photo (comma-separated)")
-    ap.add_argument("--out", default=None, help="a JSON file for the figures")
     a = ap.parse_args()
-    os.environ.setdefault("CONVLAD_PRECISION", "fp32")  # the figures in docs/defaults.md are fp32's
-    from convlad.pairs import mine
-    from convlad.pipeline import Config, ConvVLAD
-    from convlad.study.datasets import load_groups, training_paths
-    from convlad.study.evalcache import EvalCache
-    from convlad.study.evaluate import encode_benchmark, fit_model, grouping_of
-    from convlad.study.folds import group_folds
-    from convlad.study.grouping import bootstrap, cross_validate, rule_candidates
+    bench, train, truth, cache = load(a)
+    from convlad.pipeline import Config
+    from convlad.study.grouping import bootstrap
     from convlad.verify import LOCAL_K, chance_level
 
-    bench, train = load_groups(Path(a.bench)), training_paths(Path(a.train))[0]
-    truth = np.asarray(grouping_of(bench), dtype=object)
-    cache = EvalCache()
-
-    def judged(model, enc, **kw):
-        v = model.pair_verifier(**kw)
-        E, w = mine(enc.X, enc.local, v, False, edges=True, stored=model.local_codec_.stored(enc.local))
-        cands = rule_candidates(E, w, enc.X, v.sure, v.chance)
-        return v.chance, [cross_validate(cands, truth, group_folds(list(truth), 5, s)) for s in range(3)]
+    def scored(model, enc, **kw):
+        v, _, _, r = judged(model, enc, truth, **kw)
+        return v.chance, r
 
     runs, report = {}, {}
     for lw in (False, True):
-        model = ConvVLAD(Config(backbone=a.backbone, local_whitening=lw))
-        fit_model(model, train, progress=False, cache=cache)
-        enc, _, _, _ = encode_benchmark(model, bench, LOCAL_K, True, cache)
-        runs["with" if lw else "without"] = judged(model, enc)
+        model, enc = fitted(Config(backbone=a.backbone, local_whitening=lw), train, bench, cache)
+        runs["with" if lw else "without"] = scored(model, enc)
     tl = model.transform(train[::2], progress=False, local=LOCAL_K).local
     for setting in filter(None, a.matching.split(";")):
         kw = {k: float(v) for k, v in (x.split("=") for x in setting.split(","))}
         c = chance_level(tl, stored=model.local_codec_.stored(tl), verifier=model.pair_verifier(**kw))
-        runs[f"with, {setting}"] = judged(model, enc, chance=c, **kw)
+        runs[f"with, {setting}"] = scored(model, enc, chance=c, **kw)
     for k in (int(x) for x in a.features.split(",") if x):
-        more, _, _, _ = encode_benchmark(model, bench, k, True, cache)
+        _, more = fitted(model.config, train, bench, cache, k)
         tk = model.transform(train[::2], progress=False, local=k).local
         c = chance_level(tk, stored=model.local_codec_.stored(tk), verifier=model.pair_verifier())
-        runs[f"with, {k} features"] = judged(model, more, chance=c)
+        runs[f"with, {k} features"] = scored(model, more, chance=c)
     keeps = [int(k) for k in a.keep.split(",") if k]
     if keeps:
         P = model.local_whitening_
         for keep in keeps:
             model.local_whitening_ = np.ascontiguousarray(P[:keep])
             model.pair_chance_ = chance_level(tl, stored=model.local_codec_.stored(tl), verifier=model.pair_verifier())
-            runs[f"with, {keep} dimensions"] = judged(model, enc)
+            runs[f"with, {keep} dimensions"] = scored(model, enc)
     base = runs["without"][1]
     for name, (chance, r) in runs.items():
         gains = [(x.scores["pairwise_f1"] - b.scores["pairwise_f1"], *bootstrap(truth, x, b)) for x, b in zip(r, base)]

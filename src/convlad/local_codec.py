@@ -105,14 +105,12 @@ class LocalCodec:
         return k * self.m + -(-cells // 8) + 4 + 2
 
     def bytes_of(self, local: LocalCodes) -> int:
-        """Bytes a photo of ``local``'s (their map: its ``grid``, else the cells they span), with the
-        smaller scale's features this codec keeps (``kept``)."""
+        """Bytes a photo of ``local``'s (their map: its ``grid``, else the cells they span): what a
+        search reads of each photo it verifies, without the smaller scale's that mining reads."""
         if not len(local):
             return 0
         h, w = local.grid or (int(local.cells[..., 1].max()) + 1, int(local.cells[..., 0].max()) + 1)
-        small = self.kept(local).coarse
-        return self.bytes_per_image(local.codes.shape[1], local.codes.shape[2], h * w) + (
-            0 if small is None else self.bytes_per_image(small.codes.shape[1], small.codes.shape[2], h * w))
+        return self.bytes_per_image(local.codes.shape[1], local.codes.shape[2], h * w)
 
     # -- segment arrays --------------------------------------------------------------------------
     def kept(self, local: LocalCodes) -> LocalCodes:
