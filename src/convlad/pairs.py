@@ -211,12 +211,7 @@ def mine_additions(index, X: np.ndarray, local: LocalCodes, ids: np.ndarray,
             codes.codes[at], codes.cells[at], codes.count[at] = got.codes[kept], got.cells[kept], got.count[kept]
             if got.coarse is not None:  # the smaller scale an index keeps (``Config.coarse_local``): a photo
                 # wider than one given before it verifies against it, as that one would have against this
-                small = got.coarse
-                codes.coarse = LocalCodes(np.zeros((len(js), *small.codes.shape[1:]), np.int8),
-                                          np.zeros((len(js), *small.cells.shape[1:]), np.uint8),
-                                          np.zeros(len(js), small.count.dtype))
-                codes.coarse.codes[at], codes.coarse.cells[at], codes.coarse.count[at] = (
-                    small.codes[kept], small.cells[kept], small.count[kept])
+                codes.coarse = LocalCodes.gathered(len(js), [(at, got.coarse[np.flatnonzero(kept)])])
             have[np.flatnonzero(old)] = kept
         return codes, have
 

@@ -129,6 +129,20 @@ class LocalCodes:
                           grids.pop() if len(grids) == 1 else None, enc, coarse)
 
     @staticmethod
+    def gathered(n: int, parts: list[tuple[np.ndarray, "LocalCodes"]]) -> "LocalCodes | None":
+        """n photos' features from ``parts`` (rows of the n, their ``LocalCodes``), as wide as the
+        widest part; zero rows where no part has a photo, None without parts."""
+        if not parts:
+            return None
+        k = max(got.codes.shape[1] for _, got in parts)
+        d, c = parts[0][1].codes.shape[2], parts[0][1].count.dtype
+        out = LocalCodes(np.zeros((n, k, d), np.int8), np.zeros((n, k, 2), np.uint8), np.zeros(n, c))
+        for sel, got in parts:
+            w = got.codes.shape[1]
+            out.codes[sel, :w], out.cells[sel, :w], out.count[sel] = got.codes, got.cells, got.count
+        return out
+
+    @staticmethod
     def empty(k: int, d: int) -> "LocalCodes":
         return LocalCodes(np.zeros((0, k, d), np.int8), np.zeros((0, k, 2), np.uint8), np.zeros(0, np.uint16))
 

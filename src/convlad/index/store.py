@@ -609,12 +609,13 @@ class IndexStore:
         parts = [(sel, got) for sel, got in parts if got is not None]
         for sel, _ in parts:
             have[sel] = True
-        out = _gathered(len(pos), parts)
+        out = LocalCodes.gathered(len(pos), parts)
         if out is None:
             out = LocalCodes(np.zeros((len(pos), 1, 1), np.int8), np.zeros((len(pos), 1, 2), np.uint8),
                              np.zeros(len(pos), np.uint16))
         elif coarse:
-            out.coarse = _gathered(len(pos), [(sel, got.coarse) for sel, got in parts if got.coarse is not None])
+            out.coarse = LocalCodes.gathered(len(pos), [(sel, got.coarse) for sel, got in parts
+                                                        if got.coarse is not None])
         return out, have
 
     @property
@@ -860,20 +861,6 @@ class IndexStore:
                 "pairs": 0 if self._aug is None else len(self._aug),
                 "search": f"IVF-PQ {ivf['factory']} (trained on {ivf['trained_on']})" if ivf and self._uses_ivf()
                 else "exact", "bytes": size}
-
-
-def _gathered(n: int, parts: list[tuple[np.ndarray, LocalCodes]]) -> LocalCodes | None:
-    """n photos' ``LocalCodes`` from ``parts`` (rows, their codes), as wide as the widest part; zero
-    rows where no part has a photo, None without parts."""
-    if not parts:
-        return None
-    k = max(got.codes.shape[1] for _, got in parts)
-    d, c = parts[0][1].codes.shape[2], parts[0][1].count.dtype
-    out = LocalCodes(np.zeros((n, k, d), np.int8), np.zeros((n, k, 2), np.uint8), np.zeros(n, c))
-    for sel, got in parts:
-        w = got.codes.shape[1]
-        out.codes[sel, :w], out.cells[sel, :w], out.count[sel] = got.codes, got.cells, got.count
-    return out
 
 
 # -- single-file indexes of convlad 0.1 (``legacy.py`` reads them) -----------------------------------
