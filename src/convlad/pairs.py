@@ -69,11 +69,13 @@ def nearest(X: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def verify_candidates(local: LocalCodes, candidates: np.ndarray, codes_of, verifier: Verifier,
-                      progress=None) -> np.ndarray:
+                      progress=None, back: tuple[LocalCodes, np.ndarray] | None = None) -> np.ndarray:
     """Inliers of each photo ``i`` of ``local`` (the local features of photos being mined) with each
     of its ``candidates[i]`` (ids, -1 padded): (n, width) int32, -1 where there is no candidate or
     the candidate keeps no local features. ``codes_of(ids)`` → (``LocalCodes``, a mask of the ids
-    that have them)."""
+    that have them). ``back``: (the photos' features as the candidates would be matched against
+    them, a (n, width) mask of the candidates indexed before them), to verify those pairs from the
+    candidate's side too (``from_older``), on the features already read."""
     candidates = np.asarray(candidates, np.int64).reshape(len(local), -1)
     out = np.full(candidates.shape, -1, np.int32)
     for i, row in enumerate(candidates):
@@ -82,7 +84,10 @@ def verify_candidates(local: LocalCodes, candidates: np.ndarray, codes_of, verif
             codes, have = codes_of(row[at])
             at = at[have]
             if len(at):
-                out[i, at] = verifier.inliers_from(local, i, codes[np.flatnonzero(have)])
+                codes = codes[np.flatnonzero(have)]
+                out[i, at] = verifier.inliers_from(local, i, codes)
+                if back is not None:
+                    out[i, at] = from_older(out[i, at], back[1][i, at], codes, back[0][[i]], verifier)
         if progress is not None:
             progress.update(1)
     return out
@@ -220,35 +225,27 @@ def mine_additions(index, X: np.ndarray, local: LocalCodes, ids: np.ndarray,
             have[np.flatnonzero(old)] = kept
         return codes, have
 
-    inl = verify_candidates(local, cand, codes_of, verifier)
-    return cand, from_older(cand, inl, cand < first, codes_of, far, verifier)
+    return cand, verify_candidates(local, cand, codes_of, verifier, back=(far, cand < first))
 
 
-def from_older(candidates: np.ndarray, inliers: np.ndarray, older: np.ndarray, codes_of, local: LocalCodes,
+def from_older(inliers: np.ndarray, older: np.ndarray, candidates: LocalCodes, photo: LocalCodes,
                verifier: Verifier) -> np.ndarray:
-    """``inliers`` (n, width) of photos being added (``local``: their larger scale's features as an
-    index keeps them) with their ``candidates`` (ids), each the more of that and the inliers from
-    the candidate's side (its features and its kept smaller scale's, from ``codes_of(ids)`` as
-    ``verify_candidates`` takes it, against the photo's), where the candidate was indexed before
-    (``older``, (n, width) bool) and the photo's side found from the chance level up to under the
-    sure level: the band where the other side's count may change a decision (under it, where
-    most candidates lie, a few inliers more seldom reach the weak level; at the sure level a pair
-    is decided).
+    """``inliers`` (m,) of a photo being added (``photo``: its larger scale's features as an index
+    keeps them, one row) with its ``candidates`` (their features and their kept smaller scale's),
+    each the more of that and the inliers from the candidate's side, where the candidate was
+    indexed before (``older``, (m,) bool) and the photo's side found from the chance level up to
+    under the sure level: the band where the other side's count may change a decision (under it,
+    where most candidates lie, a few inliers more seldom reach the weak level; at the sure level a
+    pair is decided).
 
     Why: RANSAC from the other side samples other matches (by 1-2 inliers on average, up to 10),
     and mining photos together keeps the more of both sides. From one side, mvbench-dev put into an
     index in 20 commits in 3 random orders grouped at F1 0.942, 0.955 and 0.940 under the default
     rule; from both, 0.958, 0.956 and 0.955, against 0.958 mined together (docs/defaults.md,
     "Cross-scale mining"), for 12% more verifications."""
-    inliers = np.asarray(inliers)
-    band = (np.asarray(candidates) >= 0) & older & (inliers >= verifier.chance) & (inliers < verifier.sure)
-    out = inliers.copy()
-    for i in np.flatnonzero(band.any(1)):
-        at = np.flatnonzero(band[i])
-        codes, have = codes_of(candidates[i, at])
-        photo = local[[i]]
-        for k in np.flatnonzero(have):
-            out[i, at[k]] = max(int(out[i, at[k]]), int(verifier.inliers_from(codes, int(k), photo)[0]))
+    out = np.array(inliers)
+    for k in np.flatnonzero(older & (out >= verifier.chance) & (out < verifier.sure)):
+        out[k] = max(int(out[k]), int(verifier.inliers_from(candidates, int(k), photo)[0]))
     return out
 
 
