@@ -479,12 +479,12 @@ def job_groups(n: int, method: str, seed: int = 0) -> dict:
     pairs += [(int(s + a), int(s + b)) for s, k in zip(starts, sizes) if k > 3
               for a, b in [sorted(rng.choice(k, 2, replace=False))]]
     P, ids = np.array(pairs, np.int64).reshape(-1, 2), np.arange(int(sizes.sum()), dtype=np.int64)
-    from convlad.groups import walks  # its imports (networkx, faiss, torch) are not the graph's cost
+    from convlad.groups import unique, walks  # its imports (networkx, faiss, torch) are not the graph's cost
 
     base = peak_rss_mb()
     t = time.perf_counter()
     if method == "convlad":
-        found = sum(1 for _ in walks(np.unique(P), P, 2))  # components, representatives, walks
+        found = sum(1 for _ in walks(unique(P), P, 2))  # components, representatives, walks
     else:
         parent = list(range(len(ids)))
 
@@ -784,12 +784,12 @@ def measure_codec(quick: bool, parent: str | None = None, codec: str = "rq12") -
 def measure_groups(quick: bool, parent: str | None = None) -> dict:
     """Grouping at 10 000 and 100 000 photos, each part in a fresh process: the graph part
     (convlad's against a plain union-find over the same pairs, measured in the same run; and 1 000 000
-    unless quick), then `convlad groups` end to end on an index (``job_groups_build``): from a fresh
+    and 10 000 000 unless quick), then `convlad groups` end to end on an index (``job_groups_build``): from a fresh
     reader, every group with its evidence, its time and its memory beyond the open index."""
     import shutil
 
     out = []
-    for n in ([10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]):
+    for n in ([10_000, 100_000] if quick else [10_000, 100_000, 1_000_000, 10_000_000]):
         print(f"groups {n} ...", flush=True)
         c, b = child("groups", n=n, method="convlad"), child("groups", n=n, method="baseline")
         assert c["groups"] == b["groups"], (c, b)

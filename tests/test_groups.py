@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from convlad.groups import SIMILARITY, Rule, components, graph, groups, links
+from convlad.groups import SIMILARITY, Rule, components, graph, groups, labels, links, walks
 from convlad.index.store import IndexStore
 from convlad.study.grouping import GRID, Chosen, bootstrap, held_out_scores
 from convlad.study.metrics import grouping_scores
@@ -67,6 +67,37 @@ def _truth(st) -> dict[int, str]:
     groups_json = json.loads((MVBENCH_DEV / "groups.json").read_text())
     of = {f: g for g, files in groups_json.items() for f in files}
     return {i: of.get(p.rsplit("/", 1)[-1], f"alone {i}") for i, p, _ in st.items()}
+
+
+def test_walks_and_labels_are_networkx_s_on_random_graphs():
+    """The groups' graph part, on arrays, gives what networkx gives on a graph of the same pairs:
+    each component's representative (the most pairs, the smallest id among ties), its photos in the
+    order of a breadth-first walk from it taking neighbours in ascending order, and each photo's
+    ``via``; components largest first, ties by their smallest id; photos with no pair alone."""
+    nx = pytest.importorskip("networkx")
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 60))
+        ids = rng.choice(10_000, n, replace=False)
+        P = ids[rng.integers(0, n, (int(rng.integers(0, 2 * n)), 2))]
+        P = P[P[:, 0] != P[:, 1]]
+        g = nx.Graph()
+        g.add_nodes_from(ids.tolist())
+        g.add_edges_from(P.tolist())
+        for min_size in (1, 2, 3):
+            want = []
+            for comp in sorted(nx.connected_components(g), key=lambda c: (-len(c), min(c))):
+                if len(comp) >= min_size:
+                    rep = max(comp, key=lambda i: (g.degree(i), -i))
+                    tree = list(nx.bfs_edges(g, rep, sort_neighbors=sorted))
+                    want.append((rep, [rep, *(b for _, b in tree)], {b: a for a, b in tree}))
+            assert list(walks(ids, P, min_size)) == want, (trial, min_size)
+        rows = np.searchsorted(np.sort(ids), P)
+        lab = labels(n, rows)
+        for comp in nx.connected_components(nx.relabel_nodes(g, {int(v): k for k, v in enumerate(np.sort(ids))})):
+            assert len(set(lab[list(comp)])) == 1
+        assert len(set(lab)) == nx.number_connected_components(g)
+        assert (lab[np.unique(lab, return_index=True)[1]] == np.arange(lab.max() + 1)).all()  # by smallest row
 
 
 def test_a_chain_of_weak_links_does_not_merge_two_groups():
