@@ -479,7 +479,7 @@ def job_groups(n: int, method: str, seed: int = 0) -> dict:
     pairs += [(int(s + a), int(s + b)) for s, k in zip(starts, sizes) if k > 3
               for a, b in [sorted(rng.choice(k, 2, replace=False))]]
     P, ids = np.array(pairs, np.int64).reshape(-1, 2), np.arange(int(sizes.sum()), dtype=np.int64)
-    from convlad.groups import unique, walks  # its imports (networkx, faiss, torch) are not the graph's cost
+    from convlad.groups import unique, walks  # its imports (SciPy, faiss, torch) are not the graph's cost
 
     base = peak_rss_mb()
     t = time.perf_counter()

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import networkx as nx
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -74,7 +75,6 @@ def test_walks_and_labels_are_networkx_s_on_random_graphs():
     each component's representative (the most pairs, the smallest id among ties), its photos in the
     order of a breadth-first walk from it taking neighbours in ascending order, and each photo's
     ``via``; components largest first, ties by their smallest id; photos with no pair alone."""
-    nx = pytest.importorskip("networkx")
     rng = np.random.default_rng(0)
     for trial in range(200):
         n = int(rng.integers(1, 60))
@@ -97,7 +97,7 @@ def test_walks_and_labels_are_networkx_s_on_random_graphs():
         for comp in nx.connected_components(nx.relabel_nodes(g, {int(v): k for k, v in enumerate(np.sort(ids))})):
             assert len(set(lab[list(comp)])) == 1
         assert len(set(lab)) == nx.number_connected_components(g)
-        assert (lab[np.unique(lab, return_index=True)[1]] == np.arange(lab.max() + 1)).all()  # by smallest row
+        assert (np.diff(np.unique(lab, return_index=True)[1]) > 0).all()  # numbered in the order of their smallest row
 
 
 def test_a_chain_of_weak_links_does_not_merge_two_groups():
