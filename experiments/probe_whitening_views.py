@@ -29,7 +29,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,21 +39,9 @@ PHOTOS = 200  # as the model learns its own (pipeline.WHITENING_IMAGES)
 
 def harder_view(img: np.ndarray, rng: np.random.Generator, light: bool, tilt: float) -> np.ndarray:
     """``views.view`` with more light change (``light``) and a trapezoid ``tilt`` (0: none)."""
-    h, w = img.shape[:2]
-    sw, sh = rng.uniform(0.35, 0.8, 2)
-    cx, cy = rng.uniform(sw / 2, 1 - sw / 2) * w, rng.uniform(sh / 2, 1 - sh / 2) * h
-    half = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float32) * [sw * w / 2, sh * h / 2]
-    if tilt:  # one side of the crop narrower: the frame then sees the plane from aside
-        f, side = rng.uniform(0, tilt), rng.integers(4)
-        corners, axis = [([0, 1], 0), ([2, 3], 0), ([0, 3], 1), ([1, 2], 1)][side]
-        half[corners, axis] *= 1 - f
-    a = np.deg2rad(rng.uniform(-25, 25))
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], np.float32)
-    src = half @ rot.T + [cx, cy] + rng.normal(0, 0.04, (4, 2)) * [sw * w, sh * h]
-    ow, oh = (640, 480) if w >= h else (480, 640)
-    dst = np.float32([[0, 0], [ow, 0], [ow, oh], [0, oh]])
-    out = cv2.warpPerspective(img, cv2.getPerspectiveTransform(src.astype(np.float32), dst), (ow, oh),
-                              flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT) / 255.0
+    from convlad.views import framed
+
+    out = framed(img, rng, tilt) / 255.0
     if not light:
         return np.clip(255 * out ** rng.uniform(0.6, 1.6), 0, 255).astype(np.uint8)
     out = out ** rng.uniform(0.4, 2.5)
