@@ -141,12 +141,10 @@ def second_look(labels: np.ndarray, pairs: np.ndarray, inl: np.ndarray, level: i
                 best[x] = (w, y)
     if not best:
         return labels
-    n = len(labels)
-    order = np.argsort(labels, kind="stable")
-    keep = np.stack([order[:-1], order[1:]], 1)
-    keep = keep[labels[keep[:, 0]] == labels[keep[:, 1]]]  # the groups as chains of their members
+    _, first = np.unique(labels, return_index=True)
+    kept = np.stack([np.arange(len(labels)), first[labels]], 1)  # each photo to its group's first
     extra = np.array([(x, y) for x, (_, y) in best.items()], np.int64).reshape(-1, 2)
-    return components(n, np.concatenate([keep, extra]))
+    return components(len(labels), np.concatenate([kept, extra]))
 
 
 def main():
