@@ -105,6 +105,11 @@ def index(
                                          "(each commit is split among them, the emptiest first; an existing index's "
                                          "segments are re-spread, no file moved). Default: 1 for a new index, else the "
                                          "index's."),
+    second_look: Optional[bool] = typer.Option(None, "--second-look/--no-second-look", help="Look again at each photo "
+                                               "added without a sure pair: ASIFT against its 5 nearest, which joins "
+                                               "extreme viewpoints to their groups (`convlad groups`; about 4.5 s a "
+                                               "lonely photo on 2 cores, docs/defaults.md). Default: off for a new "
+                                               "index, else the index's setting."),
     local_codec: Optional[str] = typer.Option(None, "--local-codec", help="For a new index that fits its own model: "
                                               "how it stores the local features, int8 (the default) or rqM/pqM "
                                               "(see `convlad train --local-codec`). A given model brings its own."),
@@ -128,6 +133,9 @@ def index(
         raise UserError(f"--shards {shards}: must be between 1 and {MAX_SHARDS}")
     if augment == "verified" and local == 0:
         raise UserError("--augment verified with --local-features 0: pairs are mined by verifying local features")
+    if second_look and (augment == "none" or local == 0):
+        raise UserError("--second-look looks again at the photos mining leaves without a sure pair: it needs "
+                        "--augment verified and local features")
     if len(args) > 2:
         raise UserError(f"index takes [MODEL] FOLDER, got {len(args)} arguments")
     model, folder = (None, args[0]) if len(args) == 1 else args
@@ -144,7 +152,7 @@ def index(
                             "convert an index of convlad 0.1)")
         model = _fit_on_sample(folder, batch_size, device, compile, precision, local_codec or "int8")
     with IndexStore.create(out, model=model, root=folder, ann=ann, wait=wait, report=_warn, local=local,
-                           augment=augment, runtime=runtime, shards=shards) as idx:
+                           augment=augment, runtime=runtime, shards=shards, second_look=second_look) as idx:
         t = time.time()
         if ray is not None:
             from .index.cluster import RayMissing, sync_with_ray
@@ -157,6 +165,7 @@ def index(
             s = sync(idx, commit_every=checkpoint_every, report=_warn)
         info = idx.info()
         aug = f"; augmented over {info['pairs']} verified pairs" if info["augment"] == "verified" else ""
+        aug += f"; a second look at {len(idx.looks()[0])} pairs" if info["second_look"] else ""
         typer.echo(f"{out}: {len(idx)} images ({s['added']} added, {s['kept']} unchanged, {s['removed']} removed, "
                    f"{s['skipped']} skipped) in {time.time() - t:.0f}s; search: {info['search']}{aug}")
 
@@ -363,6 +372,9 @@ def groups(
                                                "(default 0.6)."),
     support: Optional[int] = typer.Option(None, "--support", help="... and this many of them to join two groups "
                                           "(default 2; 1: any one, which lets a chain of weak links merge groups)."),
+    look: Optional[int] = typer.Option(None, "--look", help="A photo no link joins joins the photo its second look "
+                                       "verified best with, from this many ASIFT inliers (default 15; 0: never; an "
+                                       "index made with --second-look keeps them)."),
 ):
     """Which photos show the same thing: the groups the index's verified pairs join, with the evidence."""
     from .groups import Rule
@@ -375,8 +387,8 @@ def groups(
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be at least 1")
     try:
-        given = {"weak": weak, "similarity": similarity, "support": support}
-        rule = Rule(**{k: v for k, v in given.items() if v is not None})
+        given = {"weak": weak, "similarity": similarity, "support": support, "look": look}
+        rule = Rule(**{k: (None if k == "look" and v == 0 else v) for k, v in given.items() if v is not None})
     except ValueError as e:
         raise UserError(str(e)) from None
     idx = IndexStore.open(index_file)
@@ -394,12 +406,12 @@ def groups(
 
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["group", "id", "path", "via", "inliers", "similarity", "duplicate_of", "representative"])
+        w.writerow(["group", "id", "path", "via", "inliers", "similarity", "second_look", "duplicate_of", "representative"])
         for g in found:
             for m in g["members"]:
                 w.writerow([g["id"], m["id"], m["path"], "" if m["via"] is None else m["via"],
                             "" if m["inliers"] is None else m["inliers"],
-                            "" if m["similarity"] is None else m["similarity"],
+                            "" if m["similarity"] is None else m["similarity"], int(m["second_look"]),
                             "" if m["duplicate_of"] is None else m["duplicate_of"],
                             int(m["id"] == g["representative"])])
         from .storage import write_durable
@@ -423,7 +435,7 @@ def groups(
             if m["via"] is None:
                 typer.echo(f"  {m['id']:>7}  {m['path']}  (representative{dup})")
                 continue
-            inl = "" if m["inliers"] is None else f"{m['inliers']} inliers, "
+            inl = "" if m["inliers"] is None else f"{m['inliers']} {'ASIFT inliers at a second look' if m['second_look'] else 'inliers'}, "
             typer.echo(f"  {m['id']:>7}  {m['path']}  (via {m['via']}: {inl}similarity {m['similarity']:.3f}{dup})")
     if csv_out is not None:
         typer.echo(f"\none row per member: {csv_out}")

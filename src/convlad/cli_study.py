@@ -53,6 +53,10 @@ def eval_(
     peer: List[Path] = typer.Option([], "--peer", help="With --groups: a peer's groupings of the same photos "
                                     "(experiments/peer_fastdup.py writes fastdup's), chosen among by the same K-fold."),
     groups_out: Optional[Path] = typer.Option(None, "--groups-out", help="With --groups: write the study as JSON."),
+    second_look: bool = typer.Option(False, "--second-look", help="With --groups: also look again, as an index made "
+                                     "with `--second-look` does (ASIFT, for each photo in no sure pair against its 5 "
+                                     "nearest; 1-3 s a pair, kept in the cache), and choose how many nearest (2 or 5) "
+                                     "and its level by the same K-fold."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Keep fitted models and encoded benchmarks here, "
                                          "so a rerun with other search settings skips both (default: "
                                          "$CONVLAD_EVAL_CACHE or ~/.cache/convlad/eval)."),
@@ -80,8 +84,8 @@ def eval_(
         raise UserError(f"--folds must be 0 (off) or 2 or more, got {folds}")
     if cache is not None and no_cache:
         raise UserError("--cache and --no-cache: give one")
-    if (peer or groups_out) and not groups:
-        raise UserError("--peer and --groups-out go with --groups")
+    if (peer or groups_out or second_look) and not groups:
+        raise UserError("--peer, --groups-out and --second-look go with --groups")
     if groups and grid:
         raise UserError("--groups chooses the groups' rule by K-fold; --grid is for the retrieval settings")
     kind = {"mvbench": "groups"}.get(args[0], args[0]) if len(args) == 2 else None
@@ -89,7 +93,7 @@ def eval_(
     train_paths, train_label = training_paths(train_dir)
     store = None if no_cache else EvalCache(cache)
     if groups:
-        return _eval_groups(bench, train_paths, store, folds or 5, peer, groups_out,
+        return _eval_groups(bench, train_paths, store, folds or 5, peer, groups_out, second_look,
                             _model(_config(backbone, layer, pooled, scales, k, dim, weights, power, codec=local_codec,
                                            local_whitening=local_whitening), batch_size, device, compile, precision))
     if folds:
@@ -137,7 +141,7 @@ def eval_(
     _print_metrics(ev.result.metrics)  # last line: mAP, as scripts expect
 
 
-def _eval_groups(bench, train_paths, store, k, peers, out, model):
+def _eval_groups(bench, train_paths, store, k, peers, out, second_look, model):
     from .study.evaluate import fit_model
     from .study.grouping import evaluate_groups
 
@@ -150,7 +154,7 @@ def _eval_groups(bench, train_paths, store, k, peers, out, model):
     typer.echo(f"descriptor: {model.describe()}; groups of its {len(bench.paths)} database photos, {k} folds of whole "
                "groups (seeds 0/1/2; the table: seed 0)")
     try:
-        doc = evaluate_groups(model, bench, store, k, 3, peers, report=typer.echo)
+        doc = evaluate_groups(model, bench, store, k, 3, peers, report=typer.echo, second_look=second_look)
     except ValueError as e:
         raise UserError(str(e)) from None
     if out is not None:

@@ -40,6 +40,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from .search import verifier_of
+from .second_look import LEVEL as LOOK
 
 # Which mined pairs join groups (``links``), chosen by group-wise K-fold on mvbench-dev
 # (``convlad eval --groups``; docs/defaults.md, "Groups"): besides the sure pairs, a weak pair (from
@@ -65,20 +66,23 @@ class Rule:
     more, where ``support`` of them (or as many as the smaller group has photos), through as many
     different photos on each side, join the same two groups of sure pairs. ``weak`` at
     ``verify.SURE`` (3) or more: sure pairs only. The chance level counts as ``WEAK_MIN_CHANCE`` at
-    least (``level``)."""
+    least (``level``). A photo that no link joins then joins the photo its second look verified
+    best with (``second_looks``), from ``look`` ASIFT inliers (None: never)."""
 
     weak: float = WEAK
     similarity: float = SIMILARITY
     support: int = SUPPORT
+    look: int | None = LOOK
 
     def level(self, chance: int) -> float:
         """The inliers from which a pair is a weak link, for a verifier with this ``chance`` level."""
         return self.weak * max(chance, WEAK_MIN_CHANCE)
 
     def __post_init__(self):
-        if not self.weak > 0 or not -1 <= self.similarity <= 1 or self.support < 1:
+        if not self.weak > 0 or not -1 <= self.similarity <= 1 or self.support < 1 or \
+                (self.look is not None and self.look < 4):
             raise ValueError(f"groups rule: weak {self.weak} (> 0), similarity {self.similarity} (-1 to 1), "
-                             f"support {self.support} (1 or more)")
+                             f"support {self.support} (1 or more), look {self.look} (4 or more, or none)")
 
 
 def links(pairs, inliers, similarity, sure: int, chance: int, rule: Rule = Rule()) -> np.ndarray:
@@ -93,6 +97,25 @@ def links(pairs, inliers, similarity, sure: int, chance: int, rule: Rule = Rule(
     or other groups, puts two groups of two or more photos together otherwise."""
     P = np.asarray(pairs, np.int64).reshape(-1, 2)
     return P[_linked(P, np.asarray(inliers), np.asarray(similarity, np.float64), sure, chance, rule)]
+
+
+def second_looks(linked, pairs, inliers, level: int) -> np.ndarray:
+    """The pairs through which photos alone join groups: each photo of ``pairs`` ((m, 2) ids a
+    second look verified, with their ASIFT ``inliers``) that is not an end of a ``linked`` pair,
+    to the photo it verified best with (the smaller id on ties), where that reaches ``level``:
+    (k, 2) int64, (the photo alone, its partner), by the first. Its partner may be alone too, and
+    joined to a third in turn: a second look joins only photos the links leave alone, so it never
+    merges two groups of the links."""
+    P = np.asarray(pairs, np.int64).reshape(-1, 2)
+    w = np.asarray(inliers).ravel()
+    P, w = P[w >= level], w[w >= level]
+    x, y, w = np.concatenate([P[:, 0], P[:, 1]]), np.concatenate([P[:, 1], P[:, 0]]), np.concatenate([w, w])
+    alone = ~np.isin(x, np.asarray(linked, np.int64))
+    x, y, w = x[alone], y[alone], w[alone]
+    order = np.lexsort((y, -w, x))
+    x, y = x[order], y[order]
+    first = np.concatenate([[True], x[1:] != x[:-1]]) if len(x) else np.zeros(0, bool)
+    return np.stack([x[first], y[first]], 1)
 
 
 def _linked(P: np.ndarray, w: np.ndarray, c: np.ndarray, sure: int, chance: int, rule: Rule) -> np.ndarray:
@@ -217,17 +240,28 @@ def similarities(X, edges) -> np.ndarray:
     return np.einsum("ij,ij->i", X[E[:, 0]], X[E[:, 1]]) if len(E) else np.zeros(0)
 
 
-def grouping(X, edges, inliers, sure: int, chance: int, rule: Rule = Rule()) -> np.ndarray:
+def grouping(X, edges, inliers, sure: int, chance: int, rule: Rule = Rule(), looks=None) -> np.ndarray:
     """The groups of the rows of ``X`` (descriptors in memory, as ``eval`` holds a benchmark's) under
-    ``rule`` over their mined ``edges`` ((m, 2) rows) and ``inliers``: a label per row."""
-    return labels(len(X), links(edges, inliers, similarities(X, edges), sure, chance, rule))
+    ``rule`` over their mined ``edges`` ((m, 2) rows) and ``inliers``, and a second look's
+    ``looks`` (its pairs of rows and their inliers), where given: a label per row."""
+    L = links(edges, inliers, similarities(X, edges), sure, chance, rule)
+    if looks is not None and rule.look is not None:
+        L = np.concatenate([L, second_looks(L, looks[0], looks[1], rule.look)])
+    return labels(len(X), L)
 
 
 def graph(index, rule: Rule = Rule(), inliers: bool = False):
     """The pairs of ``index``'s live photos (an ``IndexStore``) that join groups: ``links`` under
     ``rule`` over the pairs it mined as photos were added (``IndexStore.edges``), with the cosine of
-    their descriptors read for the weak ones only: (m, 2) ids, sorted; ``inliers``: and their
-    inliers as mined, (m,)."""
+    their descriptors read for the weak ones only, then the ``second_looks`` of the photos they
+    leave alone (``IndexStore.looks``): (m, 2) ids, the links sorted, then the second looks by
+    their photo alone; ``inliers``: and (their inliers as mined or looked at, (m,); whether each
+    is a second look's, (m,) bool)."""
+    E, w, looked = _graph(index, rule)
+    return (E, w, looked) if inliers else E
+
+
+def _graph(index, rule: Rule):
     E, w = index.edges()
     v = index.model.pair_verifier()  # the one that mined the inliers it keeps
     weak = (w < v.sure) & (w >= rule.level(v.chance))
@@ -236,23 +270,35 @@ def graph(index, rule: Rule = Rule(), inliers: bool = False):
         ends, at = np.unique(E[weak], return_inverse=True)
         sim[weak] = similarities(index.vectors(ends), at.reshape(-1, 2))
     keep = _linked(E, w, sim, v.sure, v.chance, rule)
-    return (E[keep], w[keep]) if inliers else E[keep]
+    E, w = E[keep], w[keep]
+    looked = np.zeros(len(E), bool)
+    if rule.look is not None:
+        LP, lw = index.looks()
+        extra = second_looks(E, LP, lw, rule.look)
+        if len(extra):
+            got = dict(zip(map(tuple, LP.tolist()), lw.tolist()))
+            E = np.concatenate([E, extra])
+            w = np.concatenate([w, [got[(min(a, b), max(a, b))] for a, b in extra.tolist()]]).astype(w.dtype)
+            looked = np.concatenate([looked, np.ones(len(extra), bool)])
+    return E, w, looked
 
 
 def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: bool = False,
            limit: int | None = None, rule: Rule = Rule()) -> list[dict]:
     """The groups of ``index``'s live photos (an ``IndexStore``): plain data, largest first, each
     ``{"id", "size", "representative", "members": [{"id", "path", "via", "inliers", "similarity",
-    "duplicate_of"}, ...]}`` with the representative first (its ``via``, ``inliers``, ``similarity``
+    "second_look", "duplicate_of"}, ...]}`` with the representative first (its ``via``, ``inliers``, ``similarity``
     None), then in the order of a walk from it. ``id`` is the representative's; ``inliers`` are
     the mined pair's with ``via`` (an index written before they were kept gives the sure level).
     ``min_size``: the smallest group listed (1 lists every photo); ``limit``: the largest ``limit``
     groups only; ``evidence`` False skips the verification of duplicates (``duplicate_of`` None:
     ``verify`` fills it in later, a group at a time); ``duplicates_only``: each group's members
     that are duplicates, with the photos they duplicate, and only groups that have some; ``rule``:
-    which mined pairs join groups (``Rule``, the default chosen by K-fold)."""
-    P, W = graph(index, rule, inliers=True)
-    count = {(int(a), int(b)): int(k) for (a, b), k in zip(P.tolist(), W)}
+    which mined pairs join groups (``Rule``, the default chosen by K-fold). ``second_look``:
+    whether a member joins through a second look (its ``inliers`` then ASIFT's)."""
+    P, W, looked = graph(index, rule, inliers=True)
+    count = {(min(a, b), max(a, b)): int(k) for (a, b), k in zip(P.tolist(), W.tolist())}
+    by_look = {(min(a, b), max(a, b)) for (a, b), k in zip(P.tolist(), looked.tolist()) if k}
     ids = np.array([i for i, _, _ in index.items()], np.int64) if min_size <= 1 else unique(P)
     found = []
     for walk in walks(ids, P, min_size):
@@ -267,7 +313,8 @@ def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: boo
         out.append({"id": rep, "size": len(order), "representative": rep, "members": [
             {"id": i, "path": paths[at[i]], "via": via.get(i),
              "inliers": None if i == rep else count[(min(i, via[i]), max(i, via[i]))],
-             "similarity": None if i == rep else round(float(X[at[i]] @ X[at[via[i]]]), 6), "duplicate_of": None}
+             "similarity": None if i == rep else round(float(X[at[i]] @ X[at[via[i]]]), 6),
+             "second_look": i != rep and (min(i, via[i]), max(i, via[i])) in by_look, "duplicate_of": None}
             for i in order]})
     if evidence or duplicates_only:
         _verify(index, out)
@@ -437,4 +484,4 @@ def is_duplicate(match, sure: int, features: int) -> bool:
 
 __all__ = ["DUPLICATE_LOG_SCALE", "DUPLICATE_MIN_GRID", "DUPLICATE_SHARE", "DUPLICATE_SHIFT", "Rule", "SIMILARITY",
            "SUPPORT", "WEAK", "components", "contact_sheet", "graph", "grouping", "groups", "is_duplicate", "labels",
-           "links", "similarities", "unique", "verify", "walks"]
+           "links", "second_looks", "similarities", "unique", "verify", "walks"]

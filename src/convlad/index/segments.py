@@ -11,7 +11,9 @@ The one module that names the files inside an index folder:
                           x-local-grid, x-local-count: local_codec.py;
                           x-partners: the ids each photo verified with when it was added, -1 padded;
                           x-candidates, x-candidate-inliers: the nearest it was verified against then,
-                          -1 padded, and their inliers, -1 where not verified: the groups' evidence)
+                          -1 padded, and their inliers, -1 where not verified: the groups' evidence;
+                          x-looks, x-look-inliers: where the store looks again, the nearest a photo
+                          added without a sure pair was looked at against with ASIFT, and the inliers)
     INDEX/ivf-*/          trained.faiss (an empty trained IVF-PQ) and SEGMENT.npy, its codes per segment
     INDEX/dead-*.npy      ids deleted since their segment was written (tombstones)
     INDEX/tmp-*           a write under way (``storage.write_durable``, ``write_segment``): garbage once
@@ -49,7 +51,8 @@ UPLOADS = "uploads"
 TRAINED = "trained.faiss"
 PARTNERS = "partners"  # the per-row extra of a store that augments (x-partners.npy)
 CANDIDATES, CANDIDATE_INLIERS = "candidates", "candidate-inliers"  # ... and all it verified (since 2026-12)
-FILL = {PARTNERS: -1, CANDIDATES: -1, CANDIDATE_INLIERS: -1}  # a merged segment's rows without an extra, where not 0
+LOOKS, LOOK_INLIERS = "looks", "look-inliers"  # ... and a second look's, where the store looks again (since 2026-12)
+FILL = {PARTNERS: -1, CANDIDATES: -1, CANDIDATE_INLIERS: -1, LOOKS: -1, LOOK_INLIERS: -1}  # a merged segment's rows without an extra, where not 0
 FORMAT = "convlad-store"
 FORMAT_VERSION = 1
 # names the writer may delete when no manifest refers to them (never anything else in the folder)

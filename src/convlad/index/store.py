@@ -132,7 +132,8 @@ class IndexStore:
     @classmethod
     def create(cls, path, model=None, root=None, dim: int | None = None, ann: str | None = None,
                wait: bool = False, report=print, local: int | None = None,
-               augment: str | None = None, runtime=None, shards: int | None = None) -> "IndexStore":
+               augment: str | None = None, runtime=None, shards: int | None = None,
+               second_look: bool | None = None) -> "IndexStore":
         """Open ``path`` for writing, creating it if needed. ``model``: a fitted ConvVLAD (or None for
         a store of descriptors made elsewhere, with ``dim``); ``root``: the folder indexed (paths are
         kept relative to it); ``ann``: auto, exact or ivfpq (None keeps the store's, auto if new);
@@ -142,7 +143,9 @@ class IndexStore:
         when None and the store is new and keeps local features). These settings are the store's:
         they apply to later additions. ``runtime``: how the store's model runs (as ``open``); ``shards``:
         how many shards its segments are spread over (1 when None and the store is new; another number
-        re-spreads an existing store's segments, ``reshard``)."""
+        re-spreads an existing store's segments, ``reshard``); ``second_look``: each photo added
+        without a sure pair is looked at again with ASIFT against its nearest (``second_look.py``,
+        about 4.5 s a lonely photo on 2 cores; False when None and the store is new)."""
         path = Path(path)
         if ann is not None and ann not in ("auto", "exact", "ivfpq"):
             raise ValueError(f"index type must be auto, exact or ivfpq, not {ann!r}")
@@ -173,7 +176,7 @@ class IndexStore:
                     "root": root, "model": MODEL if model is not None else None, "model_fingerprint": fingerprint,
                     "ann": ann or "auto", "next_id": 0, "segments": [], "tombstones": None, "n_dead": 0,
                     "ivf": None, "local": keeps, "augment": augment or (AUGMENT if keeps else "none"),
-                    "shards": int(shards or 1)})
+                    "shards": int(shards or 1), "second_look": bool(second_look)})
             store = cls(path, lock, runtime)
             store._load_current()
             m = store.m
@@ -195,6 +198,11 @@ class IndexStore:
                                  "model and local features (--local-features above 0)")
             if augment is not None and augment != store.m.get("augment", "none"):
                 store._commit(dict(store.m, augment=augment), new_segments={})  # for images added from now on
+            if second_look and not store.augments:
+                raise ValueError(f"{path}: a second look is for the photos mining leaves without a sure pair: it "
+                                 "needs a store that mines them (augment=verified)")
+            if second_look is not None and bool(second_look) != store.looks_again:
+                store._commit(dict(store.m, second_look=bool(second_look)), new_segments={})  # from now on
             if shards is not None and shards != store.shards:
                 store.reshard(int(shards))
             return store
@@ -655,12 +663,13 @@ class IndexStore:
         S.collect_garbage(self.path, m)
 
     def add_vectors(self, X: np.ndarray, paths: list[str], stamps=None, local: LocalCodes | None = None,
-                    mined: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                    mined: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = False) -> np.ndarray:
         """Append descriptors (and, for re-ranking, their images' local features) as one new
         segment, committed at once; returns their new ids. A store that augments mines them
         (``pairs.mine_additions``) unless ``mined`` gives what mining them found elsewhere (the
         candidates' ids and their inliers, each (n, width), as ``mine_additions`` returns them: a
-        cluster's candidate pass)."""
+        cluster's candidate pass). A store that looks again (``create(second_look=True)``) looks at
+        those left without a sure pair (``progress``: with a bar)."""
         self._need_writer()
         X = np.ascontiguousarray(X, dtype=np.float32).reshape(-1, self.dim)
         if len(X) != len(paths):
@@ -678,8 +687,10 @@ class IndexStore:
                 cand, inl = np.asarray(mined[0], np.int64), np.asarray(mined[1], np.int64)
             if cand.shape != inl.shape or len(cand) != len(X):
                 raise ValueError(f"mined: candidates {cand.shape} and inliers {inl.shape} for {len(X)} photos")
-            extra = dict(extra, **{S.PARTNERS: partners_from(cand, inl, self.model.pair_verifier().sure),
-                                   S.CANDIDATES: cand, S.CANDIDATE_INLIERS: inl.astype(np.int16)})
+            partners = partners_from(cand, inl, self.model.pair_verifier().sure)
+            extra = dict(extra, **{S.PARTNERS: partners, S.CANDIDATES: cand, S.CANDIDATE_INLIERS: inl.astype(np.int16)})
+            if self.looks_again:
+                extra.update(self._look(ids, cand, partners, paths, progress))
         # a sharded store spreads one addition over its shards, the emptiest first, in one commit
         parts = np.array_split(np.arange(len(X)), min(self.shards, len(X)))
         entries, new = [], {}
@@ -735,6 +746,52 @@ class IndexStore:
     def augments(self) -> bool:
         """Whether images added from now on are mined for verified pairs (``augment="verified"``)."""
         return self.m.get("augment", "none") == "verified" and bool(self.m.get("model")) and self.local_k > 0
+
+    @property
+    def looks_again(self) -> bool:
+        """Whether images added from now on without a sure pair get a second look (``create(second_look=)``)."""
+        return bool(self.m.get("second_look")) and self.augments
+
+    def _look(self, ids: np.ndarray, cand: np.ndarray, partners: np.ndarray, paths: list[str],
+              progress: bool = False) -> dict:
+        """The second look's extras for photos ``ids`` being added, mined to their candidates ``cand``
+        (nearest first) and ``partners``: each photo in no sure pair against its
+        ``second_look.NEIGHBOURS`` nearest, their ids and inliers (-1 where not looked)."""
+        from .. import progress as P
+        from .. import second_look as L
+
+        sure = pairs_of(ids, partners)
+        lonely = ~np.isin(ids, sure)
+        near = np.full((len(ids), L.NEIGHBOURS), -1, np.int64)
+        near[lonely] = cand[lonely, :L.NEIGHBOURS]
+        first = int(ids[0])
+        new = [os.path.join(self.root, p) if self.root and not os.path.isabs(p) else p for p in paths]
+
+        def path_of(js):
+            return [new[j - first] if j >= first else self.path_of(j) for j in js]
+
+        got = np.full(near.shape, -1, np.int16)
+        rows = np.flatnonzero(lonely)
+        with P.bar(len(rows), "second look (ASIFT)", "img", enabled=progress and len(rows) > 0) as bar:
+            inl, overlay = L.look(ids[rows], near[rows], path_of, bar)
+        got[rows] = np.where(overlay, 0, inl)  # an overlay's inliers are no evidence of the scene
+        return {S.LOOKS: np.where(got >= 0, near, -1), S.LOOK_INLIERS: got}
+
+    def looks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every live pair a second look verified (``create(second_look=True)``), with its ASIFT
+        inliers (0 where an overlay's: ``second_look.is_overlay``): (pairs (m, 2) ids a < b, sorted; inliers (m,) int32, the more where a pair was
+        looked at from both sides), pairs with no inlier left out. Empty where none was looked at."""
+        with self._mutex:
+            parts = []
+            for seg in self._segs:
+                C = seg.extra.get(S.LOOKS)
+                if C is not None:
+                    parts.append(edges_of(np.asarray(seg.ids), np.asarray(C), np.asarray(seg.extra[S.LOOK_INLIERS])))
+            P = np.concatenate([p for p, _ in parts] + [np.zeros((0, 2), np.int64)])
+            w = np.concatenate([w for _, w in parts] + [np.zeros(0, np.int32)])
+            live = (self._positions(P.ravel()).reshape(-1, 2) >= 0).all(1)
+        ends = P[live]
+        return edges_of(ends[:, 0], ends[:, 1:], w[live][:, None])
 
     def _mine(self, X: np.ndarray, local: LocalCodes, ids: np.ndarray, stored: LocalCodes) -> np.ndarray:
         try:
@@ -857,7 +914,7 @@ class IndexStore:
         return {"index": str(self.path), "model": model, "folder": self.root, "images": len(self), "shards": shards,
                 "local": local,
                 "dead": self.n_dead, "segments": len(self._segs), "generation": self.generation,
-                "dim": self.dim, "augment": self.m.get("augment", "none"),
+                "dim": self.dim, "augment": self.m.get("augment", "none"), "second_look": self.looks_again,
                 "pairs": 0 if self._aug is None else len(self._aug),
                 "search": f"IVF-PQ {ivf['factory']} (trained on {ivf['trained_on']})" if ivf and self._uses_ivf()
                 else "exact", "bytes": size}

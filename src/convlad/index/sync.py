@@ -19,8 +19,10 @@ class Committer:
     """Encoded images gathered and committed to ``store`` as one segment each ``every`` images or
     ``seconds``: a killed run loses at most that much work, and a rerun goes on from there."""
 
-    def __init__(self, store, stamps: dict, every: int = COMMIT_EVERY, seconds: float = COMMIT_SECONDS):
+    def __init__(self, store, stamps: dict, every: int = COMMIT_EVERY, seconds: float = COMMIT_SECONDS,
+                 progress: bool = False):
         self.store, self.stamps, self.every, self.seconds = store, stamps, every, seconds
+        self.progress = progress  # of the store's own long steps in a commit (a second look)
         self.added = 0
         self._reset()
 
@@ -43,7 +45,7 @@ class Committer:
         self._reset()  # first: an interruption inside the commit below never commits these twice
         if paths:
             self.store.add_vectors(np.concatenate(X), paths, [self.stamps[p] for p in paths],
-                                   LocalCodes.concat(local) if local else None)
+                                   LocalCodes.concat(local) if local else None, progress=self.progress)
             self.added += len(paths)
 
 
@@ -78,7 +80,7 @@ def sync(store, progress=True, commit_every: int = COMMIT_EVERY, commit_seconds:
     summary, todo, root = plan["summary"], plan["todo"], Path(store.root)
     if not todo:
         return summary
-    committer = Committer(store, plan["current"], commit_every, commit_seconds)
+    committer = Committer(store, plan["current"], commit_every, commit_seconds, progress)
     try:
         for enc in store.model.iter_transform([str(root / p) for p in todo], progress=progress, desc="indexing",
                                               local=store.local_k):

@@ -11,6 +11,10 @@ Candidates, each a grouping of the database photos (a label per photo):
   (the fastdup recipe on convlad's own descriptor);
 - **perceptual hash**: components of the pairs within a Hamming distance of ``imagehash``'s pHash
   (where imagehash is installed; the duplicates finder people use);
+- **verified links and a second look** (``eval --groups --second-look``): each of those, with each
+  photo it leaves alone joined through its best second look (``second_look.py``: ASIFT against its
+  2 or 5 nearest (``LOOK_NEIGHBOURS``), for each photo in no sure pair) from each level of
+  ``LOOK_LEVELS``;
 - **peers**: groupings from a JSON file (``experiments/peer_fastdup.py``: fastdup's components per
   ``ccthreshold``).
 
@@ -43,6 +47,12 @@ GRID = {"weak": (1.5, 1.75, 2.0, 2.5, 3.0), "similarity": (0.0, 0.5, 0.6, 0.7, 0
 COSINES = tuple(round(float(t), 3) for t in np.arange(0.6, 0.9751, 0.025))
 HAMMING = (0, 2, 4, 6, 8, 10, 12, 14)
 NEIGHBOURS = 20
+# ASIFT inliers from which a photo alone joins through a second look: from 10, just over the
+# 99th percentile of unrelated training photos against their nearest (8) and mvbench-dev's
+# unrelated neighbours' most (9), to 30
+LOOK_LEVELS = (10, 12, 15, 20, 25, 30)
+LOOK_NEIGHBOURS = (2, 5)  # how many of a lonely photo's nearest are looked at, to choose among
+SECOND_LOOK_CACHE = "second-look.json"
 
 
 def rule_name(weak: float, similarity: float, support: int) -> str:
@@ -63,6 +73,90 @@ def rule_candidates(edges, inliers, X, sure: int, chance: int, grid: dict | None
             for k in grid["support"]:
                 out[rule_name(weak, s, k)] = labels(len(X), links(E, inliers, sim, sure, chance, Rule(weak, s, k)))
     return out
+
+
+def look_candidates(cands: dict[str, np.ndarray], looks, levels=LOOK_LEVELS,
+                    neighbours=LOOK_NEIGHBOURS) -> dict[str, np.ndarray]:
+    """Each grouping of ``cands`` with the photos it leaves alone joined through their best second
+    look (``groups.second_looks`` over ``looks``: pairs of rows, their inliers and ranks, as
+    ``second_look_pairs`` gives them), looking at each of ``neighbours`` nearest, from each of
+    ``levels``: ``"NAME look=LEVEL n=NEIGHBOURS"``."""
+    from ..groups import labels, second_looks
+
+    out = {}
+    for name, lab in cands.items():
+        lab = np.asarray(lab)
+        linked = np.flatnonzero(np.bincount(lab)[lab] > 1)
+        _, first = np.unique(lab, return_index=True)
+        kept = np.stack([np.arange(len(lab)), first[lab]], 1)  # each photo to its group's first
+        for n in neighbours:
+            near = looks[2] <= n
+            for lv in levels:
+                extra = second_looks(linked, looks[0][near], looks[1][near], lv)
+                out[f"{name} look={lv} n={n}"] = labels(len(lab), np.concatenate([kept, extra]))
+    return out
+
+
+def second_look_pairs(X, edges, inliers, sure: int, paths, cache_root=None, progress: bool = True,
+                      neighbours: int = max(LOOK_NEIGHBOURS)):
+    """What a store that looks again keeps of a benchmark's photos (``IndexStore.create(second_look=
+    True)``): each photo in no sure pair of the mined ``edges`` against its ``neighbours`` nearest
+    by ``X``, as (pairs of rows (m, 2), each once, a < b; their ASIFT inliers (m,), 0 where an
+    overlay's (``second_look.is_overlay``); the rank (m,), from 1, at which a lonely end has the
+    other among its nearest, the nearer where both are lonely). Pairs' inliers are kept in ``cache_root`` (a folder), keyed by both files' real paths,
+    sizes and modification times and the second look's settings: it costs 1-3 s a pair."""
+    import hashlib
+    import os
+
+    from .. import progress as P
+    from .. import second_look as L
+    from ..pairs import nearest
+    from ..storage import write_durable
+
+    E, w = np.asarray(edges, np.int64).reshape(-1, 2), np.asarray(inliers)
+    lonely = np.setdiff1d(np.arange(len(X)), E[w >= sure])
+    _, nn = nearest(X, neighbours)
+    a, b = np.repeat(lonely, nn.shape[1]), nn[lonely].ravel()
+    r = np.tile(np.arange(1, nn.shape[1] + 1), len(lonely))
+    Q, r = np.sort(np.stack([a, b], 1), 1)[b >= 0], r[b >= 0]
+    order = np.lexsort((r, Q[:, 1], Q[:, 0]))  # the nearer rank first within each pair
+    Q, r = Q[order], r[order]
+    first = np.concatenate([[True], (Q[1:] != Q[:-1]).any(1)]) if len(Q) else np.zeros(0, bool)
+    pairs, rank = Q[first], r[first]
+    paths = [str(p if isinstance(p, (str, os.PathLike)) else p[0]) for p in paths]
+    settings = f"{L.MAX_SIDE}|{L.TILTS}|{L.PER_VIEW}|{L.RATIO}|{L.PX}|{L.GRID}|overlay"
+
+    def key(i, j):
+        st = [(os.path.realpath(paths[k]), os.stat(paths[k]).st_size, os.stat(paths[k]).st_mtime_ns) for k in (i, j)]
+        return hashlib.sha1(json.dumps([st, settings]).encode()).hexdigest()
+
+    f = Path(cache_root) / SECOND_LOOK_CACHE if cache_root is not None else None
+    known = {}
+    if f is not None and f.is_file():
+        try:
+            known = json.loads(f.read_text())
+        except ValueError:
+            known = {}
+    keys = [key(i, j) for i, j in pairs.tolist()]
+    todo = [k for k, h in enumerate(keys) if h not in known]
+
+    def keep():
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            write_durable(f, lambda fh: fh.write(json.dumps(known).encode()))
+
+    if todo:
+        def each(r, _, inl, overlay):  # kept every 50 pairs: a run stopped halfway resumes there
+            known[keys[todo[r]]] = [inl, overlay]
+            if r % 50 == 49:
+                keep()
+
+        with P.bar(len(todo), "second look (ASIFT)", "pair", enabled=progress) as bar:
+            L.look(pairs[todo, 0], pairs[todo, 1:], lambda rows: [paths[r] for r in rows], bar, each)
+        keep()
+    inl = np.array([known[h][0] for h in keys], np.int64).reshape(-1)
+    overlay = np.array([known[h][1] for h in keys], bool).reshape(-1)
+    return pairs, np.where(overlay, 0, inl), rank
 
 
 def cosine_candidates(X, thresholds=COSINES, neighbours: int = NEIGHBOURS) -> dict[str, np.ndarray]:
@@ -231,9 +325,10 @@ def bootstrap(truth, found, other=None, n_boot: int = 2000, seed: int = 0) -> tu
 
 
 def evaluate_groups(model, bench, cache=None, k: int = 5, seeds: int = 3, peers=(), report=print,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, second_look: bool = False) -> dict:
     """``study`` on a benchmark (``datasets.load_groups``) with ``model`` fitted: its database photos
-    encoded (through the ``evalcache.EvalCache`` ``cache``) and mined as an index mines them. A
+    encoded (through the ``evalcache.EvalCache`` ``cache``) and mined as an index mines them, and
+    looked at again as an index that looks again does (``second_look``: ``second_look_pairs``). A
     ValueError where the benchmark has no groups of its database photos (the mvbench layout)."""
     from ..pairs import mine
     from ..verify import LOCAL_K
@@ -247,22 +342,32 @@ def evaluate_groups(model, bench, cache=None, k: int = 5, seeds: int = 3, peers=
     enc, _, _, _ = encode_benchmark(model, bench, LOCAL_K, progress, cache)
     v = model.pair_verifier()
     E, w = mine(enc.X, enc.local, v, progress, edges=True, stored=model.local_codec_.stored(enc.local))
-    return study(enc.X, E, w, v.sure, v.chance, truth, bench.paths, k, seeds, peers, report)
+    looks = second_look_pairs(enc.X, E, w, v.sure, bench.paths, cache.root if cache is not None else None,
+                              progress) if second_look else None
+    return study(enc.X, E, w, v.sure, v.chance, truth, bench.paths, k, seeds, peers, report, looks=looks)
 
 
 def study(X, edges, inliers, sure: int, chance: int, truth, paths, k: int = 5, seeds: int = 3,
-          peers: list[Path] = (), report=print, default_rule=None) -> dict:
+          peers: list[Path] = (), report=print, default_rule=None, looks=None) -> dict:
     """The grouping study: each family chosen out of fold (``k`` folds, ``seeds`` deals), the default
     rule (``default_rule``, fixed) and the gain of the rule chosen out of fold over each baseline,
-    with intervals. Reports a table (``report``, a line a call) and returns it as a JSON-able dict."""
+    with intervals. ``looks``: a second look's pairs of rows and their inliers
+    (``second_look_pairs``), for the family that adds it (the one whose gains are reported) and the
+    default rule's. Reports a table (``report``, a line a call) and returns it as a JSON-able dict."""
+    from .. import second_look as L
     from ..groups import Rule, grouping
 
     truth = np.asarray(truth, dtype=object)
     rule = default_rule or Rule()
     E = np.asarray(edges, np.int64).reshape(-1, 2)
-    default = grouping(X, E, inliers, sure, chance, rule)
-    families = {"verified links": rule_candidates(X=X, edges=E, inliers=inliers, sure=sure, chance=chance),
-                "global cosine": cosine_candidates(X)}
+    as_index = None if looks is None else (looks[0][looks[2] <= L.NEIGHBOURS], looks[1][looks[2] <= L.NEIGHBOURS])
+    default = grouping(X, E, inliers, sure, chance, rule, looks=as_index)
+    families = {"verified links": rule_candidates(X=X, edges=E, inliers=inliers, sure=sure, chance=chance)}
+    ours_name = "verified links"
+    if looks is not None:
+        ours_name = "links and a second look"
+        families[ours_name] = {**families["verified links"], **look_candidates(families["verified links"], looks)}
+    families["global cosine"] = cosine_candidates(X)
     hashes = hash_candidates(paths)
     if hashes is None:
         report("perceptual hash: left out (pip install imagehash)")
@@ -272,11 +377,12 @@ def study(X, edges, inliers, sure: int, chance: int, truth, paths, k: int = 5, s
         peer, cands = peer_candidates(f, paths)
         families[peer] = cands
     doc = {"photos": len(truth), "groups": int(sum(1 for g in set(truth) if list(truth).count(g) > 1)),
-           "folds": k, "default_rule": rule_name(rule.weak, rule.similarity, rule.support),
+           "folds": k, "default_rule": rule_name(rule.weak, rule.similarity, rule.support)
+           + (f" look={rule.look} n={L.NEIGHBOURS}" if looks is not None and rule.look is not None else ""),
            "default": grouping_scores(default, truth), "families": {}}
     d = doc["default"]
-    report(f"{'grouping':<26}{'pairwise P':>11}{'R':>7}{'F1 [95%]':>22}{'B-cubed F1':>12}   chosen per fold")
-    report(f"{'default rule (fixed)':<26}{d['pairwise_precision']:>11.3f}{d['pairwise_recall']:>7.3f}"
+    report(f"{'grouping':<34}{'pairwise P':>11}{'R':>7}{'F1 [95%]':>22}{'B-cubed F1':>12}   chosen per fold")
+    report(f"{'default rule (fixed)':<34}{d['pairwise_precision']:>11.3f}{d['pairwise_recall']:>7.3f}"
            f"{_with(d['pairwise_f1'], bootstrap(truth, default)):>22}{d['bcubed_f1']:>12.3f}   {doc['default_rule']}")
     held = {}
     for name, cands in families.items():
@@ -290,17 +396,17 @@ def study(X, edges, inliers, sure: int, chance: int, truth, paths, k: int = 5, s
         doc["families"][name] = {"out_of_fold": rows, "interval_f1": bootstrap(truth, held[name]),
                                  "full_set": {c: grouping_scores(lab, truth) for c, lab in cands.items()}}
         seeds_f1 = "/".join(f"{r['scores']['pairwise_f1']:.3f}" for r in rows)
-        report(f"{name + ' (K-fold)':<26}{s['pairwise_precision']:>11.3f}{s['pairwise_recall']:>7.3f}"
+        report(f"{name + ' (K-fold)':<34}{s['pairwise_precision']:>11.3f}{s['pairwise_recall']:>7.3f}"
                f"{_with(s['pairwise_f1'], doc['families'][name]['interval_f1']):>22}{s['bcubed_f1']:>12.3f}   "
                f"{_common(held[name].chosen)}; F1 over seeds {seeds_f1}")
-    ours = held["verified links"]
+    ours = held[ours_name]
     for name, c in held.items():
-        if name == "verified links":
+        if name == ours_name:
             continue
         lo, hi = bootstrap(truth, ours, c)
         gain = ours.scores["pairwise_f1"] - c.scores["pairwise_f1"]
-        doc["families"][name]["gain_of_verified_links"] = {"f1": gain, "interval": (lo, hi)}
-        report(f"verified links over {name}: F1 {gain:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        doc["families"][name]["gain_of_verified_links"] = {"f1": gain, "interval": (lo, hi), "of": ours_name}
+        report(f"{ours_name} over {name}: F1 {gain:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     return doc
 
 
@@ -313,5 +419,6 @@ def _common(chosen: list[str]) -> str:
     return ", ".join(f"{c} ×{n}" if n > 1 else c for c, n in sorted(counts.items(), key=lambda x: -x[1]))
 
 
-__all__ = ["COSINES", "Chosen", "GRID", "HAMMING", "bootstrap", "choose", "cosine_candidates", "cross_validate", "evaluate_groups",
-           "hash_candidates", "held_out_scores", "peer_candidates", "rule_candidates", "rule_name", "study"]
+__all__ = ["COSINES", "Chosen", "GRID", "HAMMING", "LOOK_LEVELS", "bootstrap", "choose", "cosine_candidates", "cross_validate",
+           "evaluate_groups", "hash_candidates", "held_out_scores", "look_candidates", "peer_candidates", "rule_candidates",
+           "rule_name", "second_look_pairs", "study"]

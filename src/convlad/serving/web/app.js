@@ -151,7 +151,9 @@ function memberCard(m, g) {
   const img = el("img"); img.loading = "lazy"; img.alt = ""; img.src = m.thumbnail; thumb.append(img);
   const meta = el("div", "meta");
   const why = m.via === null ? "the group's representative"
-    : `via photo ${m.via}: ${m.inliers === null ? "?" : m.inliers} matching features, similarity ${m.similarity.toFixed(2)}`;
+    : m.second_look
+      ? `via photo ${m.via}: a second look, ${m.inliers} ASIFT matches, similarity ${m.similarity.toFixed(2)}`
+      : `via photo ${m.via}: ${m.inliers === null ? "?" : m.inliers} matching features, similarity ${m.similarity.toFixed(2)}`;
   meta.append(el("div", "rank", `photo ${m.id}`), el("div", "why", why));
   if (m.duplicate_of !== null) meta.append(el("div", "why", `a duplicate of photo ${m.duplicate_of}`));
   const path = el("div", "path", m.path); path.title = m.path; meta.append(path);
