@@ -14,8 +14,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "convlad"
 ROOMS = [
     ("basics", ["progress", "storage", "runtime"]),
     ("pixels", ["images", "views", "backbones", "functional", "extract", "cache"]),
-    ("the descriptor", ["encoding", "verify", "local_codec", "local_whitening", "pairs", "whitening", "pipeline",
-                        "reference"]),
+    ("the descriptor", ["encoding", "verify", "local_codec", "local_whitening", "pairs", "second_look", "whitening",
+                        "pipeline", "reference"]),
     ("index", ["index"]),
     ("the search", ["search", "explain", "groups"]),
     ("serving", ["serving"]),
