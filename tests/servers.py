@@ -37,6 +37,22 @@ def groups_of_dev() -> dict[str, list[Path]]:
     return {k: [MVBENCH_DEV / "images" / f for f in v] for k, v in sorted(g.items()) if len(v) >= 4}
 
 
+def default_model_and_places(wd: Path, train_images: list[str], places) -> tuple[Path, Path]:
+    """The default model (fitted through the suite's eval cache, which holds test_eval's fit) saved
+    as ``wd``/model.npz, and a folder ``wd``/photos of links to mvbench-dev's photos of ``places``."""
+    from convlad.pipeline import Config, ConvVLAD
+    from convlad.study.evalcache import EvalCache
+
+    model = ConvVLAD(Config())
+    EvalCache().fit(model, train_images, progress=False)
+    model.save(wd / "model.npz")
+    (wd / "photos").mkdir()
+    for p in sorted((need(MVBENCH_DEV) / "images").glob("*.jpg")):
+        if p.name.rsplit("_", 1)[0] in places:
+            (wd / "photos" / p.name).symlink_to(p)
+    return wd / "model.npz", wd / "photos"
+
+
 _TRAINED: dict[tuple, bytes] = {}
 
 

@@ -25,7 +25,7 @@ from convlad.study.grouping import GRID, Chosen, bootstrap, held_out_scores
 from convlad.study.metrics import grouping_scores
 
 from .conftest import MVBENCH_DEV
-from .servers import CLI, Server, cli
+from .servers import CLI, Server, cli, default_model_and_places
 
 pytestmark = pytest.mark.e2e
 
@@ -150,18 +150,8 @@ def test_a_weak_photo_does_not_chain_two_real_groups(tmp_path, train_images):
     and their plain components do; the rule counts them as one piece of evidence, since they all
     go through one photo, and keeps the Capitol apart. The default rule keeps every benchmark group
     to itself, and Sacre-Coeur whole."""
-    from convlad.pipeline import Config, ConvVLAD
-    from convlad.study.evalcache import EvalCache
-
-    model = ConvVLAD(Config())  # the default model: the suite's eval cache holds test_eval's fit
-    EvalCache().fit(model, train_images, progress=False)
-    model.save(tmp_path / "model.npz")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for p in sorted((MVBENCH_DEV / "images").glob("*.jpg")):
-        if p.name.rsplit("_", 1)[0] in ("sacre_coeur", "us_capitol", "london_tower_bridge"):
-            (photos / p.name).symlink_to(p)
-    cli("index", tmp_path / "model.npz", photos, "--out", tmp_path / "domes.index")
+    model, photos = default_model_and_places(tmp_path, train_images, ("sacre_coeur", "us_capitol", "london_tower_bridge"))
+    cli("index", model, photos, "--out", tmp_path / "domes.index")
     st = IndexStore.open(tmp_path / "domes.index")
     place = {i: p.rsplit("/", 1)[-1].rsplit("_", 1)[0] for i, p, _ in st.items()}
     v = st.model.pair_verifier()

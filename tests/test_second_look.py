@@ -18,7 +18,7 @@ from convlad.groups import Rule, groups, second_looks
 from convlad.index.store import IndexStore
 
 from .conftest import MVBENCH_DEV, MVBENCH_TRAIN, need
-from .servers import Server, cli
+from .servers import Server, cli, default_model_and_places
 
 pytestmark = pytest.mark.e2e
 
@@ -82,21 +82,11 @@ def test_a_second_look_joins_only_photos_alone():
 
 @pytest.fixture(scope="module")
 def looked_index(tmp_path_factory, train_images):
-    from convlad.pipeline import Config, ConvVLAD
-    from convlad.study.evalcache import EvalCache
-
     tmp = tmp_path_factory.mktemp("second-look")
-    model = ConvVLAD(Config())  # the default model: the suite's eval cache holds test_eval's fit
-    EvalCache().fit(model, train_images, progress=False)
-    model.save(tmp / "model.npz")
-    photos = tmp / "photos"
-    photos.mkdir()
-    for p in sorted((MVBENCH_DEV / "images").glob("*.jpg")):
-        if p.name.rsplit("_", 1)[0] in PAIRS:
-            (photos / p.name).symlink_to(p)
+    model, photos = default_model_and_places(tmp, train_images, PAIRS)
     for p in sorted((MVBENCH_DEV / "distractors").glob("*.jpg"))[:1]:  # each photo alone costs its looks
         (photos / p.name).symlink_to(p)
-    out = cli("index", tmp / "model.npz", photos, "--out", tmp / "looked.index", "--second-look").stdout
+    out = cli("index", model, photos, "--out", tmp / "looked.index", "--second-look").stdout
     return tmp, out
 
 
