@@ -9,7 +9,9 @@ through two different photos of each, or join a photo alone to one group. The gr
 connected components of the links: on mvbench-dev their pairs are right 99.5% of the time and
 find 89% of the true pairs (docs/defaults.md, "Groups"). No weak pair, nor a chain of them
 through photos alone or other groups, merges two groups of two or more photos that two weak pairs,
-through different photos of each, do not join directly. Each group has a representative, the photo
+through different photos of each, do not join directly. In an index that looks again
+(``second_look.py``), a photo the links leave alone then joins the photo its second look verified
+best with, from ``Rule.look`` ASIFT inliers. Each group has a representative, the photo
 with the most links in it (the smallest id among ties), and each other member the evidence that
 put it there: the photo it joins through (``via``, one hop nearer the representative, linked with
 it), their inliers as mined (the more of the two directions where each was among the other's
@@ -287,8 +289,8 @@ def groups(index, min_size: int = 2, evidence: bool = True, duplicates_only: boo
            limit: int | None = None, rule: Rule = Rule()) -> list[dict]:
     """The groups of ``index``'s live photos (an ``IndexStore``): plain data, largest first, each
     ``{"id", "size", "representative", "members": [{"id", "path", "via", "inliers", "similarity",
-    "second_look", "duplicate_of"}, ...]}`` with the representative first (its ``via``, ``inliers``, ``similarity``
-    None), then in the order of a walk from it. ``id`` is the representative's; ``inliers`` are
+    "second_look", "duplicate_of"}, ...]}`` with the representative first (its ``via``,
+    ``inliers``, ``similarity`` None), then in the order of a walk from it. ``id`` is the representative's; ``inliers`` are
     the mined pair's with ``via`` (an index written before they were kept gives the sure level).
     ``min_size``: the smallest group listed (1 lists every photo); ``limit``: the largest ``limit``
     groups only; ``evidence`` False skips the verification of duplicates (``duplicate_of`` None:

@@ -38,7 +38,7 @@ RATIO, PX, GRID = 0.8, 4.0, 2.0
 # inliers cover a small patch of each frame, mapped by a similarity without a turn. A scene seen
 # from elsewhere is turned or distorted. On 120 pairs of unrelated training photos given one text
 # overlay each, 13 reached 12 inliers or more: all under a quarter of each frame, with 89% or more of
-# their inliers on an upright similarity turned 0.64° at most; so did the real watermark (37,
+# their inliers on an upright similarity turned 0.64° at most; so did the real watermark (38,
 # "Wild Singapore"). Of the 13 true pairs of mvbench-dev a second look verifies from 10, one looks
 # so (wxbs kremlin, day and night from one place: 0.64°), which the links already join; the nearest
 # others turn 2.3° (a sign, wxbs zanky) or cover half the frame or more (ScanNet frames)
@@ -137,8 +137,9 @@ def look(photos, neighbours, path_of, progress=None, each=None) -> tuple[np.ndar
     -1 padded, and whether they are an overlay's (``is_overlay``): ((n, width) int16, -1 where
     there is no neighbour or either photo cannot be read (an index of descriptors made elsewhere, a
     file moved away); (n, width) bool). ``path_of(ids)``: their files; ``each(row, column, inliers,
-    overlay)``: called as each pair is done (to keep what is done so far). Each photo's features are made once per call
-    and dropped when no pair left needs them (15 000 points of 128 floats: 8 MB a photo)."""
+    overlay)``: called as each pair is done (to keep what is done so far). Each photo's features
+    are made once per call and dropped when no pair left needs them (15 000 points of 128 floats:
+    8 MB a photo)."""
     from .images import ImageError
 
     photos = np.asarray(photos, np.int64).ravel()
