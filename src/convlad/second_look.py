@@ -40,7 +40,7 @@ RATIO, PX, GRID = 0.8, 4.0, 2.0
 # overlay each, 13 reached 12 inliers or more: all under a quarter of each frame, with 89% or more of
 # their inliers on an upright similarity turned 0.64° at most; so did the real watermark (38,
 # "Wild Singapore"). Of the 13 true pairs of mvbench-dev a second look verifies from 10, one looks
-# so (wxbs kremlin, day and night from one place: 0.64°), which the links already join; the nearest
+# so (wxbs kremlin, taken from nearly one place: 0.64°), which the links already join; the nearest
 # others turn 2.3° (a sign, wxbs zanky) or cover half the frame or more (ScanNet frames)
 # (``experiments/probe_overlay_guard.py``, docs/defaults.md "A second look with ASIFT").
 OVERLAY_AREA, OVERLAY_TURN_DEG, OVERLAY_SIMILAR = 0.25, 1.5, 0.8
