@@ -423,10 +423,14 @@ class IndexStore:
         segment written before the candidates were kept gives its verified pairs at the sure level
         (their inliers were not kept). Empty where the store does not mine."""
         with self._mutex:
-            parts = [self._segment_edges(s) for s in self._segs]
-            P = np.concatenate([p for p, _ in parts] + [np.zeros((0, 2), np.int64)])
-            w = np.concatenate([w for _, w in parts] + [np.zeros(0, np.int32)])
-            live = (self._positions(P.ravel()).reshape(-1, 2) >= 0).all(1)
+            return self._live_edges([self._segment_edges(s) for s in self._segs])
+
+    def _live_edges(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Segments' (pairs, inliers) joined: those of live photos only, each pair once with the more
+        inliers (``edges_of``). Under ``_mutex``."""
+        P = np.concatenate([p for p, _ in parts] + [np.zeros((0, 2), np.int64)])
+        w = np.concatenate([w for _, w in parts] + [np.zeros(0, np.int32)])
+        live = (self._positions(P.ravel()).reshape(-1, 2) >= 0).all(1)
         ends = P[live]
         return edges_of(ends[:, 0], ends[:, 1:], w[live][:, None])
 
@@ -779,19 +783,12 @@ class IndexStore:
 
     def looks(self) -> tuple[np.ndarray, np.ndarray]:
         """Every live pair a second look verified (``create(second_look=True)``), with its ASIFT
-        inliers (0 where an overlay's: ``second_look.is_overlay``): (pairs (m, 2) ids a < b, sorted; inliers (m,) int32, the more where a pair was
-        looked at from both sides), pairs with no inlier left out. Empty where none was looked at."""
+        inliers (0 where an overlay's: ``second_look.is_overlay``): (pairs (m, 2) ids a < b, sorted;
+        inliers (m,) int32, the more where a pair was looked at from both sides), pairs with no inlier left out. Empty where none was looked at."""
         with self._mutex:
-            parts = []
-            for seg in self._segs:
-                C = seg.extra.get(S.LOOKS)
-                if C is not None:
-                    parts.append(edges_of(np.asarray(seg.ids), np.asarray(C), np.asarray(seg.extra[S.LOOK_INLIERS])))
-            P = np.concatenate([p for p, _ in parts] + [np.zeros((0, 2), np.int64)])
-            w = np.concatenate([w for _, w in parts] + [np.zeros(0, np.int32)])
-            live = (self._positions(P.ravel()).reshape(-1, 2) >= 0).all(1)
-        ends = P[live]
-        return edges_of(ends[:, 0], ends[:, 1:], w[live][:, None])
+            return self._live_edges([edges_of(np.asarray(seg.ids), np.asarray(seg.extra[S.LOOKS]),
+                                              np.asarray(seg.extra[S.LOOK_INLIERS]))
+                                     for seg in self._segs if S.LOOKS in seg.extra])
 
     def _mine(self, X: np.ndarray, local: LocalCodes, ids: np.ndarray, stored: LocalCodes) -> np.ndarray:
         try:

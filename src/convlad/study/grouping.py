@@ -126,9 +126,14 @@ def second_look_pairs(X, edges, inliers, sure: int, paths, cache_root=None, prog
     paths = [str(p if isinstance(p, (str, os.PathLike)) else p[0]) for p in paths]
     settings = f"{L.MAX_SIDE}|{L.TILTS}|{L.PER_VIEW}|{L.RATIO}|{L.PX}|{L.GRID}|overlay"
 
+    stamp = {}  # each photo's file, read once however many pairs it is in
+
     def key(i, j):
-        st = [(os.path.realpath(paths[k]), os.stat(paths[k]).st_size, os.stat(paths[k]).st_mtime_ns) for k in (i, j)]
-        return hashlib.sha1(json.dumps([st, settings]).encode()).hexdigest()
+        for k in (i, j):
+            if k not in stamp:
+                st = os.stat(paths[k])
+                stamp[k] = (os.path.realpath(paths[k]), st.st_size, st.st_mtime_ns)
+        return hashlib.sha1(json.dumps([[stamp[i], stamp[j]], settings]).encode()).hexdigest()
 
     f = Path(cache_root) / SECOND_LOOK_CACHE if cache_root is not None else None
     known = {}
